@@ -1,0 +1,192 @@
+"""``LlamaWrapper``: the Python API. Turns messages or prompts into token ids, hands them to the
+model's engine, and returns results or streams of events."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from . import chat as chatlib
+from . import loading, registry
+from .config import EngineSettings
+from .engine import Engine, LlamaRunner, RequestHandle
+from .errors import ContextLengthExceededError, InvalidRequestError
+from .types import Result, SamplingParams, StreamEvent
+
+log = logging.getLogger("llamawrapper")
+
+SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+TRUNCATION = (None, "oldest")
+
+
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """``SamplingParams`` from keyword arguments, naming any unknown one."""
+    unknown = sorted(set(kwargs) - set(SAMPLING_NAMES))
+    if unknown:
+        raise InvalidRequestError(f"Unknown sampling parameter '{unknown[0]}'; known: {', '.join(SAMPLING_NAMES)}.", param=unknown[0])
+    return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None or k == "max_tokens"})
+
+
+class LlamaWrapper:
+    """A loaded chat model with its engine. Build with ``LlamaWrapper.load(...)``."""
+
+    def __init__(self, loaded: loading.LoadedModel, engine: Engine) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+
+    @classmethod
+    def load(
+        cls,
+        source: str = "smollm2",
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        engine: Union[EngineSettings, dict, None] = None,
+        progress: bool = True,
+    ) -> "LlamaWrapper":
+        """Load a model by alias, folder, ``.gguf`` file or ``hub/id@revision``."""
+        import torch
+
+        settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+        loaded = loading.load(registry.resolve(source), dtype=dtype, device=device, progress=progress)
+        runner = LlamaRunner(loaded.model)
+        eos = _eos_ids(loaded)
+        return cls(loaded, Engine(runner, loaded.tokenizer, eos, settings.engine_config()))
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.loaded.model.config
+        return {
+            "name": self.name,
+            "source": self.loaded.source.name,
+            "folder": str(self.loaded.folder),
+            "architecture": cfg.model_type,
+            "context_length": self.context_length,
+            "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in self.loaded.model.parameters()),
+            "source_sha256": self.loaded.manifest.get("source_sha256"),
+        }
+
+    # -- text <-> tokens -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"text must be a string, got {type(text).__name__}.", param="text")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = list(token_ids)
+        vocab = self.engine.runner.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab}); got {bad[0]!r}.", param="tokens")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: chatlib.Messages, add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The rendered prompt for ``messages`` (what the model actually reads)."""
+        return chatlib.render(self.tokenizer, chatlib.normalize_messages(messages), add_generation_prompt, **template_kwargs)
+
+    def count_tokens(self, messages_or_text: chatlib.Messages) -> int:
+        """Tokens of a raw text, or of the rendered prompt of a list of messages."""
+        if isinstance(messages_or_text, str):
+            return len(self.tokenize(messages_or_text))
+        return len(self.tokenize(self.apply_chat_template(messages_or_text)))
+
+    # -- building requests -----------------------------------------------------------------------
+    def chat_prompt_ids(
+        self, messages: chatlib.Messages, max_tokens: Optional[int] = None, truncate: Optional[str] = None, **template_kwargs: Any
+    ) -> list[int]:
+        """Token ids of the rendered chat prompt, truncated by dropping old turns if asked."""
+        if truncate not in TRUNCATION:
+            raise InvalidRequestError(f"truncate must be one of {TRUNCATION}; got {truncate!r}.", param="truncate")
+        msgs = chatlib.normalize_messages(messages)
+        encode = lambda m: self.tokenize(chatlib.render(self.tokenizer, m, True, **template_kwargs))  # noqa: E731
+        ids = encode(msgs)
+        if truncate == "oldest" and len(ids) + (max_tokens or 1) > self.context_length:
+            msgs = chatlib.truncate_oldest(msgs, lambda m: len(encode(m)) + (max_tokens or 1) <= self.context_length)
+            ids = encode(msgs)
+        return ids
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, **engine_kwargs: Any) -> RequestHandle:
+        """Hand token ids to the engine; the handle streams ``StreamEvent``s."""
+        return self.engine.submit(prompt_ids, params, **engine_kwargs)
+
+    def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, **engine_kwargs: Any) -> RequestHandle:
+        return self.submit(self.chat_prompt_ids(messages, params.max_tokens, truncate), params, **engine_kwargs)
+
+    def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, **engine_kwargs: Any) -> RequestHandle:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_special_tokens=True)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+        else:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids.", param="prompt")
+        if not ids:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        return self.submit(ids, params, **engine_kwargs)
+
+    # -- convenience -----------------------------------------------------------------------------
+    def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, **sampling: Any) -> Result:
+        """Answer a user string or OpenAI-style messages."""
+        return self.submit_chat(messages, sampling_params(**sampling), truncate).result()
+
+    def stream(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, **sampling: Any) -> Iterator[StreamEvent]:
+        """Answer as a stream of text deltas; the last event carries finish_reason and usage.
+        Closing the iterator early (``break``, Ctrl-C) cancels the generation."""
+        return _cancel_on_close(self.submit_chat(messages, sampling_params(**sampling), truncate))
+
+    def generate(self, prompt: Union[str, list[int]], **sampling: Any) -> Result:
+        """Continue a raw prompt (no chat template)."""
+        return self.submit_prompt(prompt, sampling_params(**sampling)).result()
+
+    def stream_generate(self, prompt: Union[str, list[int]], **sampling: Any) -> Iterator[StreamEvent]:
+        return _cancel_on_close(self.submit_prompt(prompt, sampling_params(**sampling)))
+
+    def batch(self, items: list[chatlib.Messages], *, truncate: Optional[str] = None, **sampling: Any) -> list[Result]:
+        """Answer many prompts or conversations together through the engine; results in order."""
+        params = sampling_params(**sampling)
+        if not isinstance(items, (list, tuple)):
+            raise InvalidRequestError("batch() takes a list of prompts or conversations.", param="items")
+        prompts = [self.chat_prompt_ids(item, params.max_tokens, truncate) for item in items]
+        handles: list[RequestHandle] = []
+        try:
+            for ids in prompts:
+                handles.append(self.submit(ids, params))
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LlamaWrapper":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _cancel_on_close(handle: RequestHandle) -> Iterator[StreamEvent]:
+    try:
+        yield from handle
+    finally:
+        handle.cancel()
+
+
+def _eos_ids(loaded: loading.LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(loaded.model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

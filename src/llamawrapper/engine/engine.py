@@ -1,0 +1,344 @@
+"""The engine: one per loaded model, a worker thread that batches every request it is given.
+
+Each iteration of the worker (a *step*): drop cancelled requests, admit waiting ones within
+the configured limits, prefill up to ``prefill_chunk`` prompt tokens (reusing cached
+prefixes), then run one batched decode step for every running sequence. A request joins the
+decode batch the step after its prefill ends and leaves it the step it finishes, so no request
+waits for another's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ..errors import ContextLengthExceededError, GenerationError, InvalidRequestError, LlamaWrapperError, QueueFullError
+from ..types import LogitsProcessor, SamplingParams, StreamEvent, Usage
+from .detokenizer import StreamingDetokenizer
+from .kv_cache import SequenceKV, SlotCache
+from .prefix_cache import PrefixCache
+from .request import Request, RequestHandle
+from .runner import LlamaRunner
+from .sampling import apply_repetition_penalty, make_generator, sample_row
+from .stopping import StopStringMatcher
+
+log = logging.getLogger("llamawrapper.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_tokens_in_flight: int = 65536
+    prefill_chunk: int = 256
+    prefix_cache_bytes: int = 256 * 1024 * 1024
+    prefix_block_size: int = 16
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0
+
+
+class Engine:
+    """Continuous-batching generation over a ``LlamaRunner``."""
+
+    def __init__(self, runner: LlamaRunner, tokenizer: Any, eos_token_ids: Iterable[int], config: EngineConfig | None = None) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(int(t) for t in eos_token_ids)
+        self.config = config or EngineConfig()
+        self.context_length = runner.context_length
+        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._incoming: deque[Request] = deque()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._running: list[Request] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="llamawrapper-engine", daemon=True)
+        self._thread.start()
+
+    # -- public, any thread --------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        namespace: str = "",
+        logits_processor: Optional[LogitsProcessor] = None,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue a request; raise ``QueueFullError`` at once when the queue is full."""
+        if not prompt_ids:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        max_tokens = self.check_context(len(prompt_ids), params.max_tokens)
+        handle = RequestHandle(request_id or "", on_cancel=self._wake)
+        req = Request(list(prompt_ids), params, max_tokens, handle, namespace, logits_processor)
+        if request_id:
+            req.id = request_id
+        handle.request_id = req.id
+        with self._cv:
+            if self._closed:
+                raise GenerationError("the engine is shut down")
+            if len(self._incoming) + len(self._waiting) >= self.config.max_queue:
+                self.stats.rejected += 1
+                raise QueueFullError(f"The request queue is full ({self.config.max_queue} waiting).", retry_after=1.0)
+            self._incoming.append(req)
+            self._cv.notify()
+        return handle
+
+    def check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The effective max_tokens; raise if prompt + max_tokens exceeds the context."""
+        room = self.context_length - prompt_tokens
+        if max_tokens is None:
+            if room < 1:
+                raise ContextLengthExceededError(prompt_tokens, 1, self.context_length)
+            return room
+        if max_tokens > room:
+            raise ContextLengthExceededError(prompt_tokens, max_tokens, self.context_length)
+        return max_tokens
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and gauges for metrics and tests."""
+        with self._cv:
+            queued = len(self._incoming) + len(self._waiting)
+        pc = self.prefix_cache.stats
+        return {
+            "queue_depth": queued,
+            "running": len(self._running),
+            "prefilling": len(self._prefilling),
+            "slot_cache_bytes": self.slots.nbytes,
+            "prefix_cache_bytes": pc.bytes,
+            "prefix_cache_peak_bytes": pc.peak_bytes,
+            "prefix_cache_budget_bytes": pc.budget_bytes,
+            "prefix_cache_blocks": pc.blocks,
+            "prefix_cache_hit_rate": pc.hit_rate,
+            "prefix_cache_hit_tokens": pc.hit_tokens,
+            "prefix_cache_lookup_tokens": pc.lookup_tokens,
+            "prefix_cache_evictions": pc.evictions,
+            **vars(self.stats),
+        }
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- worker ----------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _busy(self) -> bool:
+        return bool(self._incoming or self._waiting or self._prefilling or self._running)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._busy() and not self._closed:
+                    if self.slots.nbytes > 64 * 1024 * 1024:
+                        self.slots.reset()
+                    self._cv.wait()
+                if self._closed:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            try:
+                self.step()
+            except Exception as exc:  # a failure of the batch as a whole: fail its requests, go on
+                log.exception("engine step failed")
+                for req in self._prefilling + self._running:
+                    self._fail(req, exc)
+                self._prefilling, self._running = [], []
+        for req in list(self._waiting) + self._prefilling + self._running:
+            self._fail(req, GenerationError("the engine shut down"))
+
+    def step(self) -> None:
+        self.stats.steps += 1
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for pool in (self._waiting, self._prefilling):
+            for req in [r for r in pool if r.handle.cancelled]:
+                pool.remove(req)
+                self._finish(req, "cancelled", emit="")
+        if any(r.handle.cancelled for r in self._running):
+            for req in self._running:
+                if req.handle.cancelled:
+                    self._finish(req, "cancelled", emit="")
+            self._compact([r for r in self._running if not r.handle.cancelled])
+
+    def _admit(self) -> None:
+        cfg = self.config
+        in_flight = sum(r.budget for r in self._prefilling + self._running)
+        while self._waiting:
+            req = self._waiting[0]
+            active = len(self._prefilling) + len(self._running)
+            if active >= cfg.max_batch_size:
+                break
+            if active and in_flight + req.budget > cfg.max_tokens_in_flight:
+                break
+            self._waiting.popleft()
+            in_flight += req.budget
+            self._prefilling.append(req)
+
+    # -- prefill -----------------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for req in list(self._prefilling):
+            if budget <= 0:
+                break
+            try:
+                if req.kv is None:
+                    self._start(req)
+                n = len(req.prompt_ids)
+                count = min(n - req.prefilled, budget)
+                start = req.prefilled
+                tokens = torch.tensor([req.prompt_ids[start : start + count]])
+                positions = torch.arange(start, start + count).unsqueeze(0)
+                mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
+                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask)
+                req.prefilled += count
+                req.kv.length = req.prefilled
+                budget -= count
+                self.stats.prefill_tokens += count
+                if req.prefilled == n:
+                    self._prefilling.remove(req)
+                    self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
+                    slot = len(self._running)
+                    self.slots.ensure(slot + 1, n + req.max_tokens)
+                    self.slots.put(slot, req.kv)
+                    req.kv = None
+                    self._running.append(req)
+                    self._accept(req, logits[0])
+                    if req.handle.done:
+                        self._compact([r for r in self._running if not r.handle.done])
+            except Exception as exc:
+                if req in self._prefilling:
+                    self._prefilling.remove(req)
+                self._fail(req, exc)
+
+    def _start(self, req: Request) -> None:
+        r = self.runner
+        req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=len(req.prompt_ids))
+        cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+        if cached is not None:
+            req.kv.load_prefix(cached)
+            req.prefilled = req.cached_tokens = cached.shape[3]
+        req.detok = StreamingDetokenizer(self.tokenizer)
+        req.stopper = StopStringMatcher(req.params.stop)
+        req.generator = None if req.params.greedy else make_generator(req.params.seed)
+
+    # -- decode ------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        running = self._running
+        if not running:
+            return
+        B = len(running)
+        positions = torch.tensor([r.kv_length for r in running])
+        length = int(positions.max()) + 1
+        self.slots.ensure(B, length)
+        tokens = torch.tensor([[r.output_ids[-1]] for r in running])
+        mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, length)
+        logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length), mask)
+        self.stats.decode_steps += 1
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, req in enumerate(running):
+            try:
+                self._accept(req, logits[i], greedy[i])
+            except Exception as exc:
+                self._fail(req, exc)
+        self._compact([r for r in running if not r.handle.done])
+
+    def _next_token(self, req: Request, logits: torch.Tensor, greedy: Optional[int]) -> int:
+        p = req.params
+        if req.logits_processor is not None:
+            logits = req.logits_processor(req.output_ids, logits.clone())
+            greedy = None
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits.clone(), req.prompt_ids + req.output_ids, p.repetition_penalty)
+            greedy = None
+        if p.greedy:
+            return greedy if greedy is not None else int(logits.argmax())
+        return sample_row(logits, p, req.generator)
+
+    def _accept(self, req: Request, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
+        """Sample the request's next token, emit its text, finish it if a stop rule fires."""
+        token = self._next_token(req, logits, greedy)
+        now = time.perf_counter()
+        if req.first_token_at is None:
+            req.first_token_at = now
+            req.handle.metrics["ttft"] = now - req.arrival
+        req.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        if token in self.eos_token_ids and not req.params.ignore_eos:
+            self._finish(req, "stop", emit=req.detok.flush() + req.stopper.flush(), token_ids=[token])
+            return
+        text, stopped = req.stopper.feed(req.detok.add(token))
+        if stopped:
+            self._finish(req, "stop", emit=text, token_ids=[token])
+        elif len(req.output_ids) >= req.max_tokens:
+            text, stopped = req.stopper.feed(req.detok.flush())
+            self._finish(req, "stop" if stopped else "length", emit=text + ("" if stopped else req.stopper.flush()), token_ids=[token])
+        elif text:
+            req.handle._push(StreamEvent(text, [token]))
+        else:
+            req.handle._push(StreamEvent("", [token]))
+
+    # -- endings -------------------------------------------------------------------------------------
+    def _usage(self, req: Request) -> Usage:
+        return Usage(len(req.prompt_ids), len(req.output_ids), req.cached_tokens)
+
+    def _finish(self, req: Request, reason: str, emit: str, token_ids: list[int] | None = None) -> None:
+        req.handle.done = True
+        req.handle.metrics["latency"] = time.perf_counter() - req.arrival
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        req.handle._push(StreamEvent(emit, token_ids or [], reason, self._usage(req)))
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if req.handle.done:
+            return
+        req.handle.done = True
+        self.stats.failed += 1
+        if not isinstance(exc, LlamaWrapperError):
+            log.warning("request %s failed: %r", req.id, exc)
+            exc = GenerationError(f"generation failed: {exc}")
+        req.handle._push(exc)
+
+    def _compact(self, keep: list[Request]) -> None:
+        """Keep ``keep`` (in order) in slots 0..n-1; cache the finished ones' KV as prefixes."""
+        old = {id(r): i for i, r in enumerate(self._running)}
+        for req in self._running:
+            if req.handle.done and req.output_ids and not req.handle.cancelled:
+                slot = old[id(req)]
+                seq = req.prompt_ids + req.output_ids[:-1]
+                self.prefix_cache.insert(seq, lambda a, b, s=slot: self.slots.export(s, a, b), req.namespace)
+        for j, req in enumerate(keep):
+            i = old[id(req)]
+            if i != j:
+                self.slots.move(i, j, req.kv_length)
+        self._running = keep

@@ -1,0 +1,141 @@
+"""KV storage for running sequences.
+
+``SlotCache`` holds the decoding batch: one preallocated tensor per layer shaped
+``[slots, kv_heads, capacity, head_dim]``; running sequences occupy slots ``0..n-1`` so a decode
+step reads a view, never a copy. Capacity grows by doubling, only when a sequence needs it.
+``SequenceKV`` is one sequence's private buffer while its prompt is prefilled in chunks; it is
+moved into a slot when prefill ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grow(t: torch.Tensor, dim: int, new_size: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = new_size
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+class SequenceKV:
+    """One sequence's keys and values: ``[layers, 2, kv_heads, length, head_dim]`` (grows)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64) -> None:
+        self.data = torch.zeros(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
+        self.length = 0  # tokens whose KV is valid
+
+    def reserve(self, length: int) -> None:
+        cap = self.data.shape[3]
+        if length > cap:
+            self.data = _grow(self.data, 3, max(length, 2 * cap))
+
+    def load_prefix(self, blocks: torch.Tensor) -> None:
+        """Copy cached prefix KV ``[layers, 2, kv_heads, n, head_dim]`` to the start."""
+        n = blocks.shape[3]
+        self.reserve(n)
+        self.data[:, :, :, :n] = blocks
+        self.length = n
+
+    def chunk(self, start: int, count: int) -> "_ChunkWriter":
+        self.reserve(start + count)
+        return _ChunkWriter(self, start, count)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class _ChunkWriter:
+    """KV view for prefilling positions ``start..start+count`` of one sequence (batch of 1)."""
+
+    def __init__(self, seq: SequenceKV, start: int, count: int) -> None:
+        self.seq, self.start, self.end = seq, start, start + count
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        d = self.seq.data[layer]
+        d[0, :, self.start : self.end] = k[0]
+        d[1, :, self.start : self.end] = v[0]
+        return d[0, :, : self.end].unsqueeze(0), d[1, :, : self.end].unsqueeze(0)
+
+
+class SlotCache:
+    """KV of the decoding batch: slot ``i`` holds running sequence ``i``."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, max_slots: int, capacity: int = 256) -> None:
+        self.n_layers, self.n_kv_heads, self.head_dim, self.dtype = n_layers, n_kv_heads, head_dim, dtype
+        self.max_slots = max_slots
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._alloc(0, capacity)
+
+    def _alloc(self, slots: int, capacity: int) -> None:
+        shape = (max(slots, 1), self.n_kv_heads, capacity, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * self.k[0].numel() * self.k[0].element_size()
+
+    def ensure(self, slots: int, length: int) -> None:
+        """Make room for ``slots`` sequences of up to ``length`` positions."""
+        if slots <= self.slots and length <= self.capacity:
+            return
+        new_slots = self.slots if slots <= self.slots else min(self.max_slots, max(slots, 2 * self.slots))
+        new_cap = self.capacity if length <= self.capacity else max(length, 2 * self.capacity)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                t = _grow(t, 0, new_slots) if new_slots != t.shape[0] else t
+                store[i] = _grow(t, 2, new_cap) if new_cap != t.shape[2] else t
+
+    def reset(self, capacity: int = 256) -> None:
+        """Drop all storage (when idle) so memory does not stay at its high-water mark."""
+        self._alloc(0, capacity)
+
+    def put(self, slot: int, seq: SequenceKV) -> None:
+        n = seq.length
+        self.ensure(slot + 1, n + 1)
+        for layer in range(self.n_layers):
+            self.k[layer][slot, :, :n] = seq.data[layer, 0, :, :n]
+            self.v[layer][slot, :, :n] = seq.data[layer, 1, :, :n]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+    def export(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """KV of positions ``start..end`` of a slot as ``[layers, 2, kv_heads, n, head_dim]``."""
+        return torch.stack(
+            [torch.stack((self.k[i][slot, :, start:end], self.v[i][slot, :, start:end])) for i in range(self.n_layers)]
+        )
+
+    def decode_view(self, batch: int, positions: torch.Tensor, length: int) -> "_DecodeWriter":
+        return _DecodeWriter(self, batch, positions, length)
+
+
+class _DecodeWriter:
+    """KV view for one decode step of slots ``0..batch-1``, each writing at its own position."""
+
+    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int) -> None:
+        self.cache, self.batch, self.length = cache, batch, length
+        self.rows = torch.arange(batch)
+        self.positions = positions
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc = self.cache.k[layer]
+        vc = self.cache.v[layer]
+        kc[self.rows, :, self.positions] = k[:, :, 0]
+        vc[self.rows, :, self.positions] = v[:, :, 0]
+        return kc[: self.batch, :, : self.length], vc[: self.batch, :, : self.length]

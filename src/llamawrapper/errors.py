@@ -1,0 +1,74 @@
+"""The exception tree every layer raises; the server maps these types to HTTP statuses.
+
+    LlamaWrapperError                      base of everything raised on purpose
+    ├── ModelError
+    │   ├── ModelNotFoundError             unknown alias, missing path, hub unreachable and not cached
+    │   ├── InvalidModelError              the file or folder is not a loadable model
+    │   └── UnsupportedModelError          an architecture the engine cannot run
+    ├── InvalidRequestError                bad parameter or message; ``param`` names it
+    │   └── ContextLengthExceededError     prompt + max_tokens > the model's context
+    ├── QueueFullError                     admission refused: the engine's queue is full
+    ├── RequestCancelledError              the request was cancelled before it finished
+    └── GenerationError                    processing of one request failed inside the engine
+"""
+
+from __future__ import annotations
+
+
+class LlamaWrapperError(Exception):
+    """Base class of every error LlamaWrapper raises on purpose."""
+
+
+class ModelError(LlamaWrapperError):
+    """A model could not be found, read or run."""
+
+
+class ModelNotFoundError(ModelError):
+    """An alias, path or hub id that resolves to no model."""
+
+
+class InvalidModelError(ModelError):
+    """A file or folder that exists but is not a loadable model."""
+
+
+class UnsupportedModelError(ModelError):
+    """A model whose architecture the engine does not run."""
+
+
+class InvalidRequestError(LlamaWrapperError):
+    """A request with a bad parameter or message. ``param`` names the culprit."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt plus the requested completion does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the request "
+            f"asks for {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion).",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class QueueFullError(LlamaWrapperError):
+    """The engine's queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str = "The engine's request queue is full.", retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestCancelledError(LlamaWrapperError):
+    """The request was cancelled before it finished."""
+
+
+class GenerationError(LlamaWrapperError):
+    """Processing one request failed inside the engine; other requests were not affected."""

@@ -1,0 +1,222 @@
+"""Loading a model and its tokenizer from a ``ModelSource``.
+
+A GGUF file is converted once (dequantized) into a safetensors folder in the cache, written
+under a temporary name and renamed into place, with a manifest that records the source's
+sha256; a later load reads that folder, and a source whose hash no longer matches is
+converted again. Hub ids go through ``huggingface_hub`` (which honours ``HF_HUB_OFFLINE``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
+from .registry import ModelSource, cache_dir_for
+
+log = logging.getLogger("llamawrapper.loading")
+
+DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    source: ModelSource
+    folder: Path
+    manifest: dict = field(default_factory=dict)
+
+
+def file_sha256(path: Path, progress: Any = None) -> str:
+    h = hashlib.sha256()
+    task = progress.add_task(f"hashing {path.name}", total=path.stat().st_size) if progress else None
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+            if progress:
+                progress.advance(task, len(chunk))
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"llamawrapper": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from rich.console import Console
+
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), disable=not enabled, transient=False,
+    )
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file; ``InvalidModelError`` if it is not one."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InvalidModelError(f"{path} is not a GGUF model file (bad magic bytes).")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        return bytes(field_.parts[field_.data[0]]).decode()
+    except Exception as exc:  # truncated or malformed file
+        raise InvalidModelError(f"{path} is not a readable GGUF file: {exc}") from exc
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False) -> Path:
+    """Ensure the converted folder for a GGUF source exists and matches the file; return it."""
+    from filelock import FileLock
+
+    gguf_path = source.path
+    assert gguf_path is not None
+    arch = gguf_architecture(gguf_path)
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}.")
+    dest = cache_dir_for(source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _progress(progress) as bar, FileLock(str(dest) + ".lock"):
+        sha = file_sha256(gguf_path, bar)
+        manifest = read_manifest(dest)
+        if not force and manifest and manifest.get("source_sha256") == sha and (dest / "config.json").is_file():
+            return dest
+        if manifest:
+            log.warning("cached conversion of %s does not match the source (hash changed); converting again", gguf_path)
+        tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            _write_conversion(gguf_path, tmp, bar)
+            manifest = {
+                "manifest_version": MANIFEST_VERSION,
+                "name": source.display_name,
+                "source": str(gguf_path),
+                "source_sha256": sha,
+                "source_size": gguf_path.stat().st_size,
+                "architecture": arch,
+                "dtype": "float32",
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_conversion(gguf_path: Path, out: Path, bar: Any) -> None:
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    task = bar.add_task("dequantizing GGUF", total=3)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise InvalidModelError(f"could not read the GGUF model {gguf_path}: {exc}") from exc
+    bar.advance(task)
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)  # a dequantized model must not keep the GGUF marker
+    config.pop("_name_or_path", None)
+    fresh_config = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(fresh_config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    if quantized.generation_config is not None:
+        model.generation_config = quantized.generation_config
+    del quantized
+    bar.advance(task)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    bar.advance(task)
+
+
+def resolve_folder(source: ModelSource, progress: bool = True) -> Path:
+    """The local Hugging Face folder to load ``source`` from (converting or fetching as needed)."""
+    if source.kind == "gguf":
+        return convert_gguf(source, progress=progress)
+    if source.kind == "dir":
+        if not (source.path / "config.json").is_file():
+            raise InvalidModelError(f"{source.path} is not a Hugging Face model folder (no config.json).")
+        return source.path
+    return _hub_snapshot(source)
+
+
+def _hub_snapshot(source: ModelSource) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision, allow_patterns=patterns))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelNotFoundError(f"Hub model '{source.name}' does not exist: {exc}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"Hub model '{source.name}' is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline, or HF_HUB_OFFLINE=1). Download it once with network access, or pass a local folder."
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelNotFoundError(f"Could not fetch hub model '{source.name}': {exc}") from exc
+
+
+def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LoadedModel:
+    """Load model and tokenizer for ``source`` in ``dtype`` on ``device``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .engine.runner import SUPPORTED_MODEL_TYPES
+
+    if dtype not in DTYPES:
+        from .errors import InvalidRequestError
+
+        raise InvalidRequestError(f"Invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
+    folder = resolve_folder(source, progress=progress)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise InvalidModelError(f"{folder} has no readable model config: {exc}") from exc
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"Architecture '{getattr(config, 'model_type', None)}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=None)
+    except Exception as exc:
+        raise InvalidModelError(f"could not load the model in {folder}: {exc}") from exc
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, source.display_name, source, folder, read_manifest(folder) or {})
