@@ -205,6 +205,10 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progr
 
         raise InvalidRequestError(f"Invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
     folder = resolve_folder(source, progress=progress)
+    if not progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:

@@ -9,8 +9,10 @@ waits for another's length.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +31,15 @@ from .sampling import apply_repetition_penalty, make_generator, sample_row
 from .stopping import StopStringMatcher
 
 log = logging.getLogger("llamawrapper.engine")
+
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    # Join worker threads before the interpreter tears torch down under them.
+    for engine in list(_live_engines):
+        engine.shutdown(timeout=2.0)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="llamawrapper-engine", daemon=True)
         self._thread.start()
+        _live_engines.add(self)
 
     # -- public, any thread --------------------------------------------------------------------
     def submit(

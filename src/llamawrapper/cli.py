@@ -1,0 +1,189 @@
+"""The ``llamawrapper`` command line: pull, models, run, chat, tokenize (and serve, bench).
+
+Every command loads models through the Python API and reports ``LlamaWrapperError``s as one
+line on stderr with exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import LogSettings
+from .errors import LlamaWrapperError
+
+app = typer.Typer(help="LlamaWrapper: chat models on a plain CPU, as a library, a CLI and an OpenAI-compatible server.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(
+    log_level: Optional[str] = typer.Option(None, help="Logging level (default: INFO, or LLAMAWRAPPER_LOG_LEVEL)."),
+    log_format: Optional[str] = typer.Option(None, help="'text' or 'json' (one JSON object per line)."),
+) -> None:
+    from . import logs
+
+    settings = LogSettings(**{k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v})
+    logs.configure(settings.log_level, settings.log_format)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def _load(model: str, dtype: str, quiet: bool = False):
+    from .api import LlamaWrapper
+
+    return LlamaWrapper.load(model, dtype=dtype, progress=not quiet)
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed) -> dict[str, Any]:
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
+
+
+MaxTokens = typer.Option(None, "--max-tokens", help="Most tokens to generate (default: the rest of the context).")
+Temperature = typer.Option(0.7, help="0 = greedy and deterministic; up to 2.")
+TopP = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
+TopK = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off).")
+RepPenalty = typer.Option(1.0, "--repetition-penalty", help="Penalty for tokens already seen (1 = off).")
+Stop = typer.Option(None, "--stop", help="Stop string (repeatable); never part of the answer.")
+Seed = typer.Option(None, help="Seed that makes a sampled answer reproducible.")
+Dtype = typer.Option("float32", help="float32, bfloat16 or float16.")
+
+
+@app.command()
+def pull(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file or hub id[@revision]."),
+         force: bool = typer.Option(False, help="Convert again even if the cache is valid."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Fetch and convert a model into the local cache."""
+    from . import loading, registry
+
+    try:
+        source = registry.resolve(model)
+        if source.kind == "gguf":
+            folder = loading.convert_gguf(source, progress=not quiet, force=force)
+        else:
+            folder = loading.resolve_folder(source, progress=not quiet)
+    except LlamaWrapperError as exc:
+        _fail(exc)
+    if not quiet:
+        out.print(f"{source.display_name}: ready in {folder}", highlight=False)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each cached model's effective config.")) -> None:
+    """List registry aliases and cached (converted) models with sizes and hashes."""
+    from . import registry
+
+    aliases = [{"alias": a.name, "description": a.description, "package": a.package} for a in registry.ALIASES.values()]
+    cached = registry.cached_models()
+    if verbose:
+        for entry in cached:
+            try:
+                entry["config"] = json.loads((__import__("pathlib").Path(entry["folder"]) / "config.json").read_text())
+            except (OSError, ValueError):
+                entry["config"] = None
+    if as_json:
+        out.print_json(data={"aliases": aliases, "cached": cached})
+        return
+    table = Table(title="Aliases")
+    for col in ("alias", "description", "package"):
+        table.add_column(col)
+    for a in aliases:
+        table.add_row(a["alias"], a["description"], a["package"])
+    out.print(table)
+    table = Table(title=f"Cached models ({registry.models_dir()})")
+    for col in ("name", "size", "source sha256", "dtype", "folder"):
+        table.add_column(col)
+    for c in cached:
+        table.add_row(c.get("name", "?"), f"{c['size_bytes'] / 1e6:.0f} MB", str(c.get("source_sha256", ""))[:16],
+                      str(c.get("dtype")), c["folder"])
+    out.print(table)
+    if verbose:
+        for c in cached:
+            out.print(f"[bold]{c.get('name')}[/] effective config:")
+            out.print_json(data=c.get("config"))
+
+
+@app.command()
+def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub id."),
+        prompt: str = typer.Argument(..., help="The user message."),
+        system: Optional[str] = typer.Option(None, help="A system prompt."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result object as JSON instead of streaming."),
+        max_tokens: Optional[int] = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
+        top_k: int = TopK, repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop,
+        seed: Optional[int] = Seed, dtype: str = Dtype,
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Answer one prompt, streamed to the terminal."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+    try:
+        llm = _load(model, dtype, quiet or as_json)
+        if as_json:
+            result = llm.chat(messages, **sampling)
+            sys.stdout.write(json.dumps({"model": llm.name, **result.to_dict()}, ensure_ascii=False) + "\n")
+            return
+        for event in llm.stream(messages, **sampling):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except LlamaWrapperError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise typer.Exit(130)
+
+
+@app.command()
+def chat(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file or hub id."),
+         system: Optional[str] = typer.Option(None, help="A system prompt."),
+         max_tokens: Optional[int] = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
+         temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK,
+         repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop, seed: Optional[int] = Seed,
+         dtype: str = Dtype) -> None:
+    """Interactive multi-turn chat, streamed. /reset clears the conversation, /exit (or Ctrl-D) quits,
+    Ctrl-C stops the current answer."""
+    from .chat_session import ChatSession
+
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+    try:
+        llm = _load(model, dtype)
+        ChatSession(llm, system=system, sampling=sampling).loop()
+    except LlamaWrapperError as exc:
+        _fail(exc)
+
+
+@app.command()
+def tokenize(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub id."),
+             text: str = typer.Argument(..., help="Text to split into tokens."),
+             as_json: bool = typer.Option(False, "--json", help="Print ids and pieces as JSON.")) -> None:
+    """Show the token ids (and pieces) of a text."""
+    try:
+        llm = _load(model, "float32", quiet=True)
+        ids = llm.tokenize(text)
+    except LlamaWrapperError as exc:
+        _fail(exc)
+    pieces = [llm.detokenize([i]) for i in ids]
+    if as_json:
+        sys.stdout.write(json.dumps({"count": len(ids), "ids": ids, "pieces": pieces}, ensure_ascii=False) + "\n")
+    else:
+        out.print(f"{len(ids)} tokens", highlight=False)
+        for i, p in zip(ids, pieces):
+            out.print(f"{i:>8}  {p!r}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real default model (session-wide) and a tiny random-weight Llama that
+uses the real tokenizer, for fast unit tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The converted smollm2 folder in the user's cache (converted once if needed)."""
+    from llamawrapper import loading, registry
+
+    return loading.convert_gguf(registry.resolve("smollm2"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_folder) -> Path:
+    """A 4-layer, hidden-64 Llama with random weights and smollm2's tokenizer and template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir):
+    from llamawrapper import LlamaWrapper
+
+    llm = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model, loaded once for the whole session."""
+    from llamawrapper import LlamaWrapper
+
+    llm = LlamaWrapper.load("smollm2", progress=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture
+def lw_home(tmp_path, monkeypatch) -> Path:
+    """An empty LLAMAWRAPPER_HOME for tests that write to the cache."""
+    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
