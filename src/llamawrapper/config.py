@@ -6,15 +6,31 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
 def home_dir() -> Path:
     """Where converted models, manifests and caches live."""
     return Path(os.environ.get("LLAMAWRAPPER_HOME") or Path.home() / ".cache" / "llamawrapper").expanduser()
+
+
+def config_file() -> Path:
+    """The TOML config file: ``LLAMAWRAPPER_CONFIG`` or ``$LLAMAWRAPPER_HOME/config.toml``."""
+    return Path(os.environ.get("LLAMAWRAPPER_CONFIG") or home_dir() / "config.toml").expanduser()
+
+
+def _with_config_file(table: str):
+    """A ``settings_customise_sources`` that adds the ``[table]`` of the config file below env vars."""
+
+    @classmethod
+    def customise(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        toml: PydanticBaseSettingsSource = TomlConfigSettingsSource(settings_cls, toml_file=config_file(), toml_table_header=(table,))
+        return init_settings, env_settings, dotenv_settings, toml, file_secret_settings
+
+    return customise
 
 
 class EngineSettings(BaseSettings):
@@ -28,6 +44,8 @@ class EngineSettings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="Most prompt tokens prefilled per engine step.")
     prefix_cache_mb: float = Field(256.0, ge=0, description="Byte budget of the prefix (KV) cache, in MiB.")
     threads: int = Field(0, ge=0, description="Torch threads; 0 = one per core.")
+
+    settings_customise_sources = _with_config_file("engine")
 
     def engine_config(self):
         from .engine import EngineConfig
@@ -46,3 +64,35 @@ class LogSettings(BaseSettings):
 
     log_level: str = Field("INFO", description="Logging level.")
     log_format: Literal["text", "json"] = Field("text", description="'json' writes one JSON object per line.")
+
+
+def _split_list(value):
+    """``a,b`` (env var) or a JSON-free list (flags, config file) → list of non-empty strings."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return [v.strip() for v in value or [] if v and v.strip()]
+
+
+class ServerSettings(BaseSettings):
+    """``llamawrapper serve``: what to serve, where, and its limits. Config file table: ``[server]``."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAWRAPPER_", extra="ignore")
+
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["smollm2"], description="Models to serve: alias, folder, .gguf or hub id; 'name=source' to rename.")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="Accepted API keys (Authorization: Bearer); none = no auth. Env: comma-separated.")
+    dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body accepted; larger gets 413.")
+    drain_timeout: float = Field(30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before exiting.")
+    max_choices: int = Field(8, ge=1, description="Most choices (n x prompts) one request may ask for.")
+    retry_after: Optional[int] = Field(None, ge=0, description="Retry-After seconds on 429 (default: the engine's hint).")
+
+    settings_customise_sources = _with_config_file("server")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
