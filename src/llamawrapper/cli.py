@@ -181,6 +181,11 @@ def tokenize(model: str = typer.Argument(..., help="Alias, folder, .gguf file or
             out.print(f"{i:>8}  {p!r}", highlight=False)
 
 
+from .server.command import serve_command  # noqa: E402  (flags derived from ServerSettings/EngineSettings)
+
+app.command("serve")(serve_command)
+
+
 def main() -> None:
     app()
 

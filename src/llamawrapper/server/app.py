@@ -1,0 +1,106 @@
+"""The FastAPI app factory: routes, middleware (request ids and access logs, API keys, body
+limit), OpenAI-shaped error handlers, metrics, and the lifespan that starts loading models
+in the background once the server is up and closes their engines on shutdown."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from .. import __version__
+from ..config import EngineSettings, ServerSettings
+from ..errors import LlamaWrapperError
+from .auth import APIKeyMiddleware
+from .errors import APIError, from_exception, validation_error
+from .metrics import Metrics
+from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .pool import ModelPool
+from .routes import router
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    pool: ModelPool
+    metrics: Metrics
+    draining: bool = False
+
+
+def create_app(settings: Optional[ServerSettings] = None, engine: Optional[EngineSettings] = None,
+               pool: Optional[ModelPool] = None) -> FastAPI:
+    """An app serving ``settings.models``; loading starts when the app starts (lifespan)."""
+    settings = settings or ServerSettings()
+    pool = pool or ModelPool(settings.models, dtype=settings.dtype, engine=engine)
+    state = ServerState(settings, pool, Metrics(pool.engines))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pool.start()
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(title="LlamaWrapper", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible chat and completion endpoints over local models.")
+    app.state.lw = state
+    app.include_router(router)
+    _install_error_handlers(app, settings)
+    # added innermost first: the request context wraps everything, then auth, then the body limit
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    async def library_error(request: Request, exc: LlamaWrapperError):
+        return from_exception(exc, settings.retry_after).response()
+
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        return validation_error(list(exc.errors())).response()
+
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"Unknown route {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, message, "invalid_request_error", code, headers=dict(exc.headers or {})).response()
+
+    async def unexpected(request: Request, exc: Exception):
+        return from_exception(exc).response()
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(LlamaWrapperError, library_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without its 422 responses: validation errors are OpenAI-style 400s."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            responses = op.get("responses", {})
+            responses.pop("422", None)
+            if op.get("requestBody") and "400" not in responses:
+                responses["400"] = {"description": "Invalid request",
+                                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,106 @@
+"""The models a server serves, by alias, loaded in a background thread after the server
+starts listening (so ``/health`` answers at once and ``/ready`` says 503 until they load).
+
+A model spec is ``source`` (served under the name typed) or ``name=source``. torch is imported
+here only inside the loading thread, through ``LlamaWrapper``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from ..config import EngineSettings
+from ..errors import ModelNotFoundError
+from .errors import not_ready
+
+log = logging.getLogger("llamawrapper.server")
+
+
+@dataclass
+class Served:
+    alias: str
+    source: str
+    status: str = "loading"  # loading | ready | failed
+    llm: Any = None
+    error: Optional[str] = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    name, sep, source = spec.partition("=")
+    if sep and name and source and "/" not in name:
+        return name, source
+    return spec, spec
+
+
+class ModelPool:
+    def __init__(self, specs: list[str], dtype: str = "float32", engine: Optional[EngineSettings] = None) -> None:
+        if not specs:
+            raise ValueError("serve needs at least one model")
+        self.dtype = dtype
+        self.engine_settings = engine or EngineSettings()
+        self.models: dict[str, Served] = {}
+        for spec in specs:
+            alias, source = parse_spec(spec)
+            self.models[alias] = Served(alias, source)
+        self.default = next(iter(self.models))
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    # -- loading -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._load_all, name="llamawrapper-loader", daemon=True)
+        self._thread.start()
+
+    def _load_all(self) -> None:
+        from ..api import LlamaWrapper  # imports torch: kept off the startup path
+
+        for served in self.models.values():
+            if self._closed:
+                return
+            t0 = time.perf_counter()
+            try:
+                served.llm = LlamaWrapper.load(served.source, dtype=self.dtype, engine=self.engine_settings, progress=False)
+                served.status = "ready"
+                log.info("model %s ready in %.1f s", served.alias, time.perf_counter() - t0,
+                         extra={"model": served.alias, "load_seconds": round(time.perf_counter() - t0, 2)})
+            except Exception as exc:  # the server keeps answering /health; /ready reports the failure
+                served.status, served.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.error("model %s failed to load: %s", served.alias, served.error, extra={"model": served.alias})
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.ready
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return all(s.status == "ready" for s in self.models.values())
+
+    def statuses(self) -> dict[str, str]:
+        return {alias: (s.status if s.error is None else f"failed: {s.error}") for alias, s in self.models.items()}
+
+    def get(self, name: Optional[str]) -> Any:
+        """The ``LlamaWrapper`` serving ``name`` (the first model when ``name`` is None)."""
+        served = self.models.get(self.default if name is None else name)
+        if served is None:
+            raise ModelNotFoundError(f"The model '{name}' does not exist. Served models: {', '.join(self.models)}.")
+        if served.status != "ready":
+            raise not_ready(f"The model '{served.alias}' is {served.status}; retry shortly." if served.error is None
+                            else f"The model '{served.alias}' failed to load.")
+        return served.llm
+
+    def engines(self) -> Iterator[tuple[str, Any]]:
+        for alias, served in list(self.models.items()):
+            if served.status == "ready":
+                yield alias, served.llm.engine
+
+    def close(self) -> None:
+        self._closed = True
+        for served in self.models.values():
+            if served.llm is not None:
+                served.llm.close()

@@ -1,0 +1,280 @@
+"""Route handlers: thin. Each turns a protocol request into engine submissions through
+``LlamaWrapper`` and the results (or events) back into OpenAI's response shapes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from ..errors import InvalidRequestError, LlamaWrapperError
+from ..types import Usage
+from . import protocol as P
+from .errors import APIError, from_exception, not_ready
+from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
+
+log = logging.getLogger("llamawrapper.server")
+router = APIRouter()
+
+_ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+_STREAMING = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.lw
+
+
+def _rid(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+
+
+def _log_unknown(body: P._Open, request: Request) -> None:
+    unknown = body.unknown_fields()
+    if unknown:
+        log.info("ignoring unknown fields: %s", ", ".join(unknown), extra={"request_id": _rid(request), "fields": ",".join(unknown)})
+
+
+def _usage_dict(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def _sum_usage(usages: list[Usage], prompt_tokens: int) -> Usage:
+    # OpenAI counts the prompt once per prompt, completions across every choice
+    return Usage(prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens if usages else 0)
+
+
+def _params(body: P._Sampling) -> Any:
+    from ..api import sampling_params  # the api module imports torch; by now the models are loaded anyway
+
+    return sampling_params(**body.sampling())
+
+
+def _check_choices(n: int, prompts: int, limit: int) -> None:
+    if isinstance(n, bool) or n < 1:
+        raise InvalidRequestError(f"Invalid value for 'n': must be at least 1, got {n}.", param="n")
+    if n * prompts > limit:
+        raise InvalidRequestError(f"At most {limit} choices per request (n x prompts); asked for {n * prompts}.", param="n")
+
+
+def _submit_all(llm: Any, prompt_ids: list[list[int]], n: int, params: Any, rid: str) -> list[Any]:
+    handles: list[Any] = []
+    try:
+        for p, ids in enumerate(prompt_ids):
+            for i in range(n):
+                k = len(handles)
+                handles.append(llm.submit(ids, params, request_id=rid if len(prompt_ids) * n == 1 else f"{rid}-{k}"))
+    except BaseException:
+        cancel_all(handles)
+        raise
+    return handles
+
+
+def _record(request: Request, model: str, handles: list[Any], usages: list[Usage]) -> None:
+    metrics = _state(request).metrics
+    for h, u in zip(handles, usages):
+        metrics.observe_generation(model, u.prompt_tokens, u.completion_tokens, h.metrics.get("ttft"))
+
+
+# -- chat --------------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions", response_model=P.ChatCompletion, responses={**_ERRORS, **_STREAMING})
+async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+    state, rid = _state(request), _rid(request)
+    _log_unknown(body, request)
+    llm = state.pool.get(body.model)
+    params = _params(body)
+    _check_choices(body.n, 1, state.settings.max_choices)
+    ids = await run_in_threadpool(llm.chat_prompt_ids, body.message_dicts(), params.max_tokens)
+    handles = _submit_all(llm, [ids], body.n, params, rid)
+    completion_id, created = f"chatcmpl-{rid}", int(time.time())
+    if body.stream:
+        return EventStream(_chat_events(request, body, handles, completion_id, created, len(ids)), lambda: cancel_all(handles))
+    try:
+        results = await results_unless_disconnected(handles, request.receive)
+    except ClientGone:
+        return Response(status_code=499)
+    _record(request, body.model, handles, [r.usage for r in results])
+    out = {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                     "logprobs": None} for i, r in enumerate(results)],
+        "usage": _usage_dict(_sum_usage([r.usage for r in results], len(ids))),
+        "system_fingerprint": None,
+    }
+    return JSONResponse(out)
+
+
+async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles: list[Any], cid: str, created: int,
+                       prompt_tokens: int) -> AsyncIterator[bytes]:
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": None}
+    if body.include_usage:
+        base["usage"] = None
+
+    def chunk(i: int, delta: dict, finish: Optional[str] = None) -> bytes:
+        return sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    for i in range(len(handles)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    usages: list[Usage] = []
+    try:
+        async for i, event in merged(handles):
+            if event.text:
+                yield chunk(i, {"content": event.text})
+            if event.finish_reason is not None:
+                usages.append(event.usage or Usage(prompt_tokens, 0))
+                yield chunk(i, {}, event.finish_reason)
+    except LlamaWrapperError as exc:
+        yield sse(from_exception(exc).body())
+        return
+    _record(request, body.model, handles, usages)
+    if body.include_usage:
+        yield sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})
+    yield DONE
+
+
+# -- completions ---------------------------------------------------------------------------------------
+@router.post("/v1/completions", response_model=P.Completion, responses={**_ERRORS, **_STREAMING})
+async def completions(body: P.CompletionRequest, request: Request) -> Response:
+    state, rid = _state(request), _rid(request)
+    _log_unknown(body, request)
+    llm = state.pool.get(body.model)
+    params = _params(body)
+    if body.logprobs is not None:
+        raise InvalidRequestError("logprobs are not supported by this server.", param="logprobs")
+    prompts = body.prompts()
+    if not prompts:
+        raise InvalidRequestError("The prompt is empty.", param="prompt")
+    _check_choices(body.n, len(prompts), state.settings.max_choices)
+    prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
+    handles = _submit_all(llm, prompt_ids, body.n, params, rid)
+    echoes = [(_prompt_text(llm, p) if body.echo else "") for p in prompts for _ in range(body.n)]
+    prompt_total = sum(len(ids) for ids in prompt_ids)
+    completion_id, created = f"cmpl-{rid}", int(time.time())
+    if body.stream:
+        return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total),
+                           lambda: cancel_all(handles))
+    try:
+        results = await results_unless_disconnected(handles, request.receive)
+    except ClientGone:
+        return Response(status_code=499)
+    _record(request, body.model, handles, [r.usage for r in results])
+    out = {
+        "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": i, "text": echoes[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                    for i, r in enumerate(results)],
+        "usage": _usage_dict(_sum_usage([r.usage for r in results], prompt_total)),
+        "system_fingerprint": None,
+    }
+    return JSONResponse(out)
+
+
+def _prompt_ids(llm: Any, prompt: Any) -> list[int]:
+    if isinstance(prompt, str):
+        ids = llm.tokenize(prompt, add_special_tokens=True)
+    else:
+        ids = list(prompt)
+        llm.detokenize(ids)  # validates the ids against the vocabulary
+    if not ids:
+        raise InvalidRequestError("The prompt is empty.", param="prompt")
+    return ids
+
+
+def _prompt_text(llm: Any, prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else llm.detokenize(prompt)
+
+
+async def _completion_events(request: Request, body: P.CompletionRequest, handles: list[Any], echoes: list[str], cid: str,
+                             created: int, prompt_tokens: int) -> AsyncIterator[bytes]:
+    base = {"id": cid, "object": "text_completion", "created": created, "model": body.model, "system_fingerprint": None}
+    if body.include_usage:
+        base["usage"] = None
+
+    def chunk(i: int, text: str, finish: Optional[str] = None) -> bytes:
+        return sse({**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]})
+
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield chunk(i, echo)
+    usages: list[Usage] = []
+    try:
+        async for i, event in merged(handles):
+            if event.finish_reason is not None:
+                usages.append(event.usage or Usage(0, 0))
+                yield chunk(i, event.text, event.finish_reason)
+            elif event.text:
+                yield chunk(i, event.text)
+    except LlamaWrapperError as exc:
+        yield sse(from_exception(exc).body())
+        return
+    _record(request, body.model, handles, usages)
+    if body.include_usage:
+        yield sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})
+    yield DONE
+
+
+# -- models, tokens ---------------------------------------------------------------------------------------
+@router.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> Response:
+    pool = _state(request).pool
+    data = [{"id": s.alias, "object": "model", "created": s.created, "owned_by": "llamawrapper"} for s in pool.models.values()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{model}", response_model=P.ModelCard, responses=_ERRORS)
+async def get_model(model: str, request: Request) -> Response:
+    served = _state(request).pool.models.get(model)
+    if served is None:
+        raise from_exception(_not_found(model))
+    return JSONResponse({"id": served.alias, "object": "model", "created": served.created, "owned_by": "llamawrapper"})
+
+
+def _not_found(model: str) -> Exception:
+    from ..errors import ModelNotFoundError
+
+    return ModelNotFoundError(f"The model '{model}' does not exist.")
+
+
+@router.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: P.TokenizeRequest, request: Request) -> Response:
+    llm = _state(request).pool.get(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
+    if body.messages is not None:
+        ids = await run_in_threadpool(llm.chat_prompt_ids, [m.model_dump(exclude_none=True) for m in body.messages])
+    else:
+        ids = await run_in_threadpool(llm.tokenize, body.prompt, body.add_special_tokens)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": llm.context_length})
+
+
+@router.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: P.DetokenizeRequest, request: Request) -> Response:
+    llm = _state(request).pool.get(body.model)
+    return JSONResponse({"prompt": await run_in_threadpool(llm.detokenize, body.tokens)})
+
+
+# -- probes, metrics -------------------------------------------------------------------------------------
+@router.get("/health", response_model=P.Health)
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "models": _state(request).pool.statuses()})
+
+
+@router.get("/ready", response_model=P.Health, responses={503: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}})
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    if state.draining:
+        raise APIError(503, "The server is shutting down.", "service_unavailable_error", "draining")
+    if not state.pool.ready:
+        raise not_ready(f"Models not ready: {state.pool.statuses()}")
+    return JSONResponse({"status": "ready", "models": state.pool.statuses()})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                                                            401: {"model": P.ErrorResponse}})
+async def metrics(request: Request) -> Response:
+    m = _state(request).metrics
+    return Response(m.render(), media_type=m.content_type)

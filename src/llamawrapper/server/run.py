@@ -1,0 +1,66 @@
+"""Running the app under uvicorn, with a graceful drain: on SIGTERM (or Ctrl-C) the server
+stops accepting connections, reports 503 on ``/ready``, lets in-flight requests finish for
+up to ``drain_timeout`` seconds, closes the engines and returns, so the process exits 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Optional
+
+import uvicorn
+
+from ..config import EngineSettings, ServerSettings
+from .app import create_app
+
+log = logging.getLogger("llamawrapper.server")
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.lw_state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.lw_state.draining:
+            log.info("signal %s: draining in-flight requests (up to %.0f s)", signal.Signals(sig).name,
+                     self.lw_state.settings.drain_timeout)
+        self.lw_state.draining = True
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("listening on http://%s:%s", host, port, extra={"host": host, "port": port})
+
+
+def _share_logging() -> None:
+    """uvicorn's own messages go through LlamaWrapper's handler (text or JSON lines)."""
+    ours = logging.getLogger("llamawrapper")
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = list(ours.handlers)
+        logger.setLevel(ours.level or logging.INFO)
+        logger.propagate = False
+
+
+def serve(settings: ServerSettings, engine: Optional[EngineSettings] = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return."""
+    app = create_app(settings, engine)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on")
+    _share_logging()
+    server = _DrainingServer(config, app.state.lw)
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler in place
+    # then makes a drained SIGTERM end in a normal return (exit 0), not death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn already drained; re-raised SIGINT lands here
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise SystemExit(1)
