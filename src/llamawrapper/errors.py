@@ -9,7 +9,9 @@
     │   └── ContextLengthExceededError     prompt + max_tokens > the model's context
     ├── QueueFullError                     admission refused: the engine's queue is full
     ├── RequestCancelledError              the request was cancelled before it finished
-    └── GenerationError                    processing of one request failed inside the engine
+    ├── GenerationError                    processing of one request failed inside the engine
+    └── PluginError                        a plugin hook raised; ``hook`` and ``plugin`` name it
+        └── PluginRejectedError            ...as invalid input (also an InvalidRequestError → 400)
 """
 
 from __future__ import annotations
@@ -72,3 +74,21 @@ class RequestCancelledError(LlamaWrapperError):
 
 class GenerationError(LlamaWrapperError):
     """Processing one request failed inside the engine; other requests were not affected."""
+
+
+class PluginError(LlamaWrapperError):
+    """A plugin hook raised while handling one request; ``hook`` and ``plugin`` name it."""
+
+    def __init__(self, message: str, hook: str, plugin: str) -> None:
+        super().__init__(message)
+        self.hook = hook
+        self.plugin = plugin
+
+
+class PluginRejectedError(InvalidRequestError, PluginError):
+    """A plugin hook refused the request as invalid (for example the input length guard)."""
+
+    def __init__(self, message: str, hook: str, plugin: str, param: str | None = None) -> None:
+        InvalidRequestError.__init__(self, message, param=param)
+        self.hook = hook
+        self.plugin = plugin
