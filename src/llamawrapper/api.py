@@ -8,8 +8,8 @@ import os
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import chat as chatlib
-from . import loading, registry
-from .config import EngineSettings
+from . import loading, pipeline, registry
+from .config import CacheSettings, EngineSettings
 from .engine import Engine, LlamaRunner, RequestHandle
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .types import Result, SamplingParams, StreamEvent
@@ -36,6 +36,7 @@ class LlamaWrapper:
         self.engine = engine
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
+        self.custom = pipeline.Customizations(self)  # plugins, response cache, grammars (see load())
 
     @classmethod
     def load(
@@ -46,16 +47,28 @@ class LlamaWrapper:
         device: str = "cpu",
         engine: Union[EngineSettings, dict, None] = None,
         progress: bool = True,
+        plugins: Optional[list] = None,
+        cache: Union[bool, str, CacheSettings, dict, None] = None,
+        chat_template: Optional[str] = None,
     ) -> "LlamaWrapper":
-        """Load a model by alias, folder, ``.gguf`` file or ``hub/id@revision``."""
+        """Load a model by alias, folder, ``.gguf`` file or ``hub/id@revision``.
+
+        ``plugins``: names (or ``{"name": ..., **options}``) switched on for this model, else the
+        config file's ``[models.NAME] plugins``. ``cache``: True, a ``cache_url``
+        (``redis://...``/``sqlite:///...``) or ``CacheSettings`` turn the response cache on (else
+        ``[cache]``/``LLAMAWRAPPER_CACHE_*``). ``chat_template``: a template registered by a plugin."""
         import torch
+
+        from . import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-        loaded = loading.load(registry.resolve(source), dtype=dtype, device=device, progress=progress)
+        loaded = loading.load(registry.resolve(customize.model_source(source)), dtype=dtype, device=device, progress=progress)
         runner = LlamaRunner(loaded.model)
         eos = _eos_ids(loaded)
-        return cls(loaded, Engine(runner, loaded.tokenizer, eos, settings.engine_config()))
+        llm = cls(loaded, Engine(runner, loaded.tokenizer, eos, settings.engine_config()))
+        customize.apply(llm, source, plugins=plugins, cache=cache, chat_template=chat_template)
+        return llm
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -118,10 +131,18 @@ class LlamaWrapper:
         """Hand token ids to the engine; the handle streams ``StreamEvent``s."""
         return self.engine.submit(prompt_ids, params, **engine_kwargs)
 
-    def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, **engine_kwargs: Any) -> RequestHandle:
-        return self.submit(self.chat_prompt_ids(messages, params.max_tokens, truncate), params, **engine_kwargs)
+    def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, *,
+                    response_format: Any = None, tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None,
+                    **engine_kwargs: Any) -> pipeline.ChatHandle:
+        """A chat request through plugins, output constraints and the response cache; the
+        handle streams ``StreamEvent``s (the last may carry ``tool_calls``) and says
+        ``cache_status``."""
+        ids, params, grammar, spec = pipeline.prepare_chat(self.custom, messages, params, truncate=truncate,
+                                                           response_format=response_format, tools=tools, tool_choice=tool_choice)
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **engine_kwargs)
 
-    def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, **engine_kwargs: Any) -> RequestHandle:
+    def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, *, response_format: Any = None,
+                      cache: Optional[bool] = None, **engine_kwargs: Any) -> pipeline.ChatHandle:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_special_tokens=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -130,35 +151,49 @@ class LlamaWrapper:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids.", param="prompt")
         if not ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
-        return self.submit(ids, params, **engine_kwargs)
+        grammar = pipeline.grammar_for(response_format)
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **engine_kwargs)
 
     # -- convenience -----------------------------------------------------------------------------
-    def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, **sampling: Any) -> Result:
-        """Answer a user string or OpenAI-style messages."""
-        return self.submit_chat(messages, sampling_params(**sampling), truncate).result()
+    def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
+             tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> Result:
+        """Answer a user string or OpenAI-style messages. ``response_format`` constrains the
+        answer (JSON object/schema, regex, choice); ``tools`` may make it a ``tool_calls`` answer;
+        ``cache=False`` skips the response cache."""
+        return self.submit_chat(messages, sampling_params(**sampling), truncate, response_format=response_format,
+                                tools=tools, tool_choice=tool_choice, cache=cache).result()
 
-    def stream(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, **sampling: Any) -> Iterator[StreamEvent]:
+    def stream(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
+               tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> Iterator[StreamEvent]:
         """Answer as a stream of text deltas; the last event carries finish_reason and usage.
         Closing the iterator early (``break``, Ctrl-C) cancels the generation."""
-        return _cancel_on_close(self.submit_chat(messages, sampling_params(**sampling), truncate))
+        return _cancel_on_close(self.submit_chat(messages, sampling_params(**sampling), truncate, response_format=response_format,
+                                                 tools=tools, tool_choice=tool_choice, cache=cache))
 
-    def generate(self, prompt: Union[str, list[int]], **sampling: Any) -> Result:
+    def generate(self, prompt: Union[str, list[int]], *, response_format: Any = None, cache: Optional[bool] = None,
+                 **sampling: Any) -> Result:
         """Continue a raw prompt (no chat template)."""
-        return self.submit_prompt(prompt, sampling_params(**sampling)).result()
+        return self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache).result()
 
-    def stream_generate(self, prompt: Union[str, list[int]], **sampling: Any) -> Iterator[StreamEvent]:
-        return _cancel_on_close(self.submit_prompt(prompt, sampling_params(**sampling)))
+    def stream_generate(self, prompt: Union[str, list[int]], *, response_format: Any = None, cache: Optional[bool] = None,
+                        **sampling: Any) -> Iterator[StreamEvent]:
+        return _cancel_on_close(self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache))
 
-    def batch(self, items: list[chatlib.Messages], *, truncate: Optional[str] = None, **sampling: Any) -> list[Result]:
+    def batch(self, items: list[chatlib.Messages], *, truncate: Optional[str] = None, response_format: Any = None,
+              tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> list[Result]:
         """Answer many prompts or conversations together through the engine; results in order."""
         params = sampling_params(**sampling)
         if not isinstance(items, (list, tuple)):
             raise InvalidRequestError("batch() takes a list of prompts or conversations.", param="items")
-        prompts = [self.chat_prompt_ids(item, params.max_tokens, truncate) for item in items]
-        handles: list[RequestHandle] = []
+        formats = response_format if isinstance(response_format, list) else [response_format] * len(items)
+        if len(formats) != len(items):
+            raise InvalidRequestError("A list of response formats must have one per item.", param="response_format")
+        prepared = [pipeline.prepare_chat(self.custom, item, params, truncate=truncate, response_format=rf, tools=tools,
+                                          tool_choice=tool_choice) for item, rf in zip(items, formats)]
+        handles: list[Any] = []
         try:
-            for ids in prompts:
-                handles.append(self.submit(ids, params))
+            for ids, p, grammar, spec in prepared:
+                handles.append(pipeline.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache))
             return [h.result() for h in handles]
         finally:
             for h in handles:
@@ -166,6 +201,8 @@ class LlamaWrapper:
 
     def close(self) -> None:
         self.engine.shutdown()
+        if self.custom.cache is not None:
+            self.custom.cache.close()
 
     def __enter__(self) -> "LlamaWrapper":
         return self

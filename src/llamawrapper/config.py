@@ -96,3 +96,30 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _lists(cls, value):
         return _split_list(value)
+
+
+class CacheSettings(BaseSettings):
+    """The response cache (exact-match answers for deterministic requests). Config file table:
+    ``[cache]``; env ``LLAMAWRAPPER_CACHE_ENABLED``, ``LLAMAWRAPPER_CACHE_URL``, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAWRAPPER_CACHE_", extra="ignore")
+
+    enabled: bool = Field(False, description="Answer repeated deterministic requests (temperature 0 or a seed) from the cache.")
+    url: Optional[str] = Field(None, description="Where: sqlite:///path or redis://host:port/db (default: SQLite under the cache folder).")
+    ttl: Optional[float] = Field(None, gt=0, description="Seconds an entry lives (default: until evicted).")
+    max_entries: int = Field(10000, ge=1, description="Most entries kept; the least recently used go first.")
+    max_mb: float = Field(256.0, gt=0, description="Most MiB of entries kept (SQLite).")
+
+    settings_customise_sources = _with_config_file("cache")
+
+
+def model_table(name: str) -> dict:
+    """The config file's ``[models.NAME]`` table: ``plugins = [...]``, ``[models.NAME.plugin_options.PLUGIN]``,
+    ``chat_template = "registered-name"``, ``cache = true|false``."""
+    import tomllib
+
+    path = config_file()
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as f:
+        return dict((tomllib.load(f).get("models") or {}).get(name) or {})

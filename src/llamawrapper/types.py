@@ -85,8 +85,9 @@ class StreamEvent:
 
     text: str
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | None
+    finish_reason: Optional[str] = None  # "stop" | "length" | "tool_calls" | "cancelled" | None
     usage: Optional[Usage] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # OpenAI-shaped, on the last event of a tool call
 
     @property
     def finished(self) -> bool:
@@ -102,6 +103,8 @@ class Result:
     usage: Usage
     token_ids: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    tool_calls: Optional[list[dict[str, Any]]] = None  # OpenAI-shaped calls when finish_reason == "tool_calls"
+    cache: Optional[str] = None  # "hit" | "miss" when the response cache was consulted
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,4 +117,6 @@ class Result:
                 "cached_tokens": self.usage.cached_tokens,
             },
             "metrics": dict(self.metrics),
+            **({"tool_calls": self.tool_calls} if self.tool_calls else {}),
+            **({"cache": self.cache} if self.cache else {}),
         }
