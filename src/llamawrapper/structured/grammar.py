@@ -74,6 +74,29 @@ def _find_unenforced(schema: Any, path: str = "$") -> Optional[str]:
     return None
 
 
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its
+    ``properties`` and says nothing about extra ones. Every output still validates against the
+    original schema (it only narrows what is generated), as OpenAI's structured outputs do; left
+    open, a small model keeps inventing keys until max_tokens. Branches of ``allOf`` stay
+    untouched, since closing them could make the conjunction unsatisfiable."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            out[key] = {k: closed_objects(v) for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties"):
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out and "allOf" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def json_schema_grammar(schema: Any, param: str = "response_format") -> str:
     """An llguidance grammar (JSON text) for a JSON schema; refuse what cannot be enforced."""
     if schema is True or schema == {}:
@@ -84,14 +107,24 @@ def json_schema_grammar(schema: Any, param: str = "response_format") -> str:
     if bad:
         raise InvalidRequestError(f"Unsupported JSON schema feature '{bad.rsplit('.', 1)[-1]}' at {bad}: "
                                   "it cannot be enforced during decoding.", param=param)
-    return _llg().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+    return validated(_llg().LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=JSON_DEFAULTS), param)
+
+
+def validated(grammar: str, param: str) -> str:
+    """``grammar`` if llguidance can enforce all of it; else ``InvalidRequestError`` quoting
+    llguidance's reason (``Unimplemented keys: ["not"]``, ``Unknown format: ...``)."""
+    is_error, messages = _llg().LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error or messages:
+        why = "; ".join(messages) if messages else "invalid grammar"
+        raise InvalidRequestError(f"Unsupported feature in {param}: {why}.", param=param)
+    return grammar
 
 
 def choice_grammar(choices: Iterable[Any], param: str = "response_format") -> str:
     items = list(choices) if isinstance(choices, (list, tuple)) else None
     if not items or not all(isinstance(c, str) and c for c in items):
         raise InvalidRequestError("A choice list must be a non-empty list of non-empty strings.", param=param)
-    return _llg().LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in items))
+    return validated(_llg().LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in items)), param)
 
 
 def grammar_for(response_format: Any) -> Optional[str]:
@@ -126,13 +159,13 @@ def grammar_for(response_format: Any) -> Optional[str]:
         pattern = rf.get("regex", rf.get("pattern"))
         if not isinstance(pattern, str) or not pattern:
             raise InvalidRequestError("response_format.regex must be a non-empty string.", param="response_format.regex")
-        return _llg().LLMatcher.grammar_from_regex(pattern)
+        return validated(_llg().LLMatcher.grammar_from_regex(pattern), "response_format.regex")
     if kind == "choice":
         return choice_grammar(rf.get("choices"), "response_format.choices")
     lark = rf.get("grammar")
     if not isinstance(lark, str) or not lark:
         raise InvalidRequestError("response_format.grammar must be a Lark grammar string.", param="response_format.grammar")
-    return _llg().LLMatcher.grammar_from_lark(lark)
+    return validated(_llg().LLMatcher.grammar_from_lark(lark), "response_format.grammar")
 
 
 # -- compiling for a tokenizer ----------------------------------------------------------------------
