@@ -151,7 +151,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
                 ax.scatter(*zip(*ext), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
     for ax, title in ((ax1, "aggregate tokens/s (higher is better)"), (ax2, "p99 request latency, s (lower is better)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests (W2: shared ~300-token system prompt, 64 new tokens)")
+        ax.set_xlabel(f"concurrent W2 requests ({doc['settings']['w2_new_tokens']} new tokens each)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax2.set_yscale("log")

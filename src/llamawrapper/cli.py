@@ -186,6 +186,21 @@ from .server.command import serve_command  # noqa: E402  (flags derived from Ser
 app.command("serve")(serve_command)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark the engine against plain transformers and llama.cpp (runs the source checkout's
+    bench/ package, same options as `python -m bench`; `llamawrapper bench --help` lists them)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "run.py").is_file():
+        _fail(RuntimeError("the benchmark ships with the source checkout (bench/); run it there: python -m bench"))
+    sys.path.insert(0, str(root))
+    from bench.run import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 def main() -> None:
     app()
 
