@@ -22,11 +22,23 @@ def config_file() -> Path:
     return Path(os.environ.get("LLAMAWRAPPER_CONFIG") or home_dir() / "config.toml").expanduser()
 
 
+def _config_tables() -> dict:
+    import tomllib
+
+    path = config_file()
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
 def _with_config_file(table: str):
     """A ``settings_customise_sources`` that adds the ``[table]`` of the config file below env vars."""
 
     @classmethod
     def customise(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        if table not in _config_tables():  # a config file without this table is fine (pydantic-settings raises)
+            return init_settings, env_settings, dotenv_settings, file_secret_settings
         toml: PydanticBaseSettingsSource = TomlConfigSettingsSource(settings_cls, toml_file=config_file(), toml_table_header=(table,))
         return init_settings, env_settings, dotenv_settings, toml, file_secret_settings
 
@@ -116,10 +128,4 @@ class CacheSettings(BaseSettings):
 def model_table(name: str) -> dict:
     """The config file's ``[models.NAME]`` table: ``plugins = [...]``, ``[models.NAME.plugin_options.PLUGIN]``,
     ``chat_template = "registered-name"``, ``cache = true|false``."""
-    import tomllib
-
-    path = config_file()
-    if not path.is_file():
-        return {}
-    with open(path, "rb") as f:
-        return dict((tomllib.load(f).get("models") or {}).get(name) or {})
+    return dict((_config_tables().get("models") or {}).get(name) or {})

@@ -89,6 +89,7 @@ class PluginRejectedError(InvalidRequestError, PluginError):
     """A plugin hook refused the request as invalid (for example the input length guard)."""
 
     def __init__(self, message: str, hook: str, plugin: str, param: str | None = None) -> None:
-        InvalidRequestError.__init__(self, message, param=param)
+        Exception.__init__(self, message)  # both parents' __init__ chain through super(); set fields here
+        self.param = param
         self.hook = hook
         self.plugin = plugin

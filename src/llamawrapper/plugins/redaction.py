@@ -29,8 +29,13 @@ def _card(m: re.Match) -> str:
     return LABELS["card"] if _luhn(digits) else m.group()
 
 
+DATE = re.compile(r"\d{4}[-.]\d{2}[-.]\d{2}|\d{2}[-.]\d{2}[-.]\d{4}")
+
+
 def _phone(m: re.Match) -> str:
     digits = re.sub(r"\D", "", m.group())
+    if DATE.fullmatch(m.group()):  # 2024-05-01 has eight digits but is a date
+        return m.group()
     return LABELS["phone"] if 7 <= len(digits) <= 15 else m.group()
 
 
