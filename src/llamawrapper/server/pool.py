@@ -48,7 +48,8 @@ class ModelPool:
             self.models[alias] = Served(alias, source)
         self.default = next(iter(self.models))
         self._thread: Optional[threading.Thread] = None
-        self._closed = False
+        self._loaded = threading.Event()
+        self._closing = threading.Event()
 
     # -- loading -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -56,10 +57,19 @@ class ModelPool:
         self._thread.start()
 
     def _load_all(self) -> None:
+        try:
+            self._load_each()
+        finally:
+            self._loaded.set()
+        # Measured: when the thread that loaded a model (and started its engine) exits, the
+        # engine decodes 10-20x slower (torch/OpenMP thread state), so this thread lives on.
+        self._closing.wait()
+
+    def _load_each(self) -> None:
         from ..api import LlamaWrapper  # imports torch: kept off the startup path
 
         for served in self.models.values():
-            if self._closed:
+            if self._closing.is_set():
                 return
             t0 = time.perf_counter()
             try:
@@ -72,8 +82,8 @@ class ModelPool:
                 log.error("model %s failed to load: %s", served.alias, served.error, extra={"model": served.alias})
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Wait until every model has loaded or failed; True if all are ready."""
+        self._loaded.wait(timeout)
         return self.ready
 
     # -- state ---------------------------------------------------------------------------------------
@@ -100,7 +110,7 @@ class ModelPool:
                 yield alias, served.llm.engine
 
     def close(self) -> None:
-        self._closed = True
+        self._closing.set()
         for served in self.models.values():
             if served.llm is not None:
                 served.llm.close()
