@@ -66,6 +66,8 @@ class Metrics:
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("llamawrapper_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter("llamawrapper_completion_tokens", "Tokens generated.", ["model"], registry=r)
+        self.response_cache = Counter("llamawrapper_response_cache_requests", "Response-cache lookups by result (hit, miss).",
+                                      ["model", "result"], registry=r)
         r.register(_EngineCollector(engines))
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -77,6 +79,10 @@ class Metrics:
         self.completion_tokens.labels(model).inc(completion_tokens)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)
+
+    def observe_cache(self, model: str, status: str | None) -> None:
+        if status in ("hit", "miss"):
+            self.response_cache.labels(model, status).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -89,11 +89,13 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     llm = state.pool.get(body.model)
     params = _params(body)
     _check_choices(body.n, 1, state.settings.max_choices)
-    ids = await run_in_threadpool(llm.chat_prompt_ids, body.message_dicts(), params.max_tokens)
-    handles = _submit_all(llm, [ids], body.n, params, rid)
+    use_cache = False if "no-cache" in request.headers.get("cache-control", "").lower() else None
+    ids, handles = await run_in_threadpool(_submit_chats, llm, body, params, rid, use_cache)
+    cache_headers = _cache_headers(request, body.model, handles)
     completion_id, created = f"chatcmpl-{rid}", int(time.time())
     if body.stream:
-        return EventStream(_chat_events(request, body, handles, completion_id, created, len(ids)), lambda: cancel_all(handles))
+        return EventStream(_chat_events(request, body, handles, completion_id, created, len(ids)), lambda: cancel_all(handles),
+                           headers=cache_headers)
     try:
         results = await results_unless_disconnected(handles, request.receive)
     except ClientGone:
@@ -101,12 +103,45 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     _record(request, body.model, handles, [r.usage for r in results])
     out = {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+        "choices": [{"index": i, "message": _assistant_message(r), "finish_reason": r.finish_reason,
                      "logprobs": None} for i, r in enumerate(results)],
         "usage": _usage_dict(_sum_usage([r.usage for r in results], len(ids))),
         "system_fingerprint": None,
     }
-    return JSONResponse(out)
+    return JSONResponse(out, headers=cache_headers)
+
+
+def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str, use_cache: Optional[bool]) -> tuple[list[int], list[Any]]:
+    """Plugins, response_format/tools and the response cache apply here (``llamawrapper.pipeline``)."""
+    from .. import pipeline  # imports torch, like the api module
+
+    ids, params, grammar, spec = pipeline.prepare_chat(llm.custom, body.message_dicts(), params, truncate=None,
+                                                       response_format=body.response_format, tools=body.tools,
+                                                       tool_choice=body.tool_choice)
+    handles: list[Any] = []
+    try:
+        for k in range(body.n):
+            handles.append(pipeline.submit(llm.custom, ids, params, grammar=grammar, spec=spec, cache=use_cache,
+                                           request_id=rid if body.n == 1 else f"{rid}-{k}"))
+    except BaseException:
+        cancel_all(handles)
+        raise
+    return ids, handles
+
+
+def _cache_headers(request: Request, model: str, handles: list[Any]) -> dict[str, str]:
+    statuses = [getattr(h, "cache_status", None) for h in handles]
+    for status in statuses:
+        _state(request).metrics.observe_cache(model, status)
+    if not any(statuses):
+        return {}
+    return {"x-cache": "hit" if all(s == "hit" for s in statuses) else "miss"}
+
+
+def _assistant_message(r: Any) -> dict:
+    if getattr(r, "tool_calls", None):
+        return {"role": "assistant", "content": r.text or None, "tool_calls": r.tool_calls}
+    return {"role": "assistant", "content": r.text}
 
 
 async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles: list[Any], cid: str, created: int,
@@ -125,6 +160,8 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
         async for i, event in merged(handles):
             if event.text:
                 yield chunk(i, {"content": event.text})
+            if getattr(event, "tool_calls", None):
+                yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(event.tool_calls)]})
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(prompt_tokens, 0))
                 yield chunk(i, {}, event.finish_reason)
