@@ -43,30 +43,49 @@ class LlamaWrapper:
         cls,
         source: str = "smollm2",
         *,
-        dtype: str = "float32",
+        dtype: Optional[str] = None,
         device: str = "cpu",
         engine: Union[EngineSettings, dict, None] = None,
         progress: bool = True,
         plugins: Optional[list] = None,
         cache: Union[bool, str, CacheSettings, dict, None] = None,
         chat_template: Optional[str] = None,
+        quantization: Optional[str] = None,
+        overrides: Optional[dict[str, Any]] = None,
+        adapters: Optional[dict[str, str]] = None,
     ) -> "LlamaWrapper":
         """Load a model by alias, folder, ``.gguf`` file or ``hub/id@revision``.
 
         ``plugins``: names (or ``{"name": ..., **options}``) switched on for this model, else the
         config file's ``[models.NAME] plugins``. ``cache``: True, a ``cache_url``
         (``redis://...``/``sqlite:///...``) or ``CacheSettings`` turn the response cache on (else
-        ``[cache]``/``LLAMAWRAPPER_CACHE_*``). ``chat_template``: a template registered by a plugin."""
+        ``[cache]``/``LLAMAWRAPPER_CACHE_*``). ``chat_template``: a template registered by a plugin.
+
+        ``dtype``: float32 (default), bfloat16 or float16. ``quantization``: None, ``"int8"`` or
+        ``"int4"`` (weight-only; cached next to the model). ``overrides``: model-config changes
+        applied before loading (``num_hidden_layers``, ``rope_scaling``, ``max_position_embeddings``,
+        ``attn_implementation``, ``rms_norm_eps``). ``adapters``: ``{"name": "lora/folder"}``, picked
+        per request with ``adapter="name"``. Each falls back to the config file's ``[models.NAME]``."""
         import torch
 
         from . import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-        loaded = loading.load(registry.resolve(customize.model_source(source)), dtype=dtype, device=device, progress=progress)
+        from . import adapters as adapterlib
+        from .config import model_table
+
+        table = model_table(source)
+        loaded = loading.load(registry.resolve(customize.model_source(source)), dtype=dtype or table.get("dtype") or "float32",
+                              device=device, progress=progress, quantization=quantization or table.get("quantization"),
+                              overrides=overrides if overrides is not None else table.get("overrides"))
+        adapters = adapters if adapters is not None else table.get("adapters")
+        rows = adapterlib.attach(loaded.model, adapters, next(loaded.model.parameters()).dtype) if adapters else None
         runner = LlamaRunner(loaded.model)
+        runner.row_hook = rows.bind if rows is not None else None
         eos = _eos_ids(loaded)
         llm = cls(loaded, Engine(runner, loaded.tokenizer, eos, settings.engine_config()))
+        llm.adapters = dict(adapters or {})
         customize.apply(llm, source, plugins=plugins, cache=cache, chat_template=chat_template)
         return llm
 
@@ -86,7 +105,31 @@ class LlamaWrapper:
             "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
             "parameters": sum(p.numel() for p in self.loaded.model.parameters()),
             "source_sha256": self.loaded.manifest.get("source_sha256"),
+            "quantization": self.loaded.quantization,
+            "overrides": dict(self.loaded.overrides),
+            "adapters": sorted(getattr(self, "adapters", {})),
+            "config": self.effective_config(),
         }
+
+    def effective_config(self) -> dict[str, Any]:
+        """The model config as it runs (after overrides), JSON-ready."""
+        from .overrides import effective_config
+
+        return effective_config(self.loaded.model.config)
+
+    def _route(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Turn an ``adapter=`` keyword into the engine namespace that selects it."""
+        from .adapters import namespace_for
+        from .errors import ModelNotFoundError
+
+        adapter = engine_kwargs.pop("adapter", None)
+        if adapter:
+            known = getattr(self, "adapters", {})
+            if adapter not in known:
+                raise ModelNotFoundError(
+                    f"Adapter '{adapter}' is not loaded on '{self.name}'; loaded: {', '.join(sorted(known)) or 'none'}.")
+            engine_kwargs["namespace"] = namespace_for(adapter) + (f"|{engine_kwargs['namespace']}" if engine_kwargs.get("namespace") else "")
+        return engine_kwargs
 
     # -- text <-> tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -129,7 +172,7 @@ class LlamaWrapper:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, **engine_kwargs: Any) -> RequestHandle:
         """Hand token ids to the engine; the handle streams ``StreamEvent``s."""
-        return self.engine.submit(prompt_ids, params, **engine_kwargs)
+        return self.engine.submit(prompt_ids, params, **self._route(engine_kwargs))
 
     def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, *,
                     response_format: Any = None, tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None,
@@ -139,7 +182,7 @@ class LlamaWrapper:
         ``cache_status``."""
         ids, params, grammar, spec = pipeline.prepare_chat(self.custom, messages, params, truncate=truncate,
                                                            response_format=response_format, tools=tools, tool_choice=tool_choice)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **engine_kwargs)
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **self._route(engine_kwargs))
 
     def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, *, response_format: Any = None,
                       cache: Optional[bool] = None, **engine_kwargs: Any) -> pipeline.ChatHandle:
@@ -152,35 +195,40 @@ class LlamaWrapper:
         if not ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         grammar = pipeline.grammar_for(response_format)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **engine_kwargs)
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **self._route(engine_kwargs))
 
     # -- convenience -----------------------------------------------------------------------------
     def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
-             tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> Result:
+             tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, adapter: Optional[str] = None,
+             **sampling: Any) -> Result:
         """Answer a user string or OpenAI-style messages. ``response_format`` constrains the
         answer (JSON object/schema, regex, choice); ``tools`` may make it a ``tool_calls`` answer;
         ``cache=False`` skips the response cache."""
         return self.submit_chat(messages, sampling_params(**sampling), truncate, response_format=response_format,
-                                tools=tools, tool_choice=tool_choice, cache=cache).result()
+                                tools=tools, tool_choice=tool_choice, cache=cache, adapter=adapter).result()
 
     def stream(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
-               tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> Iterator[StreamEvent]:
+               tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, adapter: Optional[str] = None,
+               **sampling: Any) -> Iterator[StreamEvent]:
         """Answer as a stream of text deltas; the last event carries finish_reason and usage.
         Closing the iterator early (``break``, Ctrl-C) cancels the generation."""
         return _cancel_on_close(self.submit_chat(messages, sampling_params(**sampling), truncate, response_format=response_format,
-                                                 tools=tools, tool_choice=tool_choice, cache=cache))
+                                                 tools=tools, tool_choice=tool_choice, cache=cache, adapter=adapter))
 
     def generate(self, prompt: Union[str, list[int]], *, response_format: Any = None, cache: Optional[bool] = None,
-                 **sampling: Any) -> Result:
+                 adapter: Optional[str] = None, **sampling: Any) -> Result:
         """Continue a raw prompt (no chat template)."""
-        return self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache).result()
+        return self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache,
+                                  adapter=adapter).result()
 
     def stream_generate(self, prompt: Union[str, list[int]], *, response_format: Any = None, cache: Optional[bool] = None,
-                        **sampling: Any) -> Iterator[StreamEvent]:
-        return _cancel_on_close(self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache))
+                        adapter: Optional[str] = None, **sampling: Any) -> Iterator[StreamEvent]:
+        return _cancel_on_close(self.submit_prompt(prompt, sampling_params(**sampling), response_format=response_format, cache=cache,
+                                                   adapter=adapter))
 
     def batch(self, items: list[chatlib.Messages], *, truncate: Optional[str] = None, response_format: Any = None,
-              tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, **sampling: Any) -> list[Result]:
+              tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, adapter: Optional[str] = None,
+              **sampling: Any) -> list[Result]:
         """Answer many prompts or conversations together through the engine; results in order."""
         params = sampling_params(**sampling)
         if not isinstance(items, (list, tuple)):
@@ -193,7 +241,8 @@ class LlamaWrapper:
         handles: list[Any] = []
         try:
             for ids, p, grammar, spec in prepared:
-                handles.append(pipeline.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache))
+                handles.append(pipeline.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache,
+                                               **self._route({"adapter": adapter})))
             return [h.result() for h in handles]
         finally:
             for h in handles:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
+from .errors import InvalidModelError, LlamaWrapperError, ModelNotFoundError, UnsupportedModelError
 from .registry import ModelSource, cache_dir_for
 
 log = logging.getLogger("llamawrapper.loading")
@@ -36,6 +36,8 @@ class LoadedModel:
     source: ModelSource
     folder: Path
     manifest: dict = field(default_factory=dict)
+    quantization: Optional[str] = None  # "int8" | "int4" | None
+    overrides: dict = field(default_factory=dict)
 
 
 def file_sha256(path: Path, progress: Any = None) -> str:
@@ -193,17 +195,22 @@ def _hub_snapshot(source: ModelSource) -> Path:
         raise ModelNotFoundError(f"Could not fetch hub model '{source.name}': {exc}") from exc
 
 
-def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LoadedModel:
-    """Load model and tokenizer for ``source`` in ``dtype`` on ``device``."""
+def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progress: bool = True,
+         quantization: Optional[str] = None, overrides: Optional[dict] = None) -> LoadedModel:
+    """Load model and tokenizer for ``source`` in ``dtype`` on ``device``, with its config changed
+    by ``overrides`` and its weights quantized (``"int8"``/``"int4"``, weight-only) if asked."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from . import quantization as quant
     from .engine.runner import SUPPORTED_MODEL_TYPES
+    from .overrides import apply_overrides, overrides_key
 
     if dtype not in DTYPES:
         from .errors import InvalidRequestError
 
         raise InvalidRequestError(f"Invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
+    quantization = quant.check_quantization(quantization)
     folder = resolve_folder(source, progress=progress)
     if not progress:
         import transformers
@@ -217,10 +224,27 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progr
         raise UnsupportedModelError(
             f"Architecture '{getattr(config, 'model_type', None)}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
+    config = apply_overrides(config, overrides)
+    manifest = read_manifest(folder) or {}
+    kwargs: dict[str, Any] = {"config": config, "device_map": None}
+    if getattr(config, "_attn_implementation", None):
+        kwargs["attn_implementation"] = config._attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=None)
+        if quantization and str(device).startswith("cuda"):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), quantization_config=quant.bitsandbytes_config(quantization),
+                **{**kwargs, "device_map": device})
+        elif quantization:
+            load_float = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)  # noqa: E731
+            model = quant.load_or_quantize(folder, config, quantization, manifest, load_float, overrides_key(overrides))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
+    except LlamaWrapperError:
+        raise
     except Exception as exc:
         raise InvalidModelError(f"could not load the model in {folder}: {exc}") from exc
-    model.to(device).eval()
-    return LoadedModel(model, tokenizer, source.display_name, source, folder, read_manifest(folder) or {})
+    if not (quantization and str(device).startswith("cuda")):
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, source.display_name, source, folder, manifest, quantization, dict(overrides or {}))

@@ -50,6 +50,7 @@ class Customizations:
             "dtype": str(self.llm.engine.runner.dtype),
             "quantization": manifest.get("quantization") or getattr(loaded, "quantization", None),
             "adapter": manifest.get("adapter") or getattr(loaded, "adapter", None),
+            "overrides": getattr(loaded, "overrides", None) or None,
             "chat_template": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else str(template),
         }
 
@@ -84,6 +85,8 @@ def submit(custom: Customizations, prompt_ids: list[int], params: SamplingParams
     key = None
     if custom.cache is not None and cache is not False and is_deterministic(params):
         constraint = {"grammar": grammar, "tools": spec.choice if spec is not None else None}
+        if engine_kwargs.get("namespace"):  # a LoRA adapter (or other namespace) changes the answer
+            constraint["namespace"] = engine_kwargs["namespace"]
         key = cache_key(custom.identity(), prompt_ids, params, constraint)
         events = custom.cache.lookup(key)
         if events is not None:

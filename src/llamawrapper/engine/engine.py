@@ -230,6 +230,7 @@ class Engine:
                 tokens = torch.tensor([req.prompt_ids[start : start + count]])
                 positions = torch.arange(start, start + count).unsqueeze(0)
                 mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
+                self.runner.bind_rows([req.namespace])
                 logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask)
                 req.prefilled += count
                 req.kv.length = req.prefilled
@@ -273,6 +274,7 @@ class Engine:
         self.slots.ensure(B, length)
         tokens = torch.tensor([[r.output_ids[-1]] for r in running])
         mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, length)
+        self.runner.bind_rows([r.namespace for r in running])
         logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length), mask)
         self.stats.decode_steps += 1
         greedy = logits.argmax(dim=-1).tolist()

@@ -9,7 +9,7 @@ modules work unchanged because every projection is called as a module.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,13 @@ class LlamaRunner:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._apply_rope = apply_rotary_pos_emb
+        # called with each row's request namespace before every forward (per-row LoRA adapters)
+        self.row_hook: Callable[[list[str]], None] | None = None
+
+    def bind_rows(self, namespaces: list[str]) -> None:
+        """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
+        if self.row_hook is not None:
+            self.row_hook(namespaces)
 
     @property
     def context_length(self) -> int:

@@ -1,0 +1,354 @@
+"""Weight-only quantization on CPU (int8 and int4) as an explicit module swap, and the on-disk
+cache of quantized weights.
+
+Every ``nn.Linear`` of the decoder (and the output head) is replaced by ``Int8Linear`` or
+``Int4Linear``, which keep packed integer weights and call torch's own packed CPU kernels
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``). Those kernels are fast only
+with bfloat16 activations, so a quantized model runs with bfloat16 activations throughout
+(norms, attention, KV cache): the runner sees a bfloat16 model and casts nothing per layer.
+The token embedding becomes ``Int8Embedding`` (rows dequantized on lookup); when the model ties
+its head to the embedding, both share one int8 tensor.
+
+The quantized state dict is saved next to the converted model in ``quant-<mode>/`` with a
+manifest; a later load builds the module tree on the meta device and assigns those tensors,
+so it neither reads the fp32 weights nor quantizes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .errors import InvalidRequestError
+
+log = logging.getLogger("llamawrapper.quantization")
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP_SIZE = 32  # the GGUF's Q4_1 blocks are 32 wide: group 32 with a zero point recovers them
+QUANT_FORMAT_VERSION = 1
+ACTIVATION_DTYPE = torch.bfloat16
+
+
+def check_quantization(quantization: Optional[str]) -> Optional[str]:
+    if quantization in (None, "", "none"):
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise InvalidRequestError(
+            f"Invalid quantization {quantization!r}; choose one of none, {', '.join(QUANTIZATIONS)}.", param="quantization"
+        )
+    return quantization
+
+
+# -- modules ------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """``y = x @ (w_int8 * scale).T + b`` with per-output-channel symmetric int8 weights."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=ACTIVATION_DTYPE, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=ACTIVATION_DTYPE, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        q, scales = quantize_int8_rows(w)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        mod.weight, mod.scales = q, scales
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().to(ACTIVATION_DTYPE)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE), self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric int4 weights (``group_size`` along the input), packed for the CPU kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = INT4_GROUP_SIZE, device: Any = None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=ACTIVATION_DTYPE, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=ACTIVATION_DTYPE, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        q, sz = quantize_int4_groups(linear.weight.detach().float(), group_size)
+        mod.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        mod.scales_and_zeros = sz
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().to(ACTIVATION_DTYPE)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding with int8 rows and per-row scales, dequantized on lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=ACTIVATION_DTYPE, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids].to(ACTIVATION_DTYPE)
+        return rows * self.scales[ids].unsqueeze(-1)
+
+
+# -- math -----------------------------------------------------------------------------------------------
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``w ≈ q * scale[:, None]``."""
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales.to(ACTIVATION_DTYPE)
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group_size`` inputs: ``w ≈ (q - 8) * scale + zero``.
+
+    Returns ``q`` as int32 ``[N, K]`` in 0..15 and ``scales_and_zeros`` ``[K/group, N, 2]``."""
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - lo.unsqueeze(2)) / scale.unsqueeze(2)).clamp(0, 15)
+    zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+    sz = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE)
+    return q.reshape(n, k).to(torch.int32), sz
+
+
+# -- swapping ---------------------------------------------------------------------------------------------
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every Linear in the decoder layers plus the output head."""
+    out = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                out.append((parent, name, child))
+    return out
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Swap ``model``'s Linear layers and embedding for quantized ones, in place; return it."""
+    mode = check_quantization(mode)
+    tied = _is_tied(model)
+    head = model.get_output_embeddings()
+    for parent, name, linear in _targets(model):
+        if linear is head or mode == "int8" or linear.in_features % INT4_GROUP_SIZE:
+            # the output head stays int8 in int4 mode: it is shared with the embedding and its
+            # error reaches every logit directly
+            new = Int8Linear.from_linear(linear)
+        else:
+            new = Int4Linear.from_linear(linear)
+        setattr(parent, name, new)
+    _quantize_embedding(model, tied)
+    for mod in model.modules():  # norms and anything else left in float: bfloat16 activations
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            p.data = p.data.to(ACTIVATION_DTYPE)
+    model.config.dtype = "bfloat16"
+    return model
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and head.weight is emb.weight
+
+
+def _quantize_embedding(model: nn.Module, tied: bool) -> None:
+    emb = model.get_input_embeddings()
+    new = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
+    head = model.get_output_embeddings()
+    if tied and isinstance(head, Int8Linear):
+        new.weight, new.scales = head.weight, head.scales  # one int8 tensor for both
+    else:
+        new.weight, new.scales = quantize_int8_rows(emb.weight.detach().float())
+    model.set_input_embeddings(new)
+
+
+def _skeleton(config: Any, mode: str) -> nn.Module:
+    """The quantized module tree on the meta device, ready for ``load_state_dict(assign=True)``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=ACTIVATION_DTYPE)
+    head = model.get_output_embeddings()
+    for parent, name, linear in _targets(model):
+        if linear is head or mode == "int8" or linear.in_features % INT4_GROUP_SIZE:
+            new = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        else:
+            new = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        setattr(parent, name, new)
+    emb = model.get_input_embeddings()
+    model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, device="meta"))
+    return model
+
+
+# -- cache on disk ------------------------------------------------------------------------------------------
+def cache_folder(model_folder: Path, mode: str, key: str = "") -> Path:
+    """``quant-<mode>[-<key>]/`` inside a converted model's cache folder; for a user's own folder
+    (which we do not write into) a folder of the same name under the models cache."""
+    from .registry import models_dir
+
+    name = f"quant-{mode}" + (f"-{key}" if key else "")
+    model_folder = Path(model_folder).resolve()
+    root = models_dir().resolve()
+    if root in model_folder.parents:
+        return model_folder / name
+    digest = hashlib.sha256(str(model_folder).encode()).hexdigest()[:12]
+    return root / "quantized" / f"{model_folder.name}-{digest}" / name
+
+
+def fingerprint(model_folder: Path, manifest: dict) -> str:
+    """What the quantized weights were made from: the GGUF's sha256 when the folder is a
+    conversion, else the names, sizes and times of the folder's weight files."""
+    if manifest.get("source_sha256"):
+        return str(manifest["source_sha256"])
+    parts = sorted(
+        f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
+        for f in Path(model_folder).iterdir() if f.suffix in (".safetensors", ".bin")
+    )
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _manifest(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cache_is_valid(folder: Path, mode: str, source_fingerprint: str) -> bool:
+    m = _manifest(folder)
+    return bool(
+        m and m.get("quantization") == mode and m.get("format_version") == QUANT_FORMAT_VERSION
+        and m.get("source_fingerprint") == source_fingerprint
+        and m.get("torch") == torch.__version__ and (folder / "model.safetensors").is_file()
+    )
+
+
+def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint: str) -> None:
+    """Write the quantized state dict and a manifest atomically into ``folder``."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        state = {}
+        seen: set[tuple] = set()
+        for name, t in model.state_dict().items():
+            key = (t.data_ptr(), t.dtype, tuple(t.shape))
+            if key in seen:  # tied tensors are stored once
+                continue
+            seen.add(key)
+            state[name] = t.contiguous()
+        save_file(state, str(tmp / "model.safetensors"))
+        manifest = {
+            "format_version": QUANT_FORMAT_VERSION,
+            "quantization": mode,
+            "int4_group_size": INT4_GROUP_SIZE,
+            "activation_dtype": "bfloat16",
+            "source_fingerprint": source_fingerprint,
+            "torch": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_quantized(config: Any, folder: Path, mode: str) -> nn.Module:
+    """Build the quantized model from a cache folder without touching fp32 weights."""
+    from safetensors.torch import load_file
+
+    model = _skeleton(config, mode)
+    state = load_file(str(folder / "model.safetensors"))
+    model.load_state_dict(state, strict=False, assign=True)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if _tied_config(config):
+        head.weight, head.scales = emb.weight, emb.scales
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # non-persistent buffers: rebuild on CPU
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise RuntimeError(f"quantized cache {folder} lacks tensors: {missing[:3]}")
+    return model.eval()
+
+
+def _tied_config(config: Any) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def load_or_quantize(folder: Path, config: Any, mode: str, manifest: dict, load_float: Any, key: str = "") -> nn.Module:
+    """The quantized model for ``folder``: from its cache, else ``load_float()`` quantized and cached."""
+    from filelock import FileLock
+
+    qfolder = cache_folder(folder, mode, key)
+    source_fp = fingerprint(folder, manifest)
+    qfolder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(qfolder) + ".lock"):
+        if cache_is_valid(qfolder, mode, source_fp):
+            log.info("loading %s weights from %s", mode, qfolder)
+            return load_quantized(config, qfolder, mode)
+        log.info("quantizing to %s (cached in %s)", mode, qfolder)
+        model = quantize_model(load_float(), mode)
+        try:
+            save_quantized(model, qfolder, mode, source_fp)
+        except OSError as exc:  # a read-only cache still gives a working model
+            log.warning("could not cache quantized weights in %s: %s", qfolder, exc)
+            return model.eval()
+    # reload from the cache so the float weights are gone from memory, as on every later load
+    del model
+    return load_quantized(config, qfolder, mode)
+
+
+def bitsandbytes_config(mode: str) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``mode`` (CUDA only)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise InvalidRequestError(
+            "Quantization on CUDA needs bitsandbytes: pip install bitsandbytes.", param="quantization"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
