@@ -83,6 +83,15 @@ def ratios(results: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def _agree(a: list[int], b: Optional[list[int]]) -> Optional[int]:
+    if not b:
+        return None
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _f(v: Any, fmt: str = "{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -117,6 +126,11 @@ def markdown(doc: dict) -> str:
         met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
         lines.append(f"| {row['name']} | {_f(row['value'], '{:.2f}')} {row['note']} | {_f(row['cpu_time_value'], '{:.2f}')} | "
                      f"{row['target'] or 'info'} | {met} |")
+    ref = (_w(results, "hf_sequential", "w1") or {}).get("token_ids")
+    if ref:
+        same = {name: _agree(ref, (_w(results, name, "w1") or {}).get("token_ids")) for name in results if name != "hf_sequential"}
+        lines += ["", "Greedy W1 tokens equal to hf_sequential's (leading tokens): " + ", ".join(
+            f"{name} {n}/{len(ref)}" for name, n in same.items() if n is not None) + "."]
     prefix = _w(results, BASE, "prefix")
     if prefix:
         lines += ["", f"Engine extras: TTFT p50 uncached {prefix['uncached_ttft_p50_s']:.3f} s vs cached "

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one BenchSettings field, e.g. --set w2_new_tokens=32 --set sweep=1,4,16")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON, PNG and Markdown")
+    ap.add_argument("--render", metavar="JSON", help="only re-render the tables and plot of an earlier result file")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per system before it is reported as failed")
     return ap.parse_args(argv)
 
@@ -80,8 +81,21 @@ def run_system(spec: str, args: argparse.Namespace, settings: BenchSettings) -> 
         return {"system": spec, "status": "error", "reason": f"worker exited {proc.returncode} after {time.time() - t:.0f}s without a result"}
 
 
+def render(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    doc["ratios"] = report.ratios(doc["systems"])
+    png = report.plot(doc, path.with_suffix(".png"))
+    table = report.markdown(doc)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"plot: {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     settings = make_settings(args.quick, args.set)
     unknown = set(args.workloads.split(",")) - set(ALL_WORKLOADS)
     if unknown:

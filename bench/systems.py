@@ -122,7 +122,8 @@ class LlamaCppSystem:
 
     name = "llamacpp"
 
-    def __init__(self, gguf: Optional[Path], threads: int, n_ctx: int = 2048, max_requests: int = 10**9, time_budget_s: float = 1e9) -> None:
+    def __init__(self, gguf: Optional[Path], threads: int, n_ctx: int = 2048, max_requests: int = 10**9, time_budget_s: float = 1e9,
+                 extra_bufts: bool = False) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
@@ -130,8 +131,25 @@ class LlamaCppSystem:
         if gguf is None:
             raise Unavailable("this model has no GGUF file to give llama.cpp")
         self.version = getattr(llama_cpp, "__version__", None)
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        # llama-cpp-python 0.3.36 built here crashes (SIGSEGV in decode) on any batch of more than one
+        # token when its extra CPU buffer types (AMX / repacked weights) are on; the Llama class has no
+        # switch for them, so its default model params are wrapped while it loads.
+        import llama_cpp.llama as lmod
+
+        default = lmod.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = extra_bufts
+            return p
+
+        lmod.llama_cpp.llama_model_default_params = params
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                       n_threads_batch=threads, verbose=False)
+        finally:
+            lmod.llama_cpp.llama_model_default_params = default
+        self.extra_bufts = extra_bufts
         self.max_requests, self.time_budget_s = max_requests, time_budget_s
 
     def _one(self, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -244,7 +262,7 @@ def build(spec: str, model: str, folder: Path, gguf: Optional[Path], threads: in
     if kind == "hf_padded":
         return HFSystem(folder, padded=True, threads=threads)
     if kind == "llamacpp":
-        return LlamaCppSystem(gguf, threads, **bounded)
+        return LlamaCppSystem(gguf, threads, extra_bufts=bool(opts.get("extra_bufts", 0)), **bounded)
     if kind == "engine":
         engine_keys = {"max_batch_size", "max_queue", "max_tokens_in_flight", "prefill_chunk", "prefix_cache_mb"}
         engine_opts = {k: v for k, v in opts.items() if k in engine_keys}

@@ -93,6 +93,7 @@ class Worker:
         out["peak_rss_mb"] = self.rss.overall_peak() / MB
         if self.kind == "llamacpp":
             out["llama_cpp_version"] = self.system.version
+            out["llama_cpp_extra_bufts"] = self.system.extra_bufts
         return out
 
     # -- helpers -----------------------------------------------------------------------------------
