@@ -84,7 +84,9 @@ def submit(custom: Customizations, prompt_ids: list[int], params: SamplingParams
         engine_kwargs["logits_processor"] = custom.grammar.processor(grammar)
     key = None
     if custom.cache is not None and cache is not False and is_deterministic(params):
-        constraint = {"grammar": grammar, "tools": spec.choice if spec is not None else None}
+        # Engine options that change the answer (namespace, adapter, ...) are part of the key too.
+        options = {k: v for k, v in engine_kwargs.items() if k not in ("request_id", "logits_processor")}
+        constraint = {"grammar": grammar, "tools": spec.choice if spec is not None else None, "engine": options}
         if engine_kwargs.get("namespace"):  # a LoRA adapter (or other namespace) changes the answer
             constraint["namespace"] = engine_kwargs["namespace"]
         key = cache_key(custom.identity(), prompt_ids, params, constraint)
