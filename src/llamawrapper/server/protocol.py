@@ -8,11 +8,13 @@ they also document the API in ``/openapi.json``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Ranges documented in the schema; SamplingParams checks the same ones for library callers.
 _SEED = dict(ge=-(2**63), lt=2**64)  # what a torch generator accepts
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class _Open(BaseModel):
@@ -41,18 +43,18 @@ class StreamOptions(_Open):
 
 class _Sampling(_Open):
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    stop: Union[str, list[str], None] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Union[StopString, Annotated[list[StopString], Field(max_length=16)], None] = None
     seed: Optional[int] = Field(None, **_SEED)
-    n: int = 1
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # transformers' names for the extras
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
+    top_k: Optional[int] = Field(None, ge=0)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
 
     def sampling(self) -> dict[str, Any]:
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
@@ -64,8 +66,8 @@ class _Sampling(_Open):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     # structured output and tools: validated by the library (llamawrapper.structured)
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
