@@ -14,6 +14,8 @@ from .errors import (
     LlamaWrapperError,
     ModelError,
     ModelNotFoundError,
+    PluginError,
+    PluginRejectedError,
     QueueFullError,
     RequestCancelledError,
     UnsupportedModelError,
@@ -24,4 +26,5 @@ __all__ = [
     "LlamaWrapper", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
     "LlamaWrapperError", "ModelError", "ModelNotFoundError", "InvalidModelError", "UnsupportedModelError",
     "InvalidRequestError", "ContextLengthExceededError", "QueueFullError", "RequestCancelledError", "GenerationError",
+    "PluginError", "PluginRejectedError",
 ]

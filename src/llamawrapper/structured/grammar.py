@@ -192,17 +192,19 @@ class GrammarCompiler:
     def check(self, grammar: str, param: str = "response_format") -> None:
         """Raise ``InvalidRequestError`` naming the problem if the grammar is invalid or uses
         something llguidance cannot enforce."""
-        if grammar in self._checked:
-            self._checked.move_to_end(grammar)
-            return
+        with self._lock:
+            if grammar in self._checked:
+                self._checked.move_to_end(grammar)
+                return
         llg = _llg()
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
         if is_error or messages:
             why = "; ".join(messages) if messages else "invalid grammar"
             raise InvalidRequestError(f"Unsupported or invalid {param}: {why}.", param=param)
-        self._checked[grammar] = None
-        if len(self._checked) > 256:
-            self._checked.popitem(last=False)
+        with self._lock:
+            self._checked[grammar] = None
+            if len(self._checked) > 256:
+                self._checked.popitem(last=False)
 
     def processor(self, grammar: str, param: str = "response_format") -> "GrammarProcessor":
         self.check(grammar, param)
