@@ -38,10 +38,34 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _load(model: str, dtype: str, quiet: bool = False):
+def _load(model: str, dtype: Optional[str], quiet: bool = False, quantization: Optional[str] = None,
+          override: Optional[List[str]] = None, adapter: Optional[List[str]] = None):
+    """Load ``model`` (``base:adapter`` selects a LoRA adapter given by ``--adapter NAME=PATH``);
+    returns the wrapper and the selected adapter name."""
+    from .adapters import split_model_name
     from .api import LlamaWrapper
 
-    return LlamaWrapper.load(model, dtype=dtype, progress=not quiet)
+    adapters = _pairs(adapter, "--adapter", parse=False)
+    base, selected = split_model_name(model) if adapters else (model, None)
+    llm = LlamaWrapper.load(base, dtype=dtype, progress=not quiet, quantization=quantization,
+                            overrides=_pairs(override, "--override") or None, adapters=adapters or None)
+    return llm, selected
+
+
+def _pairs(items: Optional[List[str]], flag: str, parse: bool = True) -> dict[str, Any]:
+    """``KEY=VALUE`` flags as a dict; values are JSON when they parse as JSON (numbers, objects)."""
+    from .errors import InvalidRequestError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequestError(f"{flag} takes KEY=VALUE; got {item!r}.", param=flag.lstrip("-"))
+        try:
+            out[key] = json.loads(value) if parse else value
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed) -> dict[str, Any]:
@@ -56,14 +80,18 @@ TopK = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 
 RepPenalty = typer.Option(1.0, "--repetition-penalty", help="Penalty for tokens already seen (1 = off).")
 Stop = typer.Option(None, "--stop", help="Stop string (repeatable); never part of the answer.")
 Seed = typer.Option(None, help="Seed that makes a sampled answer reproducible.")
-Dtype = typer.Option("float32", help="float32, bfloat16 or float16.")
+Dtype = typer.Option(None, help="float32 (default), bfloat16 or float16.")
+Quantization = typer.Option(None, "--quantization", help="Weight-only quantization: int8 or int4 (cached after the first load).")
+Override = typer.Option(None, "--override", help="Model config override KEY=VALUE (repeatable), e.g. num_hidden_layers=12.")
+Adapter = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable); select one with MODEL:NAME.")
 
 
 @app.command()
 def pull(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file or hub id[@revision]."),
          force: bool = typer.Option(False, help="Convert again even if the cache is valid."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
-    """Fetch and convert a model into the local cache."""
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+         quantization: Optional[str] = Quantization) -> None:
+    """Fetch and convert a model into the local cache (and quantize it, with --quantization)."""
     from . import loading, registry
 
     try:
@@ -72,6 +100,8 @@ def pull(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file 
             folder = loading.convert_gguf(source, progress=not quiet, force=force)
         else:
             folder = loading.resolve_folder(source, progress=not quiet)
+        if quantization:
+            loading.load(source, progress=not quiet, quantization=quantization)
     except LlamaWrapperError as exc:
         _fail(exc)
     if not quiet:
@@ -80,18 +110,21 @@ def pull(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file 
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-           verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each cached model's effective config.")) -> None:
-    """List registry aliases and cached (converted) models with sizes and hashes."""
+           verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each cached model's effective config."),
+           override: Optional[List[str]] = Override) -> None:
+    """List registry aliases and cached (converted) models with sizes and hashes; --verbose adds
+    each one's effective config (after the config file's and --override's changes) and its
+    cached quantized variants."""
     from . import registry
 
     aliases = [{"alias": a.name, "description": a.description, "package": a.package} for a in registry.ALIASES.values()]
     cached = registry.cached_models()
     if verbose:
-        for entry in cached:
-            try:
-                entry["config"] = json.loads((__import__("pathlib").Path(entry["folder"]) / "config.json").read_text())
-            except (OSError, ValueError):
-                entry["config"] = None
+        try:
+            for entry in cached:
+                entry.update(_effective(entry, _pairs(override, "--override")))
+        except LlamaWrapperError as exc:
+            _fail(exc)
     if as_json:
         out.print_json(data={"aliases": aliases, "cached": cached})
         return
@@ -110,8 +143,28 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     out.print(table)
     if verbose:
         for c in cached:
-            out.print(f"[bold]{c.get('name')}[/] effective config:")
+            out.print(f"[bold]{c.get('name')}[/] quantized: {', '.join(c.get('quantized') or []) or 'none'}; "
+                      f"overrides: {c.get('overrides') or 'none'}; effective config:")
             out.print_json(data=c.get("config"))
+
+
+def _effective(entry: dict, flags: dict[str, Any]) -> dict[str, Any]:
+    """The effective config and quantized variants of one cached model."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .config import model_table
+    from .overrides import apply_overrides, effective_config
+
+    folder = Path(entry["folder"])
+    overrides = {**(model_table(entry.get("name", "")).get("overrides") or {}), **flags}
+    try:
+        config = effective_config(apply_overrides(AutoConfig.from_pretrained(folder), overrides))
+    except (OSError, ValueError):
+        config = None
+    quantized = sorted(p.name for p in folder.glob("quant-*") if (p / "manifest.json").is_file())
+    return {"config": config, "overrides": overrides, "quantized": quantized}
 
 
 @app.command()
@@ -121,13 +174,15 @@ def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub 
         as_json: bool = typer.Option(False, "--json", help="Print the result object as JSON instead of streaming."),
         max_tokens: Optional[int] = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
         top_k: int = TopK, repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop,
-        seed: Optional[int] = Seed, dtype: str = Dtype,
+        seed: Optional[int] = Seed, dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
+        override: Optional[List[str]] = Override, adapter: Optional[List[str]] = Adapter,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
     """Answer one prompt, streamed to the terminal."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     sampling = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
     try:
-        llm = _load(model, dtype, quiet or as_json)
+        llm, selected = _load(model, dtype, quiet or as_json, quantization, override, adapter)
+        sampling["adapter"] = selected
         if as_json:
             result = llm.chat(messages, **sampling)
             sys.stdout.write(json.dumps({"model": llm.name, **result.to_dict()}, ensure_ascii=False) + "\n")
@@ -149,14 +204,16 @@ def chat(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file 
          max_tokens: Optional[int] = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
          temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK,
          repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop, seed: Optional[int] = Seed,
-         dtype: str = Dtype) -> None:
+         dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
+         override: Optional[List[str]] = Override, adapter: Optional[List[str]] = Adapter) -> None:
     """Interactive multi-turn chat, streamed. /reset clears the conversation, /exit (or Ctrl-D) quits,
     Ctrl-C stops the current answer."""
     from .chat_session import ChatSession
 
     sampling = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
     try:
-        llm = _load(model, dtype)
+        llm, selected = _load(model, dtype, quantization=quantization, override=override, adapter=adapter)
+        sampling["adapter"] = selected
         ChatSession(llm, system=system, sampling=sampling).loop()
     except LlamaWrapperError as exc:
         _fail(exc)
@@ -168,7 +225,7 @@ def tokenize(model: str = typer.Argument(..., help="Alias, folder, .gguf file or
              as_json: bool = typer.Option(False, "--json", help="Print ids and pieces as JSON.")) -> None:
     """Show the token ids (and pieces) of a text."""
     try:
-        llm = _load(model, "float32", quiet=True)
+        llm, _ = _load(model, "float32", quiet=True)
         ids = llm.tokenize(text)
     except LlamaWrapperError as exc:
         _fail(exc)
@@ -184,6 +241,32 @@ def tokenize(model: str = typer.Argument(..., help="Alias, folder, .gguf file or
 from .server.command import serve_command  # noqa: E402  (flags derived from ServerSettings/EngineSettings)
 
 app.command("serve")(serve_command)
+
+
+@app.command("eval-ppl")
+def eval_ppl(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file or hub id."),
+             dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
+             override: Optional[List[str]] = Override,
+             questions: bool = typer.Option(True, help="Also answer the fixed question set greedily."),
+             as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Perplexity on the shipped evaluation text (and the fixed questions): the quality gate for
+    quantization and config overrides."""
+    from .evaluation import evaluate
+
+    try:
+        llm, _ = _load(model, dtype, True, quantization, override)
+        report = evaluate(llm, questions=questions)
+    except LlamaWrapperError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
+        return
+    out.print(f"{report.model} quantization={report.quantization or 'none'} dtype={report.dtype}: "
+              f"perplexity {report.perplexity:.3f} over {report.tokens} tokens ({report.seconds:.1f} s)", highlight=False)
+    if questions:
+        out.print(f"questions: {report.answers_correct}/{len(report.answers)} correct", highlight=False)
+        for a in report.answers:
+            out.print(f"  {'ok ' if a['correct'] else 'BAD'} {a['question']} -> {a['answer'].strip()[:60]!r}", highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
