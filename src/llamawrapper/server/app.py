@@ -36,7 +36,8 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
                pool: Optional[ModelPool] = None) -> FastAPI:
     """An app serving ``settings.models``; loading starts when the app starts (lifespan)."""
     settings = settings or ServerSettings()
-    pool = pool or ModelPool(settings.models, dtype=settings.dtype, engine=engine)
+    pool = pool or ModelPool(settings.models, dtype=settings.dtype, engine=engine,
+                             quantization=getattr(settings, "quantization", None))
     state = ServerState(settings, pool, Metrics(pool.engines))
 
     @asynccontextmanager

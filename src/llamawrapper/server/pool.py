@@ -37,10 +37,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 class ModelPool:
-    def __init__(self, specs: list[str], dtype: str = "float32", engine: Optional[EngineSettings] = None) -> None:
+    def __init__(self, specs: list[str], dtype: str = "float32", engine: Optional[EngineSettings] = None,
+                 **load_kwargs: Any) -> None:
         if not specs:
             raise ValueError("serve needs at least one model")
         self.dtype = dtype
+        self.load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
         self.engine_settings = engine or EngineSettings()
         self.models: dict[str, Served] = {}
         for spec in specs:
@@ -73,7 +75,8 @@ class ModelPool:
                 return
             t0 = time.perf_counter()
             try:
-                served.llm = LlamaWrapper.load(served.source, dtype=self.dtype, engine=self.engine_settings, progress=False)
+                served.llm = LlamaWrapper.load(served.source, dtype=self.dtype, engine=self.engine_settings, progress=False,
+                                               **self.load_kwargs)
                 served.status = "ready"
                 log.info("model %s ready in %.1f s", served.alias, time.perf_counter() - t0,
                          extra={"model": served.alias, "load_seconds": round(time.perf_counter() - t0, 2)})
