@@ -7,6 +7,7 @@ converted again. Hub ids go through ``huggingface_hub`` (which honours ``HF_HUB_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,12 +62,12 @@ def _versions() -> dict[str, str]:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from rich.console import Console
 
     return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), disable=not enabled, transient=False,
     )
 
@@ -109,7 +110,7 @@ def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False
         manifest = read_manifest(dest)
         if not force and manifest and manifest.get("source_sha256") == sha and (dest / "config.json").is_file():
             return dest
-        if manifest:
+        if manifest and not force:
             log.warning("cached conversion of %s does not match the source (hash changed); converting again", gguf_path)
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -143,11 +144,17 @@ def _write_conversion(gguf_path: Path, out: Path, bar: Any) -> None:
     transformers.utils.logging.disable_progress_bar()
     task = bar.add_task("dequantizing GGUF", total=3)
     folder, name = str(gguf_path.parent), gguf_path.name
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    own_bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(own_bar, disable=True)  # ours (rich) reports this stage
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:
         raise InvalidModelError(f"could not read the GGUF model {gguf_path}: {exc}") from exc
+    finally:
+        gguf_utils.tqdm = own_bar
     bar.advance(task)
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)  # a dequantized model must not keep the GGUF marker
