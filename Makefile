@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml Makefile
 		echo "warning: could not install redis-server; the Redis cache tests will be skipped"
 	touch $(STAMP)
 
-## run: set up, convert the default model on first use, and start the main job on it
+## run: set up, convert the default model on first use, and serve it over the OpenAI HTTP API
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: setup
 	$(BIN)/llamawrapper pull $(MODEL)
-	$(BIN)/llamawrapper chat $(MODEL)
+	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (OpenAI API at http://$(HOST):$(PORT)/v1; Ctrl-C stops)"
+	@echo "Try:  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'"
+	$(BIN)/llamawrapper serve $(MODEL) --host $(HOST) --port $(PORT)
 
 ## test: set up and run the whole suite (slow tests on the real model included)
 test: setup
