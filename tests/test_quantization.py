@@ -1,0 +1,115 @@
+"""Weight-only quantization: module numerics, the on-disk cache, the CUDA path's skip, and
+(slow) the quality gate on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llamawrapper import LlamaWrapper
+from llamawrapper.errors import InvalidRequestError
+from llamawrapper import quantization as quant
+
+
+def test_int8_linear_close_to_float():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 96, bias=True)
+    x = torch.randn(3, 5, 128)
+    q = quant.Int8Linear.from_linear(lin)
+    ref = lin(x)
+    err = (q(x).float() - ref).abs().max() / ref.abs().max()
+    assert q(x).shape == ref.shape and err < 0.03
+
+
+def test_int4_linear_close_to_float():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    x = torch.randn(2, 128)
+    ref = lin(x)
+    err = (quant.Int4Linear.from_linear(lin)(x).float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.15
+
+
+def test_int4_recovers_weights_on_a_32_grid():
+    # weights already on a Q4_1-style grid (per block of 32: scale * q + min) come back nearly exactly
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (64, 128)).float()
+    q[:, ::32], q[:, 1::32] = 0, 15  # each block spans the full range, as a min/max quantizer makes it
+    scale = torch.rand(64, 4, 1) * 0.01 + 0.001
+    lo = torch.randn(64, 4, 1) * 0.01
+    w = (q.view(64, 4, 32) * scale + lo).view(64, 128)
+    qi, sz = quant.quantize_int4_groups(w, 32)
+    back = ((qi.view(64, 4, 32).float() - 8) * sz[:, :, 0].T.float().unsqueeze(2) + sz[:, :, 1].T.float().unsqueeze(2)).view(64, 128)
+    assert (back - w).abs().max() < 2e-3
+
+
+def test_bad_quantization_is_typed(tiny_model_dir):
+    with pytest.raises(InvalidRequestError) as info:
+        LlamaWrapper.load(str(tiny_model_dir), quantization="int3", progress=False)
+    assert info.value.param == "quantization"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_load_is_cached_and_runs(tiny_model_dir, lw_home, monkeypatch, mode):
+    llm = LlamaWrapper.load(str(tiny_model_dir), quantization=mode, progress=False)
+    try:
+        assert llm.info()["quantization"] == mode and llm.info()["dtype"] == "bfloat16"
+        first = llm.generate("Hello there", max_tokens=6, temperature=0)
+        assert first.usage.completion_tokens == 6
+        linears = [m for m in llm.loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert not linears  # every projection swapped
+    finally:
+        llm.close()
+    folder = quant.cache_folder(tiny_model_dir, mode)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["quantization"] == mode and (folder / "model.safetensors").is_file()
+
+    def fail(*a, **k):
+        raise AssertionError("quantized again although the cache is valid")
+
+    monkeypatch.setattr(quant, "quantize_model", fail)
+    again = LlamaWrapper.load(str(tiny_model_dir), quantization=mode, progress=False)
+    try:
+        assert again.generate("Hello there", max_tokens=6, temperature=0).token_ids == first.token_ids
+    finally:
+        again.close()
+
+
+def test_cache_is_redone_when_the_source_changes(tiny_model_dir, lw_home):
+    folder = quant.cache_folder(tiny_model_dir, "int8")
+    fp = quant.fingerprint(tiny_model_dir, {})
+    assert quant.cache_is_valid(folder, "int8", fp) in (True, False)
+    assert not quant.cache_is_valid(folder, "int8", "another-source")
+
+
+def test_bitsandbytes_path_on_cuda(tiny_model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("bitsandbytes 8-/4-bit quantization needs a CUDA GPU; none on this machine")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    llm = LlamaWrapper.load(str(tiny_model_dir), quantization="int8", device="cuda", progress=False)
+    try:
+        assert llm.generate("Hello", max_tokens=4, temperature=0).usage.completion_tokens == 4
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_quality_gate_on_smollm2():
+    """int8 perplexity within +3% of fp32, int4 within +15%; fixed questions still right."""
+    from llamawrapper.evaluation import PPL_LIMITS, evaluate
+
+    reports = {}
+    for mode in (None, "int8", "int4"):
+        llm = LlamaWrapper.load("smollm2", quantization=mode, progress=False)
+        try:
+            reports[mode] = evaluate(llm)
+        finally:
+            llm.close()
+    base = reports[None]
+    assert base.answers_correct == len(base.answers)
+    for mode in ("int8", "int4"):
+        r = reports[mode]
+        assert r.perplexity <= base.perplexity * (1 + PPL_LIMITS[mode]), (mode, r.perplexity, base.perplexity)
+        assert r.answers_correct == len(r.answers), [a for a in r.answers if not a["correct"]]
