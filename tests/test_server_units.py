@@ -1,0 +1,117 @@
+"""Fast checks of the server's pieces that need no model: settings from flags, env vars and the
+config file (one definition, flags win); ``serve --help`` lists a flag for every setting; errors
+mapped to statuses by exception type; API keys compared correctly; the app's OpenAPI schema
+has no FastAPI 422 shapes."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from llamawrapper.cli import app as cli_app
+from llamawrapper.config import EngineSettings, ServerSettings
+from llamawrapper.errors import (
+    ContextLengthExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+)
+from llamawrapper.server.auth import KeyChecker
+from llamawrapper.server.command import settings_from_flags
+from llamawrapper.server.errors import from_exception, validation_error
+from llamawrapper.server.pool import parse_spec
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("LLAMAWRAPPER_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_settings_precedence_flag_over_env_over_file(clean_env, monkeypatch):
+    config = clean_env / "config.toml"
+    config.write_text('[server]\nport = 9001\nhost = "0.0.0.0"\napi_keys = ["from-file"]\n[engine]\nmax_queue = 3\n')
+    server, engine = settings_from_flags({})
+    assert (server.port, server.host, server.api_keys, engine.max_queue) == (9001, "0.0.0.0", ["from-file"], 3)
+    monkeypatch.setenv("LLAMAWRAPPER_PORT", "9002")
+    monkeypatch.setenv("LLAMAWRAPPER_API_KEYS", "a, b")
+    server, engine = settings_from_flags({"max_queue": 5})
+    assert (server.port, server.api_keys, engine.max_queue) == (9002, ["a", "b"], 5)
+    server, _ = settings_from_flags({"port": 9003, "api_keys": ["flag"], "models": ["x=/some/dir"]})
+    assert (server.port, server.api_keys, server.models) == (9003, ["flag"], ["x=/some/dir"])
+
+
+def test_defaults_come_from_the_settings_class(clean_env):
+    server, engine = settings_from_flags({"port": None, "api_keys": []})
+    assert server == ServerSettings() and engine == EngineSettings()
+    assert server.models == ["smollm2"] and server.api_keys == []
+    assert "api_keys" not in repr(server)  # keys never end up in logs through a repr
+
+
+def test_serve_help_has_a_flag_for_every_setting():
+    result = CliRunner().invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in [*ServerSettings.model_fields, *EngineSettings.model_fields]:
+        if name == "models":
+            continue
+        flag = "--api-key" if name == "api_keys" else "--" + name.replace("_", "-")
+        assert flag in result.output, flag
+
+
+def test_serve_rejects_a_bad_flag_value(clean_env):
+    result = CliRunner().invoke(cli_app, ["serve", "--port", "70000"])
+    assert result.exit_code == 2 and "port" in result.output
+
+
+@pytest.mark.parametrize("exc, status, code, param", [
+    (InvalidRequestError("bad", param="temperature"), 400, "invalid_value", "temperature"),
+    (ContextLengthExceededError(9000, 10, 8192), 400, "context_length_exceeded", "messages"),
+    (ModelNotFoundError("nope"), 404, "model_not_found", "model"),
+    (QueueFullError(retry_after=2.5), 429, "queue_full", None),
+    (GenerationError("boom"), 500, "generation_failed", None),
+    (RuntimeError("internal detail"), 500, None, None),
+])
+def test_errors_map_by_type(exc, status, code, param):
+    err = from_exception(exc)
+    body = err.body()["error"]
+    assert (err.status, body["code"], body["param"]) == (status, code, param)
+    assert set(body) == {"message", "type", "param", "code"}
+    if status == 429:
+        assert err.headers["Retry-After"] == "3"
+    if isinstance(exc, RuntimeError):
+        assert "internal detail" not in body["message"]
+
+
+def test_validation_errors_name_the_parameter():
+    err = validation_error([{"loc": ("body", "messages", 0, "content"), "msg": "bad", "type": "x"}])
+    assert err.status == 400 and err.param == "messages[0].content"
+
+
+def test_key_checker():
+    checker = KeyChecker(["k1", "second-key"])
+    assert checker.enabled and checker.accepts("k1") and checker.accepts("second-key")
+    assert not checker.accepts("k2") and not checker.accepts("") and not checker.accepts("k1 ")
+    assert not KeyChecker([]).enabled
+
+
+def test_model_specs():
+    assert parse_spec("smollm2") == ("smollm2", "smollm2")
+    assert parse_spec("tiny=/tmp/model") == ("tiny", "/tmp/model")
+    assert parse_spec("org/model@rev") == ("org/model@rev", "org/model@rev")
+
+
+def test_openapi_has_no_fastapi_422_shapes(clean_env):
+    from llamawrapper.server import create_app
+
+    schema = create_app(ServerSettings(models=["unused"])).openapi()
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            assert "422" not in op["responses"], path
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert "400" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]
