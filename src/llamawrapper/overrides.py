@@ -57,7 +57,7 @@ def _rope_scaling(config: Any, value: Any) -> None:
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.update({k: v for k, v in value.items() if k != "type"})
     params["rope_type"] = rope_type
-    if rope_type in ("yarn", "dynamic", "longrope", "llama3"):
+    if rope_type != "default":
         params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     config.rope_parameters = params
 
