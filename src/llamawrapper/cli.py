@@ -39,7 +39,8 @@ def _fail(exc: Exception) -> None:
 
 
 def _load(model: str, dtype: Optional[str], quiet: bool = False, quantization: Optional[str] = None,
-          override: Optional[List[str]] = None, adapter: Optional[List[str]] = None):
+          override: Optional[List[str]] = None, adapter: Optional[List[str]] = None,
+          plugins: Optional[List[str]] = None, cache: Optional[bool] = None):
     """Load ``model`` (``base:adapter`` selects a LoRA adapter given by ``--adapter NAME=PATH``);
     returns the wrapper and the selected adapter name."""
     from .adapters import split_model_name
@@ -48,8 +49,43 @@ def _load(model: str, dtype: Optional[str], quiet: bool = False, quantization: O
     adapters = _pairs(adapter, "--adapter", parse=False)
     base, selected = split_model_name(model) if adapters else (model, None)
     llm = LlamaWrapper.load(base, dtype=dtype, progress=not quiet, quantization=quantization,
-                            overrides=_pairs(override, "--override") or None, adapters=adapters or None)
+                            overrides=_pairs(override, "--override") or None, adapters=adapters or None,
+                            plugins=_plugins(plugins), cache=cache)
     return llm, selected
+
+
+def _plugins(items: Optional[List[str]]) -> Optional[list]:
+    """``--plugin NAME`` or ``--plugin 'NAME={"option": ...}'`` (repeatable); None = the config file's."""
+    if not items:
+        return None
+    out: list = []
+    for item in items:
+        name, sep, options = item.partition("=")
+        out.append({"name": name, **(json.loads(options) if sep else {})})
+    return out
+
+
+def _response_format(schema: Optional[str], regex: Optional[str], choice: Optional[List[str]], json_mode: bool) -> Optional[dict]:
+    """``--schema`` (JSON text or @file), ``--regex``, ``--choice`` (repeatable), ``--json-object``."""
+    from .errors import InvalidRequestError
+
+    given = [x for x in (schema, regex, choice or None, json_mode or None) if x]
+    if len(given) > 1:
+        raise InvalidRequestError("Give at most one of --schema, --regex, --choice, --json-object.", param="response_format")
+    if schema:
+        from pathlib import Path
+
+        text = Path(schema[1:]).read_text() if schema.startswith("@") else schema
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequestError(f"--schema is not valid JSON: {exc}", param="schema") from exc
+        return {"type": "json_schema", "json_schema": {"name": "cli", "schema": parsed}}
+    if regex:
+        return {"type": "regex", "regex": regex}
+    if choice:
+        return {"type": "choice", "choices": list(choice)}
+    return {"type": "json_object"} if json_mode else None
 
 
 def _pairs(items: Optional[List[str]], flag: str, parse: bool = True) -> dict[str, Any]:
@@ -84,6 +120,8 @@ Dtype = typer.Option(None, help="float32 (default), bfloat16 or float16.")
 Quantization = typer.Option(None, "--quantization", help="Weight-only quantization: int8 or int4 (cached after the first load).")
 Override = typer.Option(None, "--override", help="Model config override KEY=VALUE (repeatable), e.g. num_hidden_layers=12.")
 Adapter = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable); select one with MODEL:NAME.")
+Plugin = typer.Option(None, "--plugin", help="Switch on a plugin: NAME or NAME='{\"option\": ...}' (repeatable; default: the config file's).")
+CacheFlag = typer.Option(None, "--cache/--no-cache", help="Use the response cache for deterministic requests (default: [cache] settings).")
 
 
 @app.command()
@@ -176,19 +214,35 @@ def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub 
         top_k: int = TopK, repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop,
         seed: Optional[int] = Seed, dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
         override: Optional[List[str]] = Override, adapter: Optional[List[str]] = Adapter,
+        schema: Optional[str] = typer.Option(None, "--schema", help="Answer as JSON valid for this JSON schema (JSON text or @file)."),
+        json_object: bool = typer.Option(False, "--json-object", help="Answer as a JSON object."),
+        regex: Optional[str] = typer.Option(None, "--regex", help="Answer matching this regular expression."),
+        choice: Optional[List[str]] = typer.Option(None, "--choice", help="Answer with one of these strings (repeatable)."),
+        tools: Optional[str] = typer.Option(None, "--tools", help="OpenAI-style tools: a JSON list (or @file)."),
+        tool_choice: Optional[str] = typer.Option(None, "--tool-choice", help="auto, required, none or a function name."),
+        plugin: Optional[List[str]] = Plugin, cache: Optional[bool] = CacheFlag,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
-    """Answer one prompt, streamed to the terminal."""
+    """Answer one prompt, streamed to the terminal (tool calls are printed as JSON)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     sampling = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
     try:
-        llm, selected = _load(model, dtype, quiet or as_json, quantization, override, adapter)
+        llm, selected = _load(model, dtype, quiet or as_json, quantization, override, adapter, plugin, cache)
         sampling["adapter"] = selected
+        sampling["response_format"] = _response_format(schema, regex, choice, json_object)
+        if tools:
+            from pathlib import Path
+
+            sampling["tools"] = json.loads(Path(tools[1:]).read_text() if tools.startswith("@") else tools)
+            named = tool_choice not in (None, "auto", "required", "none")
+            sampling["tool_choice"] = {"type": "function", "function": {"name": tool_choice}} if named else tool_choice
         if as_json:
             result = llm.chat(messages, **sampling)
             sys.stdout.write(json.dumps({"model": llm.name, **result.to_dict()}, ensure_ascii=False) + "\n")
             return
         for event in llm.stream(messages, **sampling):
             sys.stdout.write(event.text)
+            if event.tool_calls:
+                sys.stdout.write(json.dumps(event.tool_calls, ensure_ascii=False))
             sys.stdout.flush()
         sys.stdout.write("\n")
     except LlamaWrapperError as exc:
