@@ -115,6 +115,9 @@ def test_error_bodies_are_openai_shaped(server):
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = c.post("/v1/chat/completions", json={"model": "smollm2", "messages": [{"role": "user", "content": "x" * 200_000}]})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = c.post("/v1/chat/completions", content=(b" " * 50_000 for _ in range(3)),  # no Content-Length
+                         headers={"content-type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
 
 
 def test_unknown_fields_accepted_and_logged_with_request_id(server):

@@ -115,3 +115,16 @@ def test_openapi_has_no_fastapi_422_shapes(clean_env):
             assert "422" not in op["responses"], path
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert "400" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+
+
+def test_http_layer_never_imports_torch():
+    import ast
+    from pathlib import Path
+
+    import llamawrapper.server as server_pkg
+
+    for path in Path(server_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), path.name

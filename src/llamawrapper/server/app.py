@@ -72,7 +72,7 @@ def _install_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
         return validation_error(list(exc.errors())).response()
 
     async def http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = f"Unknown route {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
         return APIError(exc.status_code, message, "invalid_request_error", code, headers=dict(exc.headers or {})).response()
 

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import too_large
@@ -87,7 +88,9 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large(self.max_bytes)  # caught by the app's APIError handler
+                    # an HTTPException, which FastAPI's body reader lets through (anything else
+                    # becomes its "error parsing the body" 400); the app's handler shapes it
+                    raise HTTPException(413, detail=too_large(self.max_bytes).message)
             return message
 
         await self.app(scope, counting_receive, send)
