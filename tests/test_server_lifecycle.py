@@ -75,7 +75,9 @@ def test_openai_client_raises_rate_limit_error(server):
     server.wait_ready()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     running = client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=1000, stream=True)
-    next(iter(running))  # holds the only slot
+    chunks = iter(running)
+    while not next(chunks).choices[0].delta.content:  # decoding: it holds the only slot
+        pass
     queued = ThreadPoolExecutor(1).submit(client.chat.completions.create, model="smollm2", messages=MSG, max_tokens=4)
     _wait_metric(server, "llamawrapper_queue_depth", 1)
     with pytest.raises(openai.RateLimitError) as exc:
