@@ -1,6 +1,7 @@
 """Property-based fuzz of the server's own OpenAPI schema with schemathesis, on a real server
 process running the tiny random model (fast): valid and invalid bodies for every operation,
-a fixed, derandomized budget. No 5xx, and every response conforms to the schema."""
+a fixed, derandomized budget. No 5xx, and every response conforms to the schema. The same
+server serves the model twice under two names, to show that ``model`` picks one."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ EXAMPLES = 10  # per operation and mode; fixed so CI time is bounded
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    srv = ServerProcess([f"tiny={tiny_model_dir}"], "--max-queue", "64", log_path=tmp_path_factory.mktemp("fuzz") / "server.log",
+    srv = ServerProcess([f"tiny={tiny_model_dir}", f"tiny2={tiny_model_dir}"], "--max-queue", "64", log_path=tmp_path_factory.mktemp("fuzz") / "server.log",
                         api_key=KEY)
     try:
         yield srv.wait_ready()
@@ -64,3 +65,12 @@ def test_schema_fuzz_no_5xx_no_schema_violation(server, mode):
     assert all(code < 500 for _, code in calls)
     if mode is GenerationMode.POSITIVE:  # the fuzz reached generation, not only validation errors
         assert {("/v1/chat/completions", 200), ("/v1/completions", 200)} <= set(calls), sorted(set(calls))
+
+
+def test_several_models_picked_by_name(server):
+    with server.client() as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny", "tiny2"]
+        for name in ("tiny", "tiny2"):
+            r = c.post("/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["model"] == name
+        assert c.get("/ready").json()["models"] == {"tiny": "ready", "tiny2": "ready"}
