@@ -42,7 +42,12 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if variant == "llama.cpp":
         return llama_cpp_worker(args, base_rss)
+    import transformers  # noqa: F401  (import everything loading needs before measuring the baseline)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
     from llamawrapper import LlamaWrapper
+    from llamawrapper import adapters, quantization  # noqa: F401
     from llamawrapper.types import SamplingParams
 
     from bench.workloads import w1_prompt, w2_prompts
@@ -68,7 +73,7 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         rates.append((res.usage.completion_tokens - 1) / decode_s)
     out["w1_decode_tok_s"] = statistics.median(rates)
     out["w1_runs"] = rates
-    if args.profile and variant != "fp32":
+    if args.profile:
         out["profile"] = profile_decode(llm, prompt)
     if args.w2_requests:
         prompts = w2_prompts(llm.tokenizer, args.w2_requests)
@@ -83,16 +88,29 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> list[dict[str, Any]]:
-    """Top operators by self CPU time over a short single-stream decode."""
+    """Top operators by self CPU time over a short single-stream decode through the runner."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from llamawrapper.types import SamplingParams
+    from llamawrapper.engine.kv_cache import SequenceKV
 
+    r = llm.engine.runner
+    n = len(prompt)
+    kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=n + steps + 1)
+    r.bind_rows([""])
+    mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+    logits = r.forward(torch.tensor([prompt]), torch.arange(n)[None], kv.chunk(0, n), mask)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        llm.submit(prompt, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)).result()
-    rows = []
+        t = time.perf_counter()
+        for i in range(steps):
+            p = n + i
+            token = int(logits[0].argmax())
+            logits = r.forward(torch.tensor([[token]]), torch.tensor([[p]]), kv.chunk(p, 1),
+                               torch.ones(1, 1, 1, p + 1, dtype=torch.bool))
+        wall = time.perf_counter() - t
+    rows = [{"op": "wall per step (ms, profiled)", "calls": steps, "self_ms": 1000 * wall / steps}]
     for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]:
-        rows.append({"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1000})
+        rows.append({"op": e.key, "calls": e.count // steps, "self_ms": e.self_cpu_time_total / 1000 / steps})
     return rows
 
 
