@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in [s for s in args.systems.split(",") if s]:
         print(f"== {spec}", file=sys.stderr, flush=True)
         doc["systems"][spec] = run_system(spec, args, settings)
+        (out_dir / "partial.json").write_text(json.dumps(doc, indent=1))  # survives a crash of a later system
         status = doc["systems"][spec].get("status")
         print(f"== {spec}: {status} {doc['systems'][spec].get('reason', '')}", file=sys.stderr, flush=True)
     doc["duration_s"] = time.time() - started
