@@ -7,10 +7,11 @@ from __future__ import annotations
 import random
 import sys
 import textwrap
+import time
 
 import pytest
 
-from llamawrapper import LlamaWrapper
+from llamawrapper import LlamaWrapper, SamplingParams
 from llamawrapper.errors import InvalidRequestError, PluginError, PluginRejectedError
 from llamawrapper.plugins import hookimpl, manager, register, unregister
 from llamawrapper.plugins.redaction import RedactingStream, redact
@@ -205,3 +206,41 @@ def test_entry_point_discovery_registers_models_and_templates(tiny_model_dir, tm
     finally:
         monkeypatch.setattr(manager, "_manager", None)
         sys.modules.pop("lw_demo_plugin", None)
+
+
+def test_hook_changes_to_params_stay_with_their_request(tiny_model_dir, plugins_registered):
+    llm = _load(tiny_model_dir, ["recorder"])
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0)
+        res = llm.submit_chat("hi", params).result()
+        assert res.usage.completion_tokens <= 4 and params.max_tokens == 12  # the caller's params are untouched
+    finally:
+        llm.close()
+
+
+def test_failing_stream_filter_cancels_the_generation(tiny_model_dir):
+    class Exploding:
+        @hookimpl
+        def stream_filter(self):
+            class F:
+                def feed(self, text):
+                    raise ValueError("filter broke")
+
+                def flush(self):
+                    return ""
+            return F()
+
+    register(Exploding(), "exploding")
+    llm = _load(tiny_model_dir, ["exploding"])
+    try:
+        handle = llm.submit_chat("hi", SamplingParams(max_tokens=200, temperature=0))
+        with pytest.raises(PluginError, match="exploding") as info:
+            handle.result()
+        assert info.value.hook == "stream_filter"
+        deadline = time.monotonic() + 10
+        while not handle.done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.cancelled and handle.done  # the engine let go of it instead of generating 200 tokens
+    finally:
+        llm.close()
+        unregister("exploding")

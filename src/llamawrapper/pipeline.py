@@ -199,12 +199,20 @@ class ChatHandle:
         return StreamEvent(text, event.token_ids, finish, event.usage, tool_calls=tool_calls)
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        for event in self.source:
-            yield self._transform(event)
+        try:
+            for event in self.source:
+                yield self._transform(event)
+        except BaseException:  # a failing stream filter (or the caller) ends the generation too
+            self.source.cancel()
+            raise
 
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        async for event in self.source:
-            yield self._transform(event)
+        try:
+            async for event in self.source:
+                yield self._transform(event)
+        except BaseException:
+            self.source.cancel()
+            raise
 
     # -- whole results ------------------------------------------------------------------------------
     def _assemble(self, events: list[StreamEvent]) -> Result:

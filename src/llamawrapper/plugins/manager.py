@@ -5,6 +5,7 @@ and turns a hook's exception into a typed error naming the hook and the plugin."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, Iterable, Optional
@@ -131,6 +132,8 @@ class ActivePlugins:
     def before_request(self, messages: list[dict], params: Any) -> tuple[list[dict], Any]:
         """Run every ``before_request`` hook in order; each sees the previous one's changes."""
         messages = [dict(m) for m in messages]
+        if self.enabled and dataclasses.is_dataclass(params):
+            params = dataclasses.replace(params)  # hooks may mutate it; other requests share the original
         for name, opts, impl in self._impls("before_request"):
             out = self._call("before_request", name, opts, impl, messages=messages, params=params)
             if isinstance(out, tuple) and len(out) == 2:
