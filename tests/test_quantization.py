@@ -73,6 +73,10 @@ def test_quantized_load_is_cached_and_runs(tiny_model_dir, lw_home, monkeypatch,
     again = LlamaWrapper.load(str(tiny_model_dir), quantization=mode, progress=False)
     try:
         assert again.generate("Hello there", max_tokens=6, temperature=0).token_ids == first.token_ids
+        # cached tensors get aligned storage (the packed kernels crash on a misaligned file buffer)
+        assert all(b.data_ptr() % 64 == 0 for b in again.loaded.model.buffers() if b.dtype in (torch.int8, torch.uint8))
+        with torch.inference_mode():
+            assert again.loaded.model(torch.tensor([[1, 2, 3]])).logits.shape[1] == 3
     finally:
         again.close()
 
@@ -113,3 +117,16 @@ def test_quality_gate_on_smollm2():
         r = reports[mode]
         assert r.perplexity <= base.perplexity * (1 + PPL_LIMITS[mode]), (mode, r.perplexity, base.perplexity)
         assert r.answers_correct == len(r.answers), [a for a in r.answers if not a["correct"]]
+
+
+def test_cli_eval_ppl_and_models_verbose(tiny_model_dir, lw_home):
+    from typer.testing import CliRunner
+
+    from llamawrapper.cli import app
+
+    res = CliRunner().invoke(app, ["eval-ppl", str(tiny_model_dir), "--no-questions", "--json", "--quantization", "int8"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["quantization"] == "int8" and report["tokens"] > 2000 and report["perplexity"] > 1
+    res = CliRunner().invoke(app, ["run", str(tiny_model_dir), "hi", "--override", "nope=1", "-q"])
+    assert res.exit_code == 1 and "nope" in res.output

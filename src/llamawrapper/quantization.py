@@ -296,10 +296,16 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
 
 def load_quantized(config: Any, folder: Path, mode: str) -> nn.Module:
     """Build the quantized model from a cache folder without touching fp32 weights."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     model = _skeleton(config, mode)
-    state = load_file(str(folder / "model.safetensors"))
+    state = {}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            # the packed kernels use aligned vector loads: a tensor that sits at an odd offset of a
+            # file buffer crashes them, so give every tensor its own (64-byte aligned) storage
+            state[name] = t if t.data_ptr() % 64 == 0 else t.clone()
     model.load_state_dict(state, strict=False, assign=True)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if _tied_config(config):
