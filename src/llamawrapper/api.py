@@ -71,7 +71,8 @@ class LlamaWrapper:
         from . import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
-        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         from . import adapters as adapterlib
         from .config import model_table
 
