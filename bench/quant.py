@@ -115,32 +115,29 @@ def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> list[dict[st
 
 
 def llama_cpp_worker(args: argparse.Namespace, base_rss: float) -> dict[str, Any]:
-    from llama_cpp import Llama
-
-    from llamawrapper import registry
-
-    gguf = registry.resolve("smollm2").path
-    t = time.perf_counter()
-    llm = Llama(model_path=str(gguf), n_threads=args.threads, n_ctx=2048, verbose=False)
-    load_s = time.perf_counter() - t
-    llm.eval([1, 2, 3])  # touch the weights (the GGUF is memory-mapped)
-    out = {"variant": "llama.cpp", "rss_start_mb": base_rss, "rss_after_load_mb": rss_mb(), "load_s": load_s}
+    """llama.cpp on the same GGUF through the benchmark harness's own ``LlamaCppSystem`` (which
+    carries the workaround for this build's crash with extra CPU buffer types)."""
     from transformers import AutoTokenizer
 
+    from bench.systems import LlamaCppSystem
     from bench.workloads import w1_prompt
-    from llamawrapper import loading
+    from llamawrapper import loading, registry
 
-    tok = AutoTokenizer.from_pretrained(loading.resolve_folder(registry.resolve("smollm2"), progress=False))
+    source = registry.resolve("smollm2")
+    tok = AutoTokenizer.from_pretrained(loading.resolve_folder(source, progress=False))
     prompt = w1_prompt(tok)
+    import_rss = rss_mb()
+    t = time.perf_counter()
+    system = LlamaCppSystem(source.path, args.threads)
+    load_s = time.perf_counter() - t
+    system._one(prompt, 4)  # warm up; touches the memory-mapped weights
+    out: dict[str, Any] = {"variant": "llama.cpp", "rss_start_mb": base_rss, "rss_after_import_mb": import_rss,
+                           "rss_after_load_mb": rss_mb(), "load_s": load_s, "version": system.version}
     rates = []
     for _ in range(args.w1_repeats):
-        llm.reset()
-        llm.eval(prompt)
-        t = time.perf_counter()
-        for _ in range(args.w1_tokens):
-            token = llm.sample(top_k=1, temp=0.0)
-            llm.eval([token])
-        rates.append(args.w1_tokens / (time.perf_counter() - t))
+        system.reset()
+        first, end, toks = system._one(prompt, args.w1_tokens)
+        rates.append((len(toks) - 1) / (end - first))
     out["w1_decode_tok_s"] = statistics.median(rates)
     out["w1_runs"] = rates
     return out
