@@ -93,6 +93,13 @@ def test_validation_errors_name_the_parameter():
     assert err.status == 400 and err.param == "messages[0].content"
 
 
+def test_unparseable_body_is_called_invalid_json():
+    err = validation_error([{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error",
+                             "ctx": {"error": "Expecting property name enclosed in double quotes"}}])
+    assert (err.status, err.code, err.param) == (400, "invalid_json", None)
+    assert "not valid JSON" in err.message
+
+
 def test_key_checker():
     checker = KeyChecker(["k1", "second-key"])
     assert checker.enabled and checker.accepts("k1") and checker.accepts("second-key")

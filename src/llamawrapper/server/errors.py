@@ -82,6 +82,9 @@ def from_exception(exc: BaseException, retry_after: Optional[int] = None) -> API
 def validation_error(errors: list[dict]) -> APIError:
     """FastAPI's 422 body, reshaped as OpenAI's 400 naming the first bad parameter."""
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # the body itself does not parse
+        return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}.",
+                        "invalid_request_error", "invalid_json", None)
     param = ""
     for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
