@@ -143,6 +143,48 @@ def llama_cpp_worker(args: argparse.Namespace, base_rss: float) -> dict[str, Any
     return out
 
 
+def interleaved_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32, int8 and int4 in one process, single-stream decode steps through the runner taken in
+    turns (a few steps each, many turns), so every variant sees the same machine load: the
+    fairest ratio on a shared machine."""
+    import torch
+
+    from bench.workloads import w1_prompt
+    from llamawrapper import LlamaWrapper
+    from llamawrapper.engine.kv_cache import SequenceKV
+
+    torch.set_num_threads(args.threads)
+    llms = {v: LlamaWrapper.load("smollm2", quantization=None if v == "fp32" else v, progress=False) for v in VARIANTS}
+    prompt = w1_prompt(llms["fp32"].tokenizer)
+    n = len(prompt)
+    state = {}
+    for v, llm in llms.items():
+        r = llm.engine.runner
+        kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=n + args.w1_tokens * 8 + 8)
+        mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        r.bind_rows([""])
+        logits = r.forward(torch.tensor([prompt]), torch.arange(n)[None], kv.chunk(0, n), mask)
+        state[v] = [r, kv, n, int(logits[0].argmax())]
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    steps_per_turn = 4
+    for _ in range(max(1, args.w1_tokens // steps_per_turn) * args.w1_repeats):
+        for v in VARIANTS:
+            r, kv, p, token = state[v]
+            for _ in range(steps_per_turn):
+                t = time.perf_counter()
+                logits = r.forward(torch.tensor([[token]]), torch.tensor([[p]]), kv.chunk(p, 1),
+                                   torch.ones(1, 1, 1, p + 1, dtype=torch.bool))
+                token = int(logits[0].argmax())
+                times[v].append(time.perf_counter() - t)
+                p += 1
+            state[v][2:] = [p, token]
+    med = {v: statistics.median(ts) * 1000 for v, ts in times.items()}
+    for llm in llms.values():
+        llm.close()
+    return {"variant": "interleaved", "step_ms": med, "steps": {v: len(t) for v, t in times.items()},
+            "speedup_vs_fp32": {v: med["fp32"] / med[v] for v in VARIANTS}}
+
+
 # -- driver ------------------------------------------------------------------------------------------
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.quant", "--worker", variant, "--threads", str(args.threads),
@@ -186,7 +228,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(summary)
+    names = [n for n in summary if n != "interleaved_decode"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, title in zip(axes, ("w1_decode_tok_s", "w2_tok_s", "rss_after_load_mb"),
                               ("W1 single-stream decode (tok/s)", "W2 16 chats aggregate (tok/s)", "RSS after load (MB)")):
@@ -211,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--w2-requests", type=int, default=16)
     ap.add_argument("--w2-tokens", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-interleaved", dest="interleaved", action="store_false",
+                    help="skip the one-process interleaved decode comparison")
     ap.add_argument("--out", default=str(ROOT / "results" / "quant.json"))
     args = ap.parse_args(argv)
+    if args.worker == "interleaved":
+        print(json.dumps(interleaved_worker(args)), flush=True)
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args)), flush=True)
         return 0
@@ -236,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             runs[v].append(res)
     summary = summarize(runs)
+    if args.interleaved:
+        inter = run_variant("interleaved", args)
+        summary["interleaved_decode"] = inter
+        print("interleaved: " + json.dumps(inter.get("speedup_vs_fp32", inter)), file=sys.stderr, flush=True)
     import torch
     import transformers
 
