@@ -236,7 +236,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.bar(names, vals, color=["#888", "#2a7", "#27a", "#a72"][: len(names)])
         ax.set_title(title)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+            ax.text(i, v, f"{v:.0f}" if v else "n/a", ha="center", va="bottom")
     fig.suptitle("smollm2 weight-only quantization (medians, one run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
