@@ -113,11 +113,12 @@ def markdown(doc: dict) -> str:
             f"{_f(w2.get('ttft_p50_s'), '{:.2f}')} / {_f(w2.get('ttft_p99_s'), '{:.2f}')}{star} | "
             f"{_f(w2.get('latency_p50_s'), '{:.2f}')} / {_f(w2.get('latency_p99_s'), '{:.2f}')}{star} | "
             f"{_f(w3.get('tokens_per_s'))} | {_f(w3.get('ttft_p50_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} |")
-    lines += ["", "Sweep (W2 at each concurrency): aggregate tokens/s, p99 latency (s); * = partly extrapolated", ""]
     levels = sorted({p["concurrency"] for name in results for p in ((_w(results, name, "sweep") or {}).get("points") or [])})
-    lines.append("| system | " + " | ".join(f"c={c}" for c in levels) + " |")
-    lines.append("|---|" + "---|" * len(levels))
-    for name in results:
+    if levels:
+        lines += ["", "Sweep (W2 at each concurrency): aggregate tokens/s, p99 latency (s); * = partly extrapolated", ""]
+        lines.append("| system | " + " | ".join(f"c={c}" for c in levels) + " |")
+        lines.append("|---|" + "---|" * len(levels))
+    for name in results if levels else []:
         pts = {p["concurrency"]: p for p in ((_w(results, name, "sweep") or {}).get("points") or [])}
         cells = [f"{_f(pts[c]['tokens_per_s'])} tok/s, {_f(pts[c]['latency_p99_s'], '{:.1f}')} s{'*' if pts[c]['extrapolated'] else ''}"
                  if c in pts else "–" for c in levels]
@@ -146,6 +147,8 @@ def markdown(doc: dict) -> str:
 
 def plot(doc: dict, path: Path) -> Optional[Path]:
     """Throughput and p99 latency against concurrency, one line per system; hollow = extrapolated."""
+    if not any((_w(doc["systems"], name, "sweep") or {}).get("points") for name in doc["systems"]):
+        return None  # nothing to draw without the sweep
     try:
         import matplotlib
 
