@@ -155,3 +155,33 @@ def test_split_model_name():
     assert split_model_name("smollm2") == ("smollm2", None)
     assert split_model_name("HuggingFaceTB/SmolLM2@main:poet") == ("HuggingFaceTB/SmolLM2@main", "poet")
     assert split_model_name("C:model") == ("C:model", None)
+
+
+@pytest.mark.slow
+def test_server_picks_adapter_from_model_name(tiny_model_dir, adapter_dirs, lora_llm, tmp_path):
+    """``model: "tiny:sql"`` over HTTP answers with the sql adapter; an unknown adapter is a 404."""
+    import json as _json
+
+    import openai
+
+    from server_helpers import ServerProcess
+
+    table = "\n".join(f'{name} = {_json.dumps(str(path))}' for name, path in adapter_dirs.items())
+    config = tmp_path / "config.toml"
+    config.write_text(f'[models.{_json.dumps(str(tiny_model_dir))}.adapters]\n{table}\n')
+    server = ServerProcess([f"tiny={tiny_model_dir}"], log_path=tmp_path / "server.log",
+                           env={"LLAMAWRAPPER_CONFIG": str(config)})
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        msgs = [{"role": "user", "content": "hello"}]
+        for adapter in ("sql", "poet"):
+            got = client.chat.completions.create(model=f"tiny:{adapter}", messages=msgs, max_tokens=8, temperature=0)
+            want = lora_llm.chat(msgs, max_tokens=8, temperature=0, adapter=adapter)
+            assert got.choices[0].message.content == want.text
+        base = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+        assert base.choices[0].message.content == lora_llm.chat(msgs, max_tokens=8, temperature=0).text
+        with pytest.raises(openai.NotFoundError, match="nope"):
+            client.chat.completions.create(model="tiny:nope", messages=msgs, max_tokens=4)
+    finally:
+        server.terminate()

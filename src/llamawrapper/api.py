@@ -118,7 +118,7 @@ class LlamaWrapper:
 
         return effective_config(self.loaded.model.config)
 
-    def _route(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def route(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Turn an ``adapter=`` keyword into the engine namespace that selects it."""
         from .adapters import namespace_for
         from .errors import ModelNotFoundError
@@ -173,7 +173,7 @@ class LlamaWrapper:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, **engine_kwargs: Any) -> RequestHandle:
         """Hand token ids to the engine; the handle streams ``StreamEvent``s."""
-        return self.engine.submit(prompt_ids, params, **self._route(engine_kwargs))
+        return self.engine.submit(prompt_ids, params, **self.route(engine_kwargs))
 
     def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, *,
                     response_format: Any = None, tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None,
@@ -183,7 +183,7 @@ class LlamaWrapper:
         ``cache_status``."""
         ids, params, grammar, spec = pipeline.prepare_chat(self.custom, messages, params, truncate=truncate,
                                                            response_format=response_format, tools=tools, tool_choice=tool_choice)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **self._route(engine_kwargs))
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **self.route(engine_kwargs))
 
     def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, *, response_format: Any = None,
                       cache: Optional[bool] = None, **engine_kwargs: Any) -> pipeline.ChatHandle:
@@ -196,7 +196,7 @@ class LlamaWrapper:
         if not ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         grammar = pipeline.grammar_for(response_format)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **self._route(engine_kwargs))
+        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **self.route(engine_kwargs))
 
     # -- convenience -----------------------------------------------------------------------------
     def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
@@ -243,7 +243,7 @@ class LlamaWrapper:
         try:
             for ids, p, grammar, spec in prepared:
                 handles.append(pipeline.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache,
-                                               **self._route({"adapter": adapter})))
+                                               **self.route({"adapter": adapter})))
             return [h.result() for h in handles]
         finally:
             for h in handles:

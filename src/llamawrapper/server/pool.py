@@ -107,6 +107,22 @@ class ModelPool:
                             else f"The model '{served.alias}' failed to load.")
         return served.llm
 
+    def resolve(self, name: Optional[str]) -> tuple[Any, Optional[str]]:
+        """The ``LlamaWrapper`` and LoRA adapter for a request's ``model``: a served name, or
+        ``name:adapter`` for an adapter loaded on that model."""
+        if name is None or name in self.models:
+            return self.get(name), None
+        from ..adapters import split_model_name  # no torch at module level
+
+        base, adapter = split_model_name(name)
+        if adapter is None or base not in self.models:
+            return self.get(name), None  # raises ModelNotFoundError naming the model
+        llm = self.get(base)
+        if adapter not in getattr(llm, "adapters", {}):
+            raise ModelNotFoundError(f"The model '{name}' does not exist: '{base}' has no adapter '{adapter}'. "
+                                     f"Loaded adapters: {', '.join(sorted(getattr(llm, 'adapters', {}))) or 'none'}.")
+        return llm, adapter
+
     def engines(self) -> Iterator[tuple[str, Any]]:
         for alias, served in list(self.models.items()):
             if served.status == "ready":

@@ -62,13 +62,13 @@ def _check_choices(n: int, prompts: int, limit: int) -> None:
         raise InvalidRequestError(f"At most {limit} choices per request (n x prompts); asked for {n * prompts}.", param="n")
 
 
-def _submit_all(llm: Any, prompt_ids: list[list[int]], n: int, params: Any, rid: str) -> list[Any]:
+def _submit_all(llm: Any, prompt_ids: list[list[int]], n: int, params: Any, rid: str, adapter: Optional[str] = None) -> list[Any]:
     handles: list[Any] = []
     try:
         for p, ids in enumerate(prompt_ids):
             for i in range(n):
                 k = len(handles)
-                handles.append(llm.submit(ids, params, request_id=rid if len(prompt_ids) * n == 1 else f"{rid}-{k}"))
+                handles.append(llm.submit(ids, params, adapter=adapter, request_id=rid if len(prompt_ids) * n == 1 else f"{rid}-{k}"))
     except BaseException:
         cancel_all(handles)
         raise
@@ -86,11 +86,11 @@ def _record(request: Request, model: str, handles: list[Any], usages: list[Usage
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
     state, rid = _state(request), _rid(request)
     _log_unknown(body, request)
-    llm = state.pool.get(body.model)
+    llm, adapter = state.pool.resolve(body.model)
     params = _params(body)
     _check_choices(body.n, 1, state.settings.max_choices)
     use_cache = False if "no-cache" in request.headers.get("cache-control", "").lower() else None
-    ids, handles = await run_in_threadpool(_submit_chats, llm, body, params, rid, use_cache)
+    ids, handles = await run_in_threadpool(_submit_chats, llm, body, params, rid, use_cache, adapter)
     cache_headers = _cache_headers(request, body.model, handles)
     completion_id, created = f"chatcmpl-{rid}", int(time.time())
     if body.stream:
@@ -111,7 +111,8 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     return JSONResponse(out, headers=cache_headers)
 
 
-def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str, use_cache: Optional[bool]) -> tuple[list[int], list[Any]]:
+def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str, use_cache: Optional[bool],
+                  adapter: Optional[str] = None) -> tuple[list[int], list[Any]]:
     """Plugins, response_format/tools and the response cache apply here (``llamawrapper.pipeline``)."""
     from .. import pipeline  # imports torch, like the api module
 
@@ -122,7 +123,7 @@ def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str
     try:
         for k in range(body.n):
             handles.append(pipeline.submit(llm.custom, ids, params, grammar=grammar, spec=spec, cache=use_cache,
-                                           request_id=rid if body.n == 1 else f"{rid}-{k}"))
+                                           **llm.route({"adapter": adapter, "request_id": rid if body.n == 1 else f"{rid}-{k}"})))
     except BaseException:
         cancel_all(handles)
         raise
@@ -179,7 +180,7 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
 async def completions(body: P.CompletionRequest, request: Request) -> Response:
     state, rid = _state(request), _rid(request)
     _log_unknown(body, request)
-    llm = state.pool.get(body.model)
+    llm, adapter = state.pool.resolve(body.model)
     params = _params(body)
     if body.logprobs is not None:
         raise InvalidRequestError("logprobs are not supported by this server.", param="logprobs")
@@ -188,7 +189,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         raise InvalidRequestError("The prompt is empty.", param="prompt")
     _check_choices(body.n, len(prompts), state.settings.max_choices)
     prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
-    handles = _submit_all(llm, prompt_ids, body.n, params, rid)
+    handles = _submit_all(llm, prompt_ids, body.n, params, rid, adapter)
     echoes = [(_prompt_text(llm, p) if body.echo else "") for p in prompts for _ in range(body.n)]
     prompt_total = sum(len(ids) for ids in prompt_ids)
     completion_id, created = f"cmpl-{rid}", int(time.time())
