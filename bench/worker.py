@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workloads as wl
-from .metrics import MB, RssSampler, RequestRecord, now, rss_bytes, summarize
+from .metrics import MB, RssSampler, now, rss_bytes, summarize
 from .systems import Unavailable, build, default_threads, parse_options
 
 ALL_WORKLOADS = ("w1", "w2", "sweep", "w3", "prefix", "rss")

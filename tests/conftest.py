@@ -3,7 +3,6 @@ uses the real tokenizer, for fast unit tests."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

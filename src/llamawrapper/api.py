@@ -4,14 +4,13 @@ model's engine, and returns results or streams of events."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import chat as chatlib
 from . import loading, pipeline, registry
 from .config import CacheSettings, EngineSettings
 from .engine import Engine, LlamaRunner, RequestHandle
-from .errors import ContextLengthExceededError, InvalidRequestError
+from .errors import InvalidRequestError
 from .types import Result, SamplingParams, StreamEvent
 
 log = logging.getLogger("llamawrapper")

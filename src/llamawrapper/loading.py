@@ -11,14 +11,12 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from .cachefs import atomic_folder
 from .errors import InvalidModelError, LlamaWrapperError, ModelNotFoundError, UnsupportedModelError
 from .registry import ModelSource, cache_dir_for
 
@@ -112,8 +110,7 @@ def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False
             return dest
         if manifest and not force:
             log.warning("cached conversion of %s does not match the source (hash changed); converting again", gguf_path)
-        tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_folder(dest) as tmp:
             _write_conversion(gguf_path, tmp, bar)
             manifest = {
                 "manifest_version": MANIFEST_VERSION,
@@ -127,12 +124,6 @@ def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False
                 "versions": _versions(),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

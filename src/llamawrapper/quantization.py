@@ -19,9 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .cachefs import atomic_folder
 from .errors import InvalidRequestError
 
 log = logging.getLogger("llamawrapper.quantization")
@@ -264,9 +262,8 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
     """Write the quantized state dict and a manifest atomically into ``folder``."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
         state = {}
         seen: set[tuple] = set()
         for name, t in model.state_dict().items():
@@ -286,12 +283,6 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_quantized(config: Any, folder: Path, mode: str) -> nn.Module:
