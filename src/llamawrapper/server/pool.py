@@ -59,13 +59,11 @@ class ModelPool:
         self._thread.start()
 
     def _load_all(self) -> None:
+        # LlamaWrapper.load itself keeps torch work off this thread (see docs/DESIGN.md, Threads).
         try:
             self._load_each()
         finally:
             self._loaded.set()
-        # Measured: when the thread that loaded a model (and started its engine) exits, the
-        # engine decodes 10-20x slower (torch/OpenMP thread state), so this thread lives on.
-        self._closing.wait()
 
     def _load_each(self) -> None:
         from ..api import LlamaWrapper  # imports torch: kept off the startup path
