@@ -99,7 +99,6 @@ def test_cancel_frees_the_slot_within_a_step(make_engine):
     snap = eng.snapshot()
     assert snap["running"] == 0 and snap["cancelled"] == 1
     assert snap["decode_steps"] - steps_at_cancel <= 2
-    assert h.result is not None
 
 
 def test_a_failing_request_does_not_hurt_the_others(make_engine):

@@ -75,6 +75,17 @@ def _submit_all(llm: Any, prompt_ids: list[list[int]], n: int, params: Any, rid:
     return handles
 
 
+async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> Optional[list[Any]]:
+    """Every handle's result, recorded in the metrics; None when the client went away first
+    (its generations are cancelled by ``results_unless_disconnected``)."""
+    try:
+        results = await results_unless_disconnected(handles, request.receive)
+    except ClientGone:
+        return None
+    _record(request, model, handles, [r.usage for r in results])
+    return results
+
+
 def _record(request: Request, model: str, handles: list[Any], usages: list[Usage]) -> None:
     metrics = _state(request).metrics
     for h, u in zip(handles, usages):
@@ -96,11 +107,9 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     if body.stream:
         return EventStream(_chat_events(request, body, handles, completion_id, created, len(ids)), lambda: cancel_all(handles),
                            headers=cache_headers)
-    try:
-        results = await results_unless_disconnected(handles, request.receive)
-    except ClientGone:
+    results = await _results_or_gone(request, body.model, handles)
+    if results is None:
         return Response(status_code=499)
-    _record(request, body.model, handles, [r.usage for r in results])
     out = {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": i, "message": _assistant_message(r), "finish_reason": r.finish_reason,
@@ -196,11 +205,9 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     if body.stream:
         return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total),
                            lambda: cancel_all(handles))
-    try:
-        results = await results_unless_disconnected(handles, request.receive)
-    except ClientGone:
+    results = await _results_or_gone(request, body.model, handles)
+    if results is None:
         return Response(status_code=499)
-    _record(request, body.model, handles, [r.usage for r in results])
     out = {
         "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": echoes[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
