@@ -178,10 +178,15 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
     except LlamaWrapperError as exc:
         yield sse(from_exception(exc).body())
         return
+    for line in _stream_end(request, body, handles, base, usages, prompt_tokens):
+        yield line
+
+
+def _stream_end(request: Request, body: Any, handles: list[Any], base: dict, usages: list[Usage], prompt_tokens: int) -> list[str]:
+    """The last lines of a finished stream (usage chunk if asked, ``[DONE]``), metrics recorded."""
     _record(request, body.model, handles, usages)
-    if body.include_usage:
-        yield sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})
-    yield DONE
+    usage = [sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})] if body.include_usage else []
+    return usage + [DONE]
 
 
 # -- completions ---------------------------------------------------------------------------------------
@@ -256,10 +261,8 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
     except LlamaWrapperError as exc:
         yield sse(from_exception(exc).body())
         return
-    _record(request, body.model, handles, usages)
-    if body.include_usage:
-        yield sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})
-    yield DONE
+    for line in _stream_end(request, body, handles, base, usages, prompt_tokens):
+        yield line
 
 
 # -- models, tokens ---------------------------------------------------------------------------------------
