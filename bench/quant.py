@@ -47,7 +47,7 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from llamawrapper import LlamaWrapper
-    from llamawrapper import adapters, quantization  # noqa: F401
+    from llamawrapper.models import adapters, quantization  # noqa: F401
     from llamawrapper.types import SamplingParams
 
     from bench.workloads import w1_prompt, w2_prompts
@@ -121,7 +121,7 @@ def llama_cpp_worker(args: argparse.Namespace, base_rss: float) -> dict[str, Any
 
     from bench.systems import LlamaCppSystem
     from bench.workloads import w1_prompt
-    from llamawrapper import loading, registry
+    from llamawrapper.models import loading, registry
 
     source = registry.resolve("smollm2")
     tok = AutoTokenizer.from_pretrained(loading.resolve_folder(source, progress=False))

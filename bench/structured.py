@@ -41,8 +41,8 @@ def _tpot(handle_metrics: dict, tokens: int) -> float:
 
 def decode_cost(llm: Any, reps: int, batch_sizes: list[int], max_tokens: int) -> dict[str, Any]:
     """Median seconds per decoded token, constrained and not, interleaved to share the noise."""
-    from llamawrapper import pipeline
-    from llamawrapper.structured.grammar import grammar_for
+    from llamawrapper.requests import flow as pipeline
+    from llamawrapper.requests.structured.grammar import grammar_for
     from llamawrapper.types import SamplingParams
 
     grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "novel", "schema": SCHEMA}})
@@ -70,7 +70,7 @@ def engine_costs(llm: Any, reps: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from llamawrapper.structured.grammar import grammar_for
+    from llamawrapper.requests.structured.grammar import grammar_for
 
     res = llm.chat(PROMPT, max_tokens=256, temperature=0, cache=False,
                    response_format={"type": "json_schema", "json_schema": {"name": "novel", "schema": SCHEMA}})

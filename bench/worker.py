@@ -33,7 +33,7 @@ ENGINE_ONLY = ("prefix", "rss")
 
 def resolve_model(model: str) -> tuple[Path, Path | None]:
     """The Hugging Face folder every transformers-based system loads, and the GGUF file if any."""
-    from llamawrapper import loading, registry
+    from llamawrapper.models import loading, registry
 
     source = registry.resolve(model)
     folder = loading.resolve_folder(source, progress=False)

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The converted smollm2 folder in the user's cache (converted once if needed)."""
-    from llamawrapper import loading, registry
+    from llamawrapper.models import loading, registry
 
     return loading.convert_gguf(registry.resolve("smollm2"), progress=False)
 

@@ -12,9 +12,8 @@ from llamawrapper import (
     LlamaWrapper,
     ModelNotFoundError,
     UnsupportedModelError,
-    loading,
-    registry,
 )
+from llamawrapper.models import loading, registry
 
 
 def test_unknown_alias_names_it():

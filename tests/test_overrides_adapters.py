@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamawrapper import LlamaWrapper
-from llamawrapper.adapters import namespace_for, split_model_name
+from llamawrapper.models.adapters import namespace_for, split_model_name
 from llamawrapper.errors import InvalidRequestError, ModelNotFoundError
 
 

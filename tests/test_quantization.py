@@ -10,7 +10,7 @@ import torch
 
 from llamawrapper import LlamaWrapper
 from llamawrapper.errors import InvalidRequestError
-from llamawrapper import quantization as quant
+from llamawrapper.models import quantization as quant
 
 
 def test_int8_linear_close_to_float():
@@ -102,7 +102,7 @@ def test_bitsandbytes_path_on_cuda(tiny_model_dir):
 @pytest.mark.slow
 def test_quality_gate_on_smollm2():
     """int8 perplexity within +3% of fp32, int4 within +15%; fixed questions still right."""
-    from llamawrapper.evaluation import PPL_LIMITS, evaluate
+    from llamawrapper.models.evaluation import PPL_LIMITS, evaluate
 
     reports = {}
     for mode in (None, "int8", "int4"):

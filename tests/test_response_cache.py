@@ -14,7 +14,7 @@ import time
 import pytest
 
 from llamawrapper import LlamaWrapper
-from llamawrapper.response_cache import RedisCache, ResponseCache, SQLiteCache, cache_key, decode_events, encode_events
+from llamawrapper.requests.response_cache import RedisCache, ResponseCache, SQLiteCache, cache_key, decode_events, encode_events
 from llamawrapper.types import SamplingParams, StreamEvent, Usage
 
 EVENTS = [StreamEvent("Hel", [1]), StreamEvent("lo", [2]), StreamEvent("!", [3], "stop", Usage(5, 3, 0))]
@@ -97,7 +97,7 @@ def test_sqlite_ttl_size_bound_and_reopen(tmp_path):
 
 def test_sqlite_survives_a_killed_writer(tmp_path):
     path = tmp_path / "killed.sqlite"
-    writer = ("import sys; from llamawrapper.response_cache import SQLiteCache\n"
+    writer = ("import sys; from llamawrapper.requests.response_cache import SQLiteCache\n"
               "c = SQLiteCache(sys.argv[1], max_entries=100000)\n"
               "i = 0\n"
               "while True:\n"

@@ -12,8 +12,8 @@ import pytest
 
 from llamawrapper import LlamaWrapper
 from llamawrapper.errors import InvalidRequestError
-from llamawrapper.structured import tools as toolslib
-from llamawrapper.structured.grammar import grammar_for
+from llamawrapper.requests.structured import tools as toolslib
+from llamawrapper.requests.structured.grammar import grammar_for
 
 S = {"type": "string", "maxLength": 24}
 

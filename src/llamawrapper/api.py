@@ -8,7 +8,8 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from . import chat as chatlib
-from . import loading, pipeline, registry
+from .requests import flow
+from .models import loading, registry
 from .config import CacheSettings, EngineSettings
 from .engine import Engine, LlamaRunner, RequestHandle
 from .errors import InvalidRequestError
@@ -36,7 +37,7 @@ class LlamaWrapper:
         self.engine = engine
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
-        self.custom = pipeline.Customizations(self)  # plugins, response cache, grammars (see load())
+        self.custom = flow.Customizations(self)  # plugins, response cache, grammars (see load())
 
     @classmethod
     def load(
@@ -68,12 +69,12 @@ class LlamaWrapper:
         per request with ``adapter="name"``. Each falls back to the config file's ``[models.NAME]``."""
         import torch
 
-        from . import customize
+        from .requests import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        from . import adapters as adapterlib
+        from .models import adapters as adapterlib
         from .config import model_table
 
         table = model_table(source)
@@ -117,13 +118,13 @@ class LlamaWrapper:
 
     def effective_config(self) -> dict[str, Any]:
         """The model config as it runs (after overrides), JSON-ready."""
-        from .overrides import effective_config
+        from .models.overrides import effective_config
 
         return effective_config(self.loaded.model.config)
 
     def route(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Turn an ``adapter=`` keyword into the engine namespace that selects it."""
-        from .adapters import namespace_for
+        from .models.adapters import namespace_for
         from .errors import ModelNotFoundError
 
         adapter = engine_kwargs.pop("adapter", None)
@@ -180,16 +181,16 @@ class LlamaWrapper:
 
     def submit_chat(self, messages: chatlib.Messages, params: SamplingParams, truncate: Optional[str] = None, *,
                     response_format: Any = None, tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None,
-                    **engine_kwargs: Any) -> pipeline.ChatHandle:
+                    **engine_kwargs: Any) -> flow.ChatHandle:
         """A chat request through plugins, output constraints and the response cache; the
         handle streams ``StreamEvent``s (the last may carry ``tool_calls``) and says
         ``cache_status``."""
-        ids, params, grammar, spec = pipeline.prepare_chat(self.custom, messages, params, truncate=truncate,
+        ids, params, grammar, spec = flow.prepare_chat(self.custom, messages, params, truncate=truncate,
                                                            response_format=response_format, tools=tools, tool_choice=tool_choice)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **self.route(engine_kwargs))
+        return flow.submit(self.custom, ids, params, grammar=grammar, spec=spec, cache=cache, **self.route(engine_kwargs))
 
     def submit_prompt(self, prompt: Union[str, list[int]], params: SamplingParams, *, response_format: Any = None,
-                      cache: Optional[bool] = None, **engine_kwargs: Any) -> pipeline.ChatHandle:
+                      cache: Optional[bool] = None, **engine_kwargs: Any) -> flow.ChatHandle:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_special_tokens=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -198,8 +199,8 @@ class LlamaWrapper:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids.", param="prompt")
         if not ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
-        grammar = pipeline.grammar_for(response_format)
-        return pipeline.submit(self.custom, ids, params, grammar=grammar, cache=cache, **self.route(engine_kwargs))
+        grammar = flow.grammar_for(response_format)
+        return flow.submit(self.custom, ids, params, grammar=grammar, cache=cache, **self.route(engine_kwargs))
 
     # -- convenience -----------------------------------------------------------------------------
     def chat(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
@@ -240,12 +241,12 @@ class LlamaWrapper:
         formats = response_format if isinstance(response_format, list) else [response_format] * len(items)
         if len(formats) != len(items):
             raise InvalidRequestError("A list of response formats must have one per item.", param="response_format")
-        prepared = [pipeline.prepare_chat(self.custom, item, params, truncate=truncate, response_format=rf, tools=tools,
+        prepared = [flow.prepare_chat(self.custom, item, params, truncate=truncate, response_format=rf, tools=tools,
                                           tool_choice=tool_choice) for item, rf in zip(items, formats)]
         handles: list[Any] = []
         try:
             for ids, p, grammar, spec in prepared:
-                handles.append(pipeline.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache,
+                handles.append(flow.submit(self.custom, ids, p, grammar=grammar, spec=spec, cache=cache,
                                                **self.route({"adapter": adapter})))
             return [h.result() for h in handles]
         finally:

@@ -110,7 +110,7 @@ class ModelPool:
         ``name:adapter`` for an adapter loaded on that model."""
         if name is None or name in self.models:
             return self.get(name), None
-        from ..adapters import split_model_name  # no torch at module level
+        from ..models.adapters import split_model_name  # no torch at module level
 
         base, adapter = split_model_name(name)
         if adapter is None or base not in self.models:

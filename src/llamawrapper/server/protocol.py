@@ -68,7 +68,7 @@ class _Sampling(_Open):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    # structured output and tools: validated by the library (llamawrapper.structured)
+    # structured output and tools: validated by the library (llamawrapper.requests.structured)
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None

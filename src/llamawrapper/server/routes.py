@@ -122,16 +122,16 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
 
 def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str, use_cache: Optional[bool],
                   adapter: Optional[str] = None) -> tuple[list[int], list[Any]]:
-    """Plugins, response_format/tools and the response cache apply here (``llamawrapper.pipeline``)."""
-    from .. import pipeline  # imports torch, like the api module
+    """Plugins, response_format/tools and the response cache apply here (``llamawrapper.requests.flow``)."""
+    from ..requests import flow  # imports torch, like the api module
 
-    ids, params, grammar, spec = pipeline.prepare_chat(llm.custom, body.message_dicts(), params, truncate=None,
+    ids, params, grammar, spec = flow.prepare_chat(llm.custom, body.message_dicts(), params, truncate=None,
                                                        response_format=body.response_format, tools=body.tools,
                                                        tool_choice=body.tool_choice)
     handles: list[Any] = []
     try:
         for k in range(body.n):
-            handles.append(pipeline.submit(llm.custom, ids, params, grammar=grammar, spec=spec, cache=use_cache,
+            handles.append(flow.submit(llm.custom, ids, params, grammar=grammar, spec=spec, cache=use_cache,
                                            **llm.route({"adapter": adapter, "request_id": rid if body.n == 1 else f"{rid}-{k}"})))
     except BaseException:
         cancel_all(handles)

@@ -14,13 +14,13 @@ import hashlib
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
-from . import chat as chatlib
-from .errors import InvalidRequestError, RequestCancelledError
-from .plugins import ActivePlugins
+from .. import chat as chatlib
+from ..errors import InvalidRequestError, RequestCancelledError
+from ..plugins import ActivePlugins
 from .response_cache import ResponseCache, cache_key, is_deterministic
 from .structured import tools as toolslib
 from .structured.grammar import GrammarCompiler, grammar_for
-from .types import Result, SamplingParams, StreamEvent, Usage
+from ..types import Result, SamplingParams, StreamEvent, Usage
 
 
 class Customizations:

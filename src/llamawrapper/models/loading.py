@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .cachefs import atomic_folder
-from .errors import InvalidModelError, LlamaWrapperError, ModelNotFoundError, UnsupportedModelError
+from ..errors import InvalidModelError, LlamaWrapperError, ModelNotFoundError, UnsupportedModelError
 from .registry import ModelSource, cache_dir_for
 
 log = logging.getLogger("llamawrapper.loading")
@@ -54,7 +54,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"llamawrapper": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -201,11 +201,11 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progr
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import quantization as quant
-    from .engine.runner import SUPPORTED_MODEL_TYPES
+    from ..engine.runner import SUPPORTED_MODEL_TYPES
     from .overrides import apply_overrides, overrides_key
 
     if dtype not in DTYPES:
-        from .errors import InvalidRequestError
+        from ..errors import InvalidRequestError
 
         raise InvalidRequestError(f"Invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
     quantization = quant.check_quantization(quantization)

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
-from ..errors import GenerationError, InvalidRequestError
+from ...errors import GenerationError, InvalidRequestError
 
 # Compact, single-line JSON with the spacing models usually write (``{"a": 1, "b": 2}``): no
 # free whitespace, so a model cannot pad its answer with newlines until max_tokens runs out.

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import InvalidRequestError
+from ...errors import InvalidRequestError
 from .grammar import JSON_DEFAULTS, json_schema_grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"

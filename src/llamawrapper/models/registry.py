@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import home_dir
-from .errors import ModelNotFoundError
+from ..config import home_dir
+from ..errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from .config import CacheSettings, home_dir, model_table
-from .errors import InvalidRequestError
-from .plugins import ActivePlugins
-from .plugins.manager import registered_chat_templates, registered_models
+from ..config import CacheSettings, home_dir, model_table
+from ..errors import InvalidRequestError
+from ..plugins import ActivePlugins
+from ..plugins.manager import registered_chat_templates, registered_models
 from .response_cache import ResponseCache, open_backend
 
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import InvalidModelError, InvalidRequestError
+from ..errors import InvalidModelError, InvalidRequestError
 
 log = logging.getLogger("llamawrapper.adapters")
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .cachefs import atomic_folder
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 log = logging.getLogger("llamawrapper.quantization")
 

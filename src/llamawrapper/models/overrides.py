@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Callable, Optional
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope", "default")

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from .errors import InvalidRequestError
-from .types import SamplingParams, StreamEvent, Usage
+from ..errors import InvalidRequestError
+from ..types import SamplingParams, StreamEvent, Usage
 
 KEY_VERSION = 1
 

@@ -1,0 +1,5 @@
+"""``python -m llamawrapper.cli``."""
+
+from . import main
+
+main()
