@@ -4,6 +4,7 @@ import pytest
 
 from llamawrapper import (
     ContextLengthExceededError,
+    GenerationError,
     InvalidRequestError,
     LlamaWrapper,
     Result,
@@ -176,4 +177,6 @@ def test_breaking_out_of_a_stream_cancels_it(tiny_llm):
 def test_context_manager_closes_engine(tiny_model_dir):
     with LlamaWrapper.load(str(tiny_model_dir), progress=False) as llm:
         assert llm.chat("x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
-    assert not llm.engine._thread.is_alive()
+    assert llm.engine not in llm.engine.executor._workers  # the executor no longer steps it
+    with pytest.raises(GenerationError, match="shut down"):
+        llm.chat("x", max_tokens=2, temperature=0)

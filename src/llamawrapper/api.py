@@ -67,13 +67,12 @@ class LlamaWrapper:
         applied before loading (``num_hidden_layers``, ``rope_scaling``, ``max_position_embeddings``,
         ``attn_implementation``, ``rms_norm_eps``). ``adapters``: ``{"name": "lora/folder"}``, picked
         per request with ``adapter="name"``. Each falls back to the config file's ``[models.NAME]``."""
-        import torch
-
+        from .engine.threads import set_process_threads
         from .requests import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
         if settings.threads:
-            torch.set_num_threads(settings.threads)
+            set_process_threads(settings.threads)
         from .models import adapters as adapterlib
         from .config import model_table
 
@@ -268,12 +267,20 @@ class LlamaWrapper:
 def _off_caller_thread(fn: Callable[[], Any]) -> Any:
     """Run the heavy part of loading in a short-lived thread and return its result (or raise
     its error). A thread that runs torch work keeps an OpenMP team for its whole life; a second
-    team beside the engine's made libgomp throttle its waiting and decoding 1.7x slower
-    (18 vs 30 tokens/s single stream, measured), so the caller's thread is kept free of it."""
+    team beside the executor's made libgomp throttle its waiting and decoding 1.7x slower
+    (18 vs 30 tokens/s single stream, measured), so the caller's thread is kept free of it.
+    While other models are loaded (they may be serving), the loading thread runs torch on one
+    OpenMP thread so it never forms a second team (``engine/threads.py``)."""
+    from .engine.executor import get_executor
+    from .engine.threads import limit_current_thread
+
     box: dict[str, Any] = {}
+    beside_others = get_executor().workers > 0
 
     def run() -> None:
         try:
+            if beside_others:
+                limit_current_thread(1)
             box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc

@@ -9,10 +9,8 @@ waits for another's length.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
-import weakref
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import torch
 from ..errors import ContextLengthExceededError, GenerationError, InvalidRequestError, LlamaWrapperError, QueueFullError
 from ..types import LogitsProcessor, SamplingParams, StreamEvent, Usage
 from .detokenizer import StreamingDetokenizer
+from .executor import Executor, get_executor
 from .kv_cache import SequenceKV, SlotCache
 from .prefix_cache import PrefixCache
 from .request import Request, RequestHandle
@@ -31,16 +30,6 @@ from .sampling import apply_repetition_penalty, make_generator, sample_row
 from .stopping import StopStringMatcher
 
 log = logging.getLogger("llamawrapper.engine")
-
-_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    # Join worker threads before the interpreter tears torch down under them.
-    for engine in list(_live_engines):
-        engine.shutdown(timeout=2.0)
-
 
 @dataclass
 class EngineConfig:
@@ -65,9 +54,11 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous-batching generation over a ``LlamaRunner``."""
+    """Continuous-batching generation over a ``LlamaRunner``, stepped by the process's
+    executor thread (``executor.py``) together with every other loaded model."""
 
-    def __init__(self, runner: LlamaRunner, tokenizer: Any, eos_token_ids: Iterable[int], config: EngineConfig | None = None) -> None:
+    def __init__(self, runner: LlamaRunner, tokenizer: Any, eos_token_ids: Iterable[int], config: EngineConfig | None = None,
+                 executor: Optional[Executor] = None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
@@ -76,15 +67,14 @@ class Engine:
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._running: list[Request] = []
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="llamawrapper-engine", daemon=True)
-        self._thread.start()
-        _live_engines.add(self)
+        self.executor = executor or get_executor()
+        self.executor.attach(self)
 
     # -- public, any thread --------------------------------------------------------------------
     def submit(
@@ -100,19 +90,19 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         max_tokens = self.check_context(len(prompt_ids), params.max_tokens)
-        handle = RequestHandle(request_id or "", on_cancel=self._wake)
+        handle = RequestHandle(request_id or "", on_cancel=self.executor.wake)
         req = Request(list(prompt_ids), params, max_tokens, handle, namespace, logits_processor)
         if request_id:
             req.id = request_id
         handle.request_id = req.id
-        with self._cv:
+        with self._lock:
             if self._closed:
                 raise GenerationError("the engine is shut down")
             if len(self._incoming) + len(self._waiting) >= self.config.max_queue:
                 self.stats.rejected += 1
                 raise QueueFullError(f"The request queue is full ({self.config.max_queue} waiting).", retry_after=1.0)
             self._incoming.append(req)
-            self._cv.notify()
+        self.executor.wake()
         return handle
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -128,7 +118,7 @@ class Engine:
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges for metrics and tests."""
-        with self._cv:
+        with self._lock:
             queued = len(self._incoming) + len(self._waiting)
         pc = self.prefix_cache.stats
         return {
@@ -147,43 +137,51 @@ class Engine:
             **vars(self.stats),
         }
 
+    @property
+    def in_flight(self) -> int:
+        """Requests queued, prefilling or decoding."""
+        with self._lock:
+            return len(self._incoming) + len(self._waiting) + len(self._prefilling) + len(self._running)
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        with self._cv:
+        """Refuse new requests, fail the ones still held, and leave the executor."""
+        with self._lock:
             self._closed = True
-            self._cv.notify()
-        self._thread.join(timeout)
+        if self.executor.on_thread():
+            self._close()
+            return
+        try:
+            self.executor.call(self._close).result(timeout)
+        except Exception:  # the executor is gone (interpreter exit): nothing is stepping any more
+            self._close()
 
-    # -- worker ----------------------------------------------------------------------------------
-    def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify()
+    def _close(self) -> None:
+        self.executor.detach(self)
+        with self._lock:
+            pending, self._incoming = list(self._incoming), deque()
+        for req in pending + list(self._waiting) + self._prefilling + self._running:
+            self._fail(req, GenerationError("the engine shut down"))
+        self._waiting, self._prefilling, self._running = deque(), [], []
+        self.slots.reset()
 
-    def _busy(self) -> bool:
+    # -- executor worker (executor thread only) ---------------------------------------------------------
+    def has_work(self) -> bool:
         return bool(self._incoming or self._waiting or self._prefilling or self._running)
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._cv:
-                while not self._busy() and not self._closed:
-                    if self.slots.nbytes > 64 * 1024 * 1024:
-                        self.slots.reset()
-                    self._cv.wait()
-                if self._closed:
-                    break
-                self._waiting.extend(self._incoming)
-                self._incoming.clear()
-            try:
-                self.step()
-            except Exception as exc:  # a failure of the batch as a whole: fail its requests, go on
-                log.exception("engine step failed")
-                for req in self._prefilling + self._running:
-                    self._fail(req, exc)
-                self._prefilling, self._running = [], []
-        for req in list(self._waiting) + self._prefilling + self._running:
-            self._fail(req, GenerationError("the engine shut down"))
+    def on_idle(self) -> None:
+        if self.slots.nbytes > 64 * 1024 * 1024:
+            self.slots.reset()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """A step failed as a whole: fail the requests it was working on; the engine goes on."""
+        for req in self._prefilling + self._running:
+            self._fail(req, exc)
+        self._prefilling, self._running = [], []
 
     def step(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
         self.stats.steps += 1
         self._drop_cancelled()
         self._admit()
