@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable
+from typing import Any, Iterable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,3 +61,14 @@ class APIKeyMiddleware:
             await unauthorized(missing=token is None).response()(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def require_admin(request: Any) -> None:
+    """Let an operator route (``/admin/...``) through only for an admin key. Until keys carry
+    scopes every configured key is an admin key; the middleware has already refused requests
+    without a valid key, and with no keys configured the server is open."""
+
+
+def record_admin_action(request: Any, action: str, **details: Any) -> None:
+    """Record an admin action (model loaded, swapped, removed; key created, revoked). The audit
+    trail plugs in here; until then the access log's line is the only record."""
