@@ -20,7 +20,7 @@ from llamawrapper.errors import (
 from llamawrapper.server.auth import KeyChecker
 from llamawrapper.server.command import settings_from_flags
 from llamawrapper.server.errors import from_exception, validation_error
-from llamawrapper.server.pool import parse_spec
+from llamawrapper.models.modelsfile import split_serve_spec
 
 
 @pytest.fixture
@@ -108,9 +108,13 @@ def test_key_checker():
 
 
 def test_model_specs():
-    assert parse_spec("smollm2") == ("smollm2", "smollm2")
-    assert parse_spec("tiny=/tmp/model") == ("tiny", "/tmp/model")
-    assert parse_spec("org/model@rev") == ("org/model@rev", "org/model@rev")
+    def pair(spec):
+        name, model = split_serve_spec(spec)
+        return name, model.source
+
+    assert pair("smollm2") == ("smollm2", "smollm2")
+    assert pair("tiny=/tmp/model") == ("tiny", "/tmp/model")
+    assert pair("org/model@rev") == ("org/model@rev", "org/model@rev")
 
 
 def test_openapi_has_no_fastapi_422_shapes(clean_env):

@@ -103,6 +103,9 @@ class ServerSettings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before exiting.")
     max_choices: int = Field(8, ge=1, description="Most choices (n x prompts) one request may ask for.")
     retry_after: Optional[int] = Field(None, ge=0, description="Retry-After seconds on 429 (default: the engine's hint).")
+    models_file: Optional[str] = Field(None, description="TOML file of models to serve ([NAME] tables: source, revision, sha256, ...).")
+    keep_alive: Optional[float] = Field(None, gt=0, description="Unload a model idle this many seconds; the next request loads it again.")
+    max_loaded_models: Optional[int] = Field(None, ge=1, description="Most model versions loaded at once; the least recently used idle one unloads.")
 
     settings_customise_sources = _with_config_file("server")
 

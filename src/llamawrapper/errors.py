@@ -4,7 +4,10 @@
     ├── ModelError
     │   ├── ModelNotFoundError             unknown alias, missing path, hub unreachable and not cached
     │   ├── InvalidModelError              the file or folder is not a loadable model
-    │   └── UnsupportedModelError          an architecture the engine cannot run
+    │   ├── UnsupportedModelError          an architecture the engine cannot run
+    │   ├── ModelConflictError             an admin change that clashes with the model's state
+    │   │   └── ModelHashMismatchError     the source's sha256 differs from the pin (names both)
+    │   └── ModelUnavailableError          the model is loading, or failed to load; retry later
     ├── InvalidRequestError                bad parameter or message; ``param`` names it
     │   └── ContextLengthExceededError     prompt + max_tokens > the model's context
     ├── QueueFullError                     admission refused: the engine's queue is full
@@ -35,6 +38,23 @@ class InvalidModelError(ModelError):
 
 class UnsupportedModelError(ModelError):
     """A model whose architecture the engine does not run."""
+
+
+class ModelConflictError(ModelError):
+    """An admin change that clashes with the model's state (a version already loading, nothing to
+    promote)."""
+
+
+class ModelHashMismatchError(ModelConflictError):
+    """A source whose sha256 differs from the pinned one; both are named."""
+
+    def __init__(self, source: str, expected: str, actual: str) -> None:
+        super().__init__(f"The sha256 of '{source}' is {actual}, but the pin says {expected}.")
+        self.source, self.expected, self.actual = source, expected, actual
+
+
+class ModelUnavailableError(ModelError):
+    """The model exists but cannot serve now (loading, or its only version failed); retry later."""
 
 
 class InvalidRequestError(LlamaWrapperError):

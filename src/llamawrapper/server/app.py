@@ -20,38 +20,45 @@ from .auth import APIKeyMiddleware
 from .errors import APIError, from_exception, validation_error
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
-from .pool import ModelPool
+from ..models.host import ModelHost, default_loader
+from .admin_models import router as admin_models_router
+from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
 from .routes import router
 
 
 @dataclass
 class ServerState:
     settings: ServerSettings
-    pool: ModelPool
+    host: ModelHost
     metrics: Metrics
     draining: bool = False
 
 
 def create_app(settings: Optional[ServerSettings] = None, engine: Optional[EngineSettings] = None,
-               pool: Optional[ModelPool] = None) -> FastAPI:
-    """An app serving ``settings.models``; loading starts when the app starts (lifespan)."""
+               host: Optional[ModelHost] = None) -> FastAPI:
+    """An app serving ``settings.models`` (and ``settings.models_file``) through a ``ModelHost``;
+    loading starts in the background when the app starts (lifespan)."""
     settings = settings or ServerSettings()
-    pool = pool or ModelPool(settings.models, dtype=settings.dtype, engine=engine,
-                             quantization=getattr(settings, "quantization", None))
-    state = ServerState(settings, pool, Metrics(pool.engines))
+    host = host or ModelHost(default_loader(dtype=settings.dtype, quantization=settings.quantization, engine=engine),
+                             keep_alive=settings.keep_alive, max_loaded_models=settings.max_loaded_models,
+                             drain_timeout=max(settings.drain_timeout, 1.0) * 20)
+    entries = served_entries(settings)  # bad specs or files fail here, before the port opens
+    state = ServerState(settings, host, Metrics(host.engines))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pool.start()
+        for name, spec, options in entries:
+            host.put(name, spec, **options)
         try:
             yield
         finally:
-            pool.close()
+            host.close()
 
     app = FastAPI(title="LlamaWrapper", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat and completion endpoints over local models.")
     app.state.lw = state
     app.include_router(router)
+    app.include_router(admin_models_router)
     _install_error_handlers(app, settings)
     # added innermost first: the request context wraps everything, then auth, then the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -59,6 +66,17 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def served_entries(settings: ServerSettings) -> list[tuple[str, Any, dict]]:
+    """(name, spec, options) for every model to serve: ``serve`` arguments (``source`` or
+    ``name=source``), then the models file's tables."""
+    from ..models.modelsfile import read_models_file, split_serve_spec
+
+    entries = [(*split_serve_spec(spec), {}) for spec in settings.models]
+    if settings.models_file:
+        entries += read_models_file(settings.models_file)
+    return entries
 
 
 def _install_error_handlers(app: FastAPI, settings: ServerSettings) -> None:

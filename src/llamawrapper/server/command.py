@@ -67,6 +67,8 @@ def _parameters() -> list[inspect.Parameter]:
 def settings_from_flags(flags: dict[str, Any]) -> tuple[ServerSettings, EngineSettings]:
     """Settings where flags given on the command line win over env vars and the config file."""
     given = {k: v for k, v in flags.items() if v is not None and v != []}
+    if given.get("models_file") and "models" not in given:
+        given["models"] = []  # a models file alone serves just what it lists
     server = ServerSettings(**{k: v for k, v in given.items() if k in ServerSettings.model_fields})
     engine = EngineSettings(**{k: v for k, v in given.items() if k in EngineSettings.model_fields})
     return server, engine

@@ -5,6 +5,8 @@ Library exceptions are mapped to a status by their type (never by their message 
     ContextLengthExceededError  400  invalid_request_error / context_length_exceeded
     InvalidRequestError         400  invalid_request_error (param named)
     ModelNotFoundError          404  invalid_request_error / model_not_found
+    ModelConflictError          409  invalid_request_error / conflict (hash mismatch: sha256_mismatch)
+    ModelUnavailableError       503  server_error / model_unavailable, with Retry-After
     QueueFullError              429  rate_limit_error / queue_full, with Retry-After
     RequestCancelledError       503  server_error / cancelled
     any other LlamaWrapperError 500  server_error
@@ -23,7 +25,10 @@ from ..errors import (
     ContextLengthExceededError,
     InvalidRequestError,
     LlamaWrapperError,
+    ModelConflictError,
+    ModelHashMismatchError,
     ModelNotFoundError,
+    ModelUnavailableError,
     QueueFullError,
     RequestCancelledError,
 )
@@ -69,6 +74,12 @@ def from_exception(exc: BaseException, retry_after: Optional[int] = None) -> API
         return APIError(400, str(exc), "invalid_request_error", "invalid_value", exc.param)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), "invalid_request_error", "model_not_found", "model")
+    if isinstance(exc, ModelHashMismatchError):
+        return APIError(409, str(exc), "invalid_request_error", "sha256_mismatch", "sha256")
+    if isinstance(exc, ModelConflictError):
+        return APIError(409, str(exc), "invalid_request_error", "conflict")
+    if isinstance(exc, ModelUnavailableError):
+        return APIError(503, str(exc), "server_error", "model_unavailable", "model", headers={"Retry-After": str(retry_after or 1)})
     if isinstance(exc, QueueFullError):
         seconds = retry_after if retry_after is not None else max(1, math.ceil(exc.retry_after))
         return APIError(429, str(exc), "rate_limit_error", "queue_full", headers={"Retry-After": str(seconds)})

@@ -97,12 +97,12 @@ def _record(request: Request, model: str, handles: list[Any], usages: list[Usage
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
     state, rid = _state(request), _rid(request)
     _log_unknown(body, request)
-    llm, adapter = state.pool.resolve(body.model)
     params = _params(body)
     _check_choices(body.n, 1, state.settings.max_choices)
     use_cache = False if "no-cache" in request.headers.get("cache-control", "").lower() else None
-    ids, handles = await run_in_threadpool(_submit_chats, llm, body, params, rid, use_cache, adapter)
-    cache_headers = _cache_headers(request, body.model, handles)
+    with await state.host.acquire_async(body.model) as lease:  # held until the engine has the requests
+        ids, handles = await run_in_threadpool(_submit_chats, lease.model, body, params, rid, use_cache, lease.adapter)
+    cache_headers = {**_cache_headers(request, body.model, handles), **_version_header(lease)}
     completion_id, created = f"chatcmpl-{rid}", int(time.time())
     if body.stream:
         return EventStream(_chat_events(request, body, handles, completion_id, created, len(ids)), lambda: cancel_all(handles),
@@ -194,7 +194,6 @@ def _stream_end(request: Request, body: Any, handles: list[Any], base: dict, usa
 async def completions(body: P.CompletionRequest, request: Request) -> Response:
     state, rid = _state(request), _rid(request)
     _log_unknown(body, request)
-    llm, adapter = state.pool.resolve(body.model)
     params = _params(body)
     if body.logprobs is not None:
         raise InvalidRequestError("logprobs are not supported by this server.", param="logprobs")
@@ -202,14 +201,16 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     if not prompts:
         raise InvalidRequestError("The prompt is empty.", param="prompt")
     _check_choices(body.n, len(prompts), state.settings.max_choices)
-    prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
-    handles = _submit_all(llm, prompt_ids, body.n, params, rid, adapter)
+    with await state.host.acquire_async(body.model) as lease:  # held until the engine has the requests
+        llm = lease.model
+        prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
+        handles = _submit_all(llm, prompt_ids, body.n, params, rid, lease.adapter)
     echoes = [(_prompt_text(llm, p) if body.echo else "") for p in prompts for _ in range(body.n)]
     prompt_total = sum(len(ids) for ids in prompt_ids)
     completion_id, created = f"cmpl-{rid}", int(time.time())
     if body.stream:
         return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total),
-                           lambda: cancel_all(handles))
+                           lambda: cancel_all(handles), headers=_version_header(lease))
     results = await _results_or_gone(request, body.model, handles)
     if results is None:
         return Response(status_code=499)
@@ -220,7 +221,11 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         "usage": _usage_dict(_sum_usage([r.usage for r in results], prompt_total)),
         "system_fingerprint": None,
     }
-    return JSONResponse(out)
+    return JSONResponse(out, headers=_version_header(lease))
+
+
+def _version_header(lease: Any) -> dict[str, str]:
+    return {"x-model-version": lease.version}
 
 
 def _prompt_ids(llm: Any, prompt: Any) -> list[int]:
@@ -268,17 +273,18 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
 # -- models, tokens ---------------------------------------------------------------------------------------
 @router.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> Response:
-    pool = _state(request).pool
-    data = [{"id": s.alias, "object": "model", "created": s.created, "owned_by": "llamawrapper"} for s in pool.models.values()]
+    data = [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "llamawrapper", "task": m["task"]}
+            for m in _state(request).host.served()]
     return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model}", response_model=P.ModelCard, responses=_ERRORS)
 async def get_model(model: str, request: Request) -> Response:
-    served = _state(request).pool.models.get(model)
+    served = next((m for m in _state(request).host.served() if m["id"] == model), None)
     if served is None:
         raise from_exception(_not_found(model))
-    return JSONResponse({"id": served.alias, "object": "model", "created": served.created, "owned_by": "llamawrapper"})
+    return JSONResponse({"id": served["id"], "object": "model", "created": served["created"], "owned_by": "llamawrapper",
+                         "task": served["task"]})
 
 
 def _not_found(model: str) -> Exception:
@@ -289,26 +295,27 @@ def _not_found(model: str) -> Exception:
 
 @router.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
 async def tokenize(body: P.TokenizeRequest, request: Request) -> Response:
-    llm = _state(request).pool.get(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
-    if body.messages is not None:
-        ids = await run_in_threadpool(llm.chat_prompt_ids, [m.model_dump(exclude_none=True) for m in body.messages])
-    else:
-        ids = await run_in_threadpool(llm.tokenize, body.prompt, body.add_special_tokens)
+    with await _state(request).host.acquire_async(body.model) as lease:
+        llm = lease.model
+        if body.messages is not None:
+            ids = await run_in_threadpool(llm.chat_prompt_ids, [m.model_dump(exclude_none=True) for m in body.messages])
+        else:
+            ids = await run_in_threadpool(llm.tokenize, body.prompt, body.add_special_tokens)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": llm.context_length})
 
 
 @router.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS)
 async def detokenize(body: P.DetokenizeRequest, request: Request) -> Response:
-    llm = _state(request).pool.get(body.model)
-    return JSONResponse({"prompt": await run_in_threadpool(llm.detokenize, body.tokens)})
+    with await _state(request).host.acquire_async(body.model) as lease:
+        return JSONResponse({"prompt": await run_in_threadpool(lease.model.detokenize, body.tokens)})
 
 
 # -- probes, metrics -------------------------------------------------------------------------------------
 @router.get("/health", response_model=P.Health)
 async def health(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "models": _state(request).pool.statuses()})
+    return JSONResponse({"status": "ok", "models": _state(request).host.statuses()})
 
 
 @router.get("/ready", response_model=P.Health, responses={503: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}})
@@ -316,9 +323,9 @@ async def ready(request: Request) -> Response:
     state = _state(request)
     if state.draining:
         raise APIError(503, "The server is shutting down.", "service_unavailable_error", "draining")
-    if not state.pool.ready:
-        raise not_ready(f"Models not ready: {state.pool.statuses()}")
-    return JSONResponse({"status": "ready", "models": state.pool.statuses()})
+    if not state.host.ready:
+        raise not_ready(f"Models not ready: {state.host.statuses()}")
+    return JSONResponse({"status": "ready", "models": state.host.statuses()})
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
