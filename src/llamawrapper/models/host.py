@@ -444,6 +444,7 @@ class ModelHost:
                 version.sha256 = version.sha256 or sha
                 version.memory_bytes = _memory_bytes(model)
                 version.last_used = time.monotonic()
+                self._make_room(version)  # again: versions busy when the load began may be idle now
                 if version is served.active or version is served.canary:
                     pass  # loaded again after keep-alive or eviction: same place as before
                 elif version.role == "active" or served.active is None:
