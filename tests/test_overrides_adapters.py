@@ -50,27 +50,6 @@ def test_longer_context_with_rope_scaling(tiny_model_dir):
 
 # -- adapters --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_model_dir, tmp_path_factory):
-    """Two LoRA adapters made with peft on the tiny model (random, non-zero B)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = {}
-    for i, (name, targets) in enumerate([("sql", ["q_proj", "v_proj"]), ("poet", ["q_proj", "o_proj", "down_proj", "up_proj"])]):
-        torch.manual_seed(10 + i)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.0)
-        peft_model = get_peft_model(base, cfg)
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.5)
-        folder = tmp_path_factory.mktemp(f"lora-{name}")
-        peft_model.save_pretrained(folder)
-        out[name] = folder
-    return out
-
-
-@pytest.fixture(scope="module")
 def lora_llm(tiny_model_dir, adapter_dirs):
     llm = LlamaWrapper.load(str(tiny_model_dir), adapters={k: str(v) for k, v in adapter_dirs.items()}, progress=False)
     yield llm

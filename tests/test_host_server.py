@@ -1,0 +1,172 @@
+"""The model host through a real server process: admin routes, a hot swap under continuous load,
+a broken version, a canary share, rollback, keep-alive, runtime adapters and bad input — what
+an operator sees over HTTP (statuses, bodies, ``x-model-version``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture
+def server(tiny_model_dir, tmp_path):
+    srv = ServerProcess([f"chat={tiny_model_dir}"], log_path=tmp_path / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.terminate()
+
+
+def _wait_status(client: httpx.Client, name: str, version: str, want: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.get(f"/admin/models/{name}").json()
+        v = next(v for v in info["versions"] if v["version"] == version)
+        if v["status"] == want:
+            return v
+        assert v["status"] != "failed" or want == "failed", v
+        time.sleep(0.1)
+    raise AssertionError(f"{name} {version} never became {want}: {info}")
+
+
+def _chat(client: httpx.Client, model: str = "chat") -> httpx.Response:
+    return client.post("/v1/chat/completions", json={**CHAT, "model": model})
+
+
+def test_swap_under_load_loses_no_request(server, tiny_model_dir):
+    """8 clients send requests for 20 s; a PUT swaps the version in the middle."""
+    results: list[tuple[float, int, str]] = []
+    stop = time.monotonic() + 20
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        with server.client() as c:
+            while time.monotonic() < stop:
+                started = time.monotonic()
+                r = _chat(c)
+                with lock:
+                    results.append((started, r.status_code, r.headers.get("x-model-version", "")))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    with server.client() as admin:
+        put = admin.put("/admin/models/chat", json={"source": str(tiny_model_dir), "dtype": "bfloat16"})
+        assert put.status_code == 202 and put.json() == {"name": "chat", "version": "v2", "status": "loading"}
+        _wait_status(admin, "chat", "v2", "ready")
+        ready_at = time.monotonic()
+    for t in threads:
+        t.join()
+    assert len(results) > 50
+    assert {status for _, status, _ in results} == {200}, [r for r in results if r[1] != 200][:5]
+    after = [v for started, _, v in results if started > ready_at + 0.5]
+    assert after and set(after) == {"v2"}
+    assert {v for started, _, v in results if started < ready_at - 5} == {"v1"}
+
+
+def test_admin_view_and_broken_version(server, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with server.client() as c:
+        listing = c.get("/admin/models").json()["data"]
+        assert [m["name"] for m in listing] == ["chat"]
+        v1 = listing[0]["versions"][0]
+        assert v1["status"] == "ready" and v1["traffic"] == 1.0 and v1["memory_bytes"] > 0 and v1["loaded_at"]
+        assert c.put("/admin/models/chat", json={"source": str(broken)}).status_code == 202
+        failed = _wait_status(c, "chat", "v2", "failed")
+        assert "config" in failed["error"].lower()
+        r = _chat(c)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "v1"
+        models = c.get("/v1/models").json()
+        assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["chat"]
+
+
+def test_canary_share_then_promote_and_rollback(server, tiny_model_dir):
+    with server.client() as c:
+        r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir), "traffic": 0.25})
+        assert r.status_code == 202
+        _wait_status(c, "chat", "v2", "ready")
+        versions = [_chat(c).headers["x-model-version"] for _ in range(200)]
+        assert 0.10 <= versions.count("v2") / 200 <= 0.40, versions.count("v2")
+        assert c.post("/admin/models/chat/promote").json()["version"] == "v2"
+        assert {_chat(c).headers["x-model-version"] for _ in range(10)} == {"v2"}
+        assert c.post("/admin/models/chat/rollback").status_code == 202
+        _wait_status(c, "chat", "v1", "ready")
+        assert {_chat(c).headers["x-model-version"] for _ in range(10)} == {"v1"}
+
+
+def test_pins_and_bad_input(server, tiny_model_dir):
+    with server.client() as c:
+        assert _chat(c, "chat@v1").headers["x-model-version"] == "v1"
+        r = _chat(c, "chat@v9")
+        assert r.status_code == 404 and "v1 (ready)" in r.json()["error"]["message"]
+        r = c.put("/admin/models/chat", json={"source": "no-such-model"})
+        assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"]
+        r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir), "sha256": "a" * 64})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "sha256_mismatch" and "a" * 64 in r.json()["error"]["message"]
+        r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir), "traffic": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "traffic"
+        assert c.put("/admin/models/chat", json={"source": str(tiny_model_dir)}).status_code == 202
+        r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir)})  # v2 is still loading
+        assert r.status_code == 409 and "still loading" in r.json()["error"]["message"]
+        _wait_status(c, "chat", "v2", "ready")
+        assert c.post("/admin/models/chat/promote").status_code == 409  # no canary
+        assert c.delete("/admin/models/chat").json() == {"name": "chat", "status": "removed"}
+        r = _chat(c)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert c.get("/admin/models/chat").status_code == 404
+
+
+def test_runtime_adapter(server, adapter_dirs):
+    with server.client() as c:
+        r = c.put("/admin/models/chat/adapters/sql", json={"path": str(adapter_dirs["sql"])})
+        assert r.status_code == 202
+        _wait_status(c, "chat", r.json()["version"], "ready")
+        base, lora = _chat(c, "chat"), _chat(c, "chat:sql")
+        assert lora.status_code == 200 and lora.headers["x-model-version"] == r.json()["version"]
+        assert lora.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+        r = c.put("/admin/models/chat/adapters/x", json={"path": "/nowhere"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path"
+        r = c.delete("/admin/models/chat/adapters/sql")
+        assert r.status_code == 202
+        _wait_status(c, "chat", r.json()["version"], "ready")
+        assert _chat(c, "chat:sql").status_code == 404
+
+
+def test_keep_alive_unloads_and_reloads(tiny_model_dir, tmp_path):
+    srv = ServerProcess([f"chat={tiny_model_dir}"], "--keep-alive", "1", log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            assert _chat(c).status_code == 200
+            _wait_status(c, "chat", "v1", "unloaded", timeout=30)
+            r = _chat(c)  # loads it again and answers
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+            assert c.get("/admin/models/chat").json()["versions"][0]["status"] == "ready"
+    finally:
+        srv.terminate()
+
+
+def test_models_file(tiny_model_dir, tmp_path):
+    from llamawrapper.models.versions import folder_sha256
+
+    path = tmp_path / "models.toml"
+    path.write_text(f'[assistant]\nsource = "{tiny_model_dir}"\nsha256 = "{folder_sha256(tiny_model_dir)}"\n')
+    srv = ServerProcess([], "--models-file", str(path), log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["assistant"]
+            assert _chat(c, "assistant").status_code == 200
+    finally:
+        srv.terminate()
