@@ -170,3 +170,38 @@ def test_models_file(tiny_model_dir, tmp_path):
             assert _chat(c, "assistant").status_code == 200
     finally:
         srv.terminate()
+
+
+def _cli(*args: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llamawrapper.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_admin_cli_drives_the_server(server, tiny_model_dir, tmp_path):
+    import json as _json
+
+    done = _cli("admin", "models", "put", "chat", str(tiny_model_dir), "--dtype", "bfloat16", "--wait", "--json",
+                "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    assert _json.loads(done.stdout) == {"name": "chat", "version": "v2", "status": "ready", "error": None}
+    listing = _json.loads(_cli("admin", "models", "list", "--json", "--url", server.url).stdout)
+    assert [(v["version"], v["dtype"]) for v in listing["data"][0]["versions"]] == [("v1", "float32"), ("v2", "bfloat16")]
+    bad = _cli("admin", "models", "put", "chat", "no-such-model", "--url", server.url)
+    assert bad.returncode == 1 and "404" in bad.stderr and "no-such-model" in bad.stderr and "Traceback" not in bad.stderr
+    gone = _cli("admin", "models", "list", "--url", "http://127.0.0.1:9")
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr
+
+
+def test_models_lock_cli(tiny_model_dir, tmp_path):
+    from llamawrapper.models.versions import folder_sha256
+
+    path = tmp_path / "models.toml"
+    path.write_text(f'[chat]\nsource = "{tiny_model_dir}"\n')
+    done = _cli("models", "lock", str(path))
+    assert done.returncode == 0, done.stderr
+    assert f'sha256 = "{folder_sha256(tiny_model_dir)}"' in path.read_text()
+    path.write_text('[chat]\nsource = "no-such-model"\n')
+    bad = _cli("models", "lock", str(path))
+    assert bad.returncode == 1 and "no-such-model" in bad.stderr and "Traceback" not in bad.stderr

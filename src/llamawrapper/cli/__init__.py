@@ -1,5 +1,6 @@
 """The ``llamawrapper`` command line, one module per command group: models (pull, models,
-eval-ppl), generate (run, chat, tokenize), the server's serve, bench.
+models lock, eval-ppl), generate (run, chat, tokenize), the server's serve, admin (a running
+server's model versions), bench.
 
 Every command loads models through the Python API and reports ``LlamaWrapperError``s as one
 line on stderr with exit status 1, never a traceback."""
@@ -31,7 +32,7 @@ from . import models, generate  # noqa: E402,F401  (each registers its commands 
 from ..server.command import serve_command  # noqa: E402  (flags derived from ServerSettings/EngineSettings)
 
 app.command("serve")(serve_command)
-from . import bench  # noqa: E402,F401
+from . import admin, bench  # noqa: E402,F401
 
 
 def main() -> None:

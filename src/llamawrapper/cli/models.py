@@ -35,13 +35,19 @@ def pull(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file 
         out.print(f"{source.display_name}: ready in {folder}", highlight=False)
 
 
-@app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+models_app = typer.Typer(help="List aliases and cached models; `models lock FILE` pins a models file's hashes.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
            verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each cached model's effective config."),
            override: Optional[List[str]] = Override) -> None:
     """List registry aliases and cached (converted) models with sizes and hashes; --verbose adds
     each one's effective config (after the config file's and --override's changes) and its
     cached quantized variants."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ..models import registry
 
     aliases = [{"alias": a.name, "description": a.description, "package": a.package} for a in registry.ALIASES.values()]
@@ -73,6 +79,20 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
             out.print(f"[bold]{c.get('name')}[/] quantized: {', '.join(c.get('quantized') or []) or 'none'}; "
                       f"overrides: {c.get('overrides') or 'none'}; effective config:")
             out.print_json(data=c.get("config"))
+
+
+@models_app.command("lock")
+def lock(path: str = typer.Argument(..., help="The models file (TOML, one [NAME] table per model).")) -> None:
+    """Write each model's current source sha256 into the models file; `serve --models-file`
+    then refuses a source whose hash differs."""
+    from ..models.modelsfile import lock_models_file
+
+    try:
+        locked = lock_models_file(path)
+    except LlamaWrapperError as exc:
+        fail(exc)
+    for name, sha in locked.items():
+        out.print(f"{name}: sha256 {sha}", highlight=False)
 
 
 def _effective(entry: dict, flags: dict[str, Any]) -> dict[str, Any]:
