@@ -205,3 +205,10 @@ def test_models_file_lock_and_pin(tmp_path, tiny_model_dir):
             host.put(name, spec, **options)
     finally:
         host.close()
+
+
+def test_two_names_put_at_once_both_load(host, tiny_model_dir):
+    host.put("a", str(tiny_model_dir))
+    host.put("b", str(tiny_model_dir))
+    assert host.wait(timeout=120) and host.statuses() == {"a": "ready", "b": "ready"}
+    assert _answer(host, "a")[1].usage.completion_tokens == 4 and _answer(host, "b")[1].usage.completion_tokens == 4

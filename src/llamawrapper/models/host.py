@@ -92,6 +92,9 @@ class ModelHost:
         self._names: dict[str, Served] = {}
         self._closed = False
         self._reaper: Optional[threading.Thread] = None
+        # One load at a time: concurrent first imports of transformers race (ImportError or a
+        # deadlock), and on a small machine two loads side by side only slow each other.
+        self._load_lock = threading.Lock()
 
     # -- admin -------------------------------------------------------------------------------------
     def put(self, name: str, spec: Union[ModelSpec, dict, str], *, traffic: Optional[float] = None,
@@ -423,7 +426,10 @@ class ModelHost:
     def _load(self, served: Served, version: Version) -> None:
         t0 = time.perf_counter()
         try:
-            model = self._loader(version.spec)
+            with self._load_lock:
+                if version.status != "loading":  # removed or superseded while waiting its turn
+                    return
+                model = self._loader(version.spec)
             sha = getattr(getattr(model, "loaded", None), "manifest", {}).get("source_sha256")
             if version.spec.sha256 and sha and version.sha256 is None and sha != version.spec.sha256:
                 _close_model(model)
