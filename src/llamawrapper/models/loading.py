@@ -70,11 +70,17 @@ def _progress(enabled: bool):
     )
 
 
-def gguf_architecture(path: Path) -> str:
-    """The ``general.architecture`` of a GGUF file; ``InvalidModelError`` if it is not one."""
+def check_gguf_magic(path: Path) -> None:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InvalidModelError(f"{path} is not a GGUF model file (bad magic bytes).")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file; ``InvalidModelError`` if it is not one.
+    Slow (the reader parses all metadata in Python, ~10 s for smollm2's vocabulary, holding the
+    GIL): only called when converting."""
+    check_gguf_magic(path)
     try:
         from gguf import GGUFReader
 
@@ -98,16 +104,17 @@ def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False
 
     gguf_path = source.path
     assert gguf_path is not None
-    arch = gguf_architecture(gguf_path)
-    if arch not in SUPPORTED_GGUF_ARCHS:
-        raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}.")
+    check_gguf_magic(gguf_path)
     dest = cache_dir_for(source)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _progress(progress) as bar, FileLock(str(dest) + ".lock"):
         sha = file_sha256(gguf_path, bar)
         manifest = read_manifest(dest)
         if not force and manifest and manifest.get("source_sha256") == sha and (dest / "config.json").is_file():
-            return dest
+            return dest  # a valid conversion: no need to parse the GGUF's metadata again
+        arch = gguf_architecture(gguf_path)
+        if arch not in SUPPORTED_GGUF_ARCHS:
+            raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}.")
         if manifest and not force:
             log.warning("cached conversion of %s does not match the source (hash changed); converting again", gguf_path)
         with atomic_folder(dest) as tmp:
