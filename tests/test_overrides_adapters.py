@@ -80,10 +80,13 @@ def test_adapter_matches_peft_and_differs_from_base(tiny_model_dir, adapter_dirs
 
         kv = SequenceKV(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, capacity=len(ids))
         n = len(ids)
-        runner.bind_rows([namespace_for(name)])
         mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
-        with lora_llm.engine._cv:  # keep the worker idle while we use the runner directly
-            ours_logits = runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv.chunk(0, n), mask)[0]
+
+        def forward(name=name, kv=kv, mask=mask):  # on the executor thread, between two engine steps
+            runner.bind_rows([namespace_for(name)])
+            return runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv.chunk(0, n), mask)[0]
+
+        ours_logits = lora_llm.engine.executor.call(forward).result()
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0, -1]
         assert torch.allclose(ours_logits, ref, atol=1e-4, rtol=1e-4)
