@@ -22,19 +22,24 @@ from .errors import (
     InvalidModelError,
     InvalidRequestError,
     LlamaWrapperError,
+    ModelConflictError,
     ModelError,
+    ModelHashMismatchError,
     ModelNotFoundError,
+    ModelUnavailableError,
     PluginError,
     PluginRejectedError,
     QueueFullError,
     RequestCancelledError,
     UnsupportedModelError,
 )
+from .models.host import ModelHost
 from .types import Result, SamplingParams, StreamEvent, Usage
 
 __all__ = [
-    "LlamaWrapper", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
-    "LlamaWrapperError", "ModelError", "ModelNotFoundError", "InvalidModelError", "UnsupportedModelError",
+    "LlamaWrapper", "ModelHost", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
+    "LlamaWrapperError", "ModelError", "ModelNotFoundError", "ModelConflictError", "ModelHashMismatchError",
+    "ModelUnavailableError", "InvalidModelError", "UnsupportedModelError",
     "InvalidRequestError", "ContextLengthExceededError", "QueueFullError", "RequestCancelledError", "GenerationError",
     "PluginError", "PluginRejectedError",
 ]
