@@ -76,3 +76,12 @@ def test_earliest_of_several_stops_wins():
 
 def test_no_stops_passes_through():
     assert feed_all([], ["a", "b"])[:2] == ("ab", False)
+
+
+def test_flush_drops_an_incomplete_last_character(tokenizer):
+    ids = tokenizer("ok 😀", add_special_tokens=False).input_ids
+    detok = StreamingDetokenizer(tokenizer)
+    text = "".join(detok.add(i) for i in ids[:-1]) + detok.flush()
+    assert tokenizer.decode(ids[:-1]).endswith("\ufffd")  # the cut really is inside the emoji
+    assert text == tokenizer.decode(ids[:-1]).rstrip("\ufffd")
+    assert "\ufffd" not in text

@@ -2,7 +2,9 @@
 
 It decodes a small window of recent tokens and emits only what the window adds, holding text
 back while it ends in an incomplete UTF-8 sequence (U+FFFD), so emoji, CJK and accented
-characters split across tokens arrive intact.
+characters split across tokens arrive intact. At the end of a request, the bytes of a character
+that was never completed (the answer was cut inside it) are dropped rather than shown as U+FFFD,
+so the text is always the decoding of the generated tokens less an incomplete last character.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class StreamingDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end)."""
+        """The end of the text: whatever is still held back, less the replacement characters of
+        an incomplete character at the very end (its bytes can no longer be completed)."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix) :] if len(full) > len(prefix) else ""
+        return full[len(prefix) :].rstrip("\ufffd") if len(full) > len(prefix) else ""

@@ -305,18 +305,27 @@ class Engine:
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not req.params.ignore_eos:
-            self._finish(req, "stop", emit=req.detok.flush() + req.stopper.flush(), token_ids=[token])
+            self._finish_text(req, "stop", "", req.detok.flush(), token)
             return
         text, stopped = req.stopper.feed(req.detok.add(token))
         if stopped:
             self._finish(req, "stop", emit=text, token_ids=[token])
         elif len(req.output_ids) >= req.max_tokens:
-            text, stopped = req.stopper.feed(req.detok.flush())
-            self._finish(req, "stop" if stopped else "length", emit=text + ("" if stopped else req.stopper.flush()), token_ids=[token])
-        elif text:
-            req.handle._push(StreamEvent(text, [token]))
+            self._finish_text(req, "length", text, req.detok.flush(), token)
         else:
-            req.handle._push(StreamEvent("", [token]))
+            req.handle._push(StreamEvent(text, [token]))
+
+    def _finish_text(self, req: Request, reason: str, text: str, tail: str, token: int) -> None:
+        """Finish with ``text`` (already through the stop matcher), then the detokenizer's
+        held-back ``tail`` and the matcher's held-back text, in stream order; a stop string
+        completed by the tail still ends the answer before it."""
+        more, stopped = req.stopper.feed(tail)
+        text += more
+        if stopped:
+            reason = "stop"
+        else:
+            text += req.stopper.flush()
+        self._finish(req, reason, emit=text, token_ids=[token])
 
     # -- endings -------------------------------------------------------------------------------------
     def _usage(self, req: Request) -> Usage:
