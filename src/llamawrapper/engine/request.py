@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from ..errors import RequestCancelledError
-from ..types import LogitsProcessor, Result, SamplingParams, StreamEvent, Usage
+from ..types import LogitsProcessor, Result, SamplingParams, StreamEvent, Usage, join_logprobs
 
 _ids = itertools.count(1)
 
@@ -110,7 +110,9 @@ def _assemble(parts: list[StreamEvent], last: Optional[StreamEvent], metrics: di
         usage=last.usage or Usage(0, 0),
         token_ids=[t for e in parts for t in e.token_ids],
         metrics=dict(metrics),
+        logprobs=join_logprobs(parts),
     )
+
 
 
 @dataclass
