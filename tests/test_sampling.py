@@ -158,3 +158,18 @@ def test_streamed_logprobs_equal_the_result(smollm2):
     assert [(t.token_id, t.logprob) for t in streamed] == [(t.token_id, t.logprob) for t in r.logprobs]
     assert all(len(e.logprobs) == len(e.token_ids) for e in events[:-1])
     assert smollm2.chat(CHAT, max_tokens=3, temperature=0).logprobs is None
+
+
+def test_python_choices_and_max_completion_tokens(tiny_llm):
+    first = tiny_llm.choices("hello", n=3, max_tokens=6, temperature=1.0, seed=9)
+    assert len({tuple(r.token_ids) for r in first}) == 3
+    assert [r.token_ids for r in tiny_llm.choices("hello", n=3, max_tokens=6, temperature=1.0, seed=9)] == [r.token_ids for r in first]
+    assert tiny_llm.chat("hello", max_tokens=6, temperature=1.0, seed=9).token_ids == first[0].token_ids
+    assert tiny_llm.chat("hello", max_completion_tokens=2, temperature=0).usage.completion_tokens == 2
+    for kwargs, param in (({"n": 2}, "n"), ({"max_tokens": 3, "max_completion_tokens": 2}, "max_completion_tokens")):
+        with pytest.raises(InvalidRequestError) as err:
+            tiny_llm.chat("hello", **kwargs)
+        assert err.value.param == param
+    with pytest.raises(InvalidRequestError) as err:
+        tiny_llm.choices("hello", n=0)
+    assert err.value.param == "n"
