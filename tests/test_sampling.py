@@ -173,3 +173,17 @@ def test_python_choices_and_max_completion_tokens(tiny_llm):
     with pytest.raises(InvalidRequestError) as err:
         tiny_llm.choices("hello", n=0)
     assert err.value.param == "n"
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_match_a_forward_pass(smollm2):
+    prompt = "The capital of France is Paris, and"
+    r = smollm2.generate(prompt, max_tokens=2, temperature=0, prompt_logprobs=3)
+    ids = smollm2.tokenize(prompt, add_special_tokens=True)
+    assert r.prompt_logprobs[0] is None and [t.token_id for t in r.prompt_logprobs[1:]] == ids[1:]
+    with torch.inference_mode():
+        lp = torch.log_softmax(smollm2.loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    for p, t in enumerate(r.prompt_logprobs[1:]):
+        assert t.logprob == pytest.approx(float(lp[p, ids[p + 1]]), abs=2e-3)
+        assert [a.token_id for a in t.top_logprobs] == lp[p].topk(3).indices.tolist()
+    assert smollm2.generate(prompt, max_tokens=2, temperature=0).prompt_logprobs is None

@@ -156,3 +156,23 @@ def test_no_op_values_of_refused_fields_and_unknown_fields_pass(server):
         r = c.post("/v1/chat/completions", json={"model": "smollm2", "messages": MSG, "max_tokens": 2, "modalities": ["text"],
                                                  "store": False, "service_tier": "auto", "frobnicate": 1})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt(client, smollm2, stream):
+    prompt = "The capital of France is Paris"
+    kw = dict(model="smollm2", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+        text = "".join(c.text for c in chunks)
+        lp = {k: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, k)]
+              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, lp = choice.text, vars(choice.logprobs)
+    ids = smollm2.tokenize(prompt, add_special_tokens=True)
+    lib = smollm2.generate(prompt, max_tokens=1, temperature=0, prompt_logprobs=1)
+    assert text.startswith(prompt) and "".join(lp["tokens"]) == text
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx([t.logprob for t in lib.prompt_logprobs[1:]], abs=1e-4)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(len(lp["tokens"]))]

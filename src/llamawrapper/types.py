@@ -31,6 +31,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: bool = False  # return each generated token's log-probability
     top_logprobs: int = 0  # ...and the this many most likely tokens at each position (0-20)
+    prompt_logprobs: Optional[int] = None  # log-probabilities of the prompt's tokens, with this many alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -100,6 +101,9 @@ class SamplingParams:
             raise bad("top_logprobs", f"must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {tl!r}.")
         if tl and not self.logprobs:
             raise bad("top_logprobs", "needs 'logprobs' to be true.")
+        pl = self.prompt_logprobs
+        if pl is not None and (isinstance(pl, bool) or not isinstance(pl, int) or not 0 <= pl <= MAX_TOP_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {pl!r}.")
 
 
 MAX_TOP_LOGPROBS = 20
@@ -191,6 +195,7 @@ class Result:
     tool_calls: Optional[list[dict[str, Any]]] = None  # OpenAI-shaped calls when finish_reason == "tool_calls"
     cache: Optional[str] = None  # "hit" | "miss" when the response cache was consulted
     logprobs: Optional[list[TokenLogprob]] = None  # when asked: one per token of the text
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # when asked: one per prompt token (the first None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -233,7 +233,12 @@ class Engine:
                 positions = torch.arange(start, start + count).unsqueeze(0)
                 mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
                 self.runner.bind_rows([req.namespace])
-                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask)
+                every = req.prompt_logprobs is not None
+                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
+                if every:  # position p predicts prompt token p + 1
+                    targets = req.prompt_ids[start + 1 : start + count + 1]
+                    req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
+                    logits = logits[:, -1]
                 req.prefilled += count
                 req.kv.length = req.prefilled
                 budget -= count
@@ -245,6 +250,7 @@ class Engine:
                     self.slots.ensure(slot + 1, n + req.max_tokens)
                     self.slots.put(slot, req.kv)
                     req.kv = None
+                    req.handle.prompt_logprobs = req.prompt_logprobs
                     self._running.append(req)
                     self._select_and_accept([req], logits[:1])
                     if req.handle.done:
@@ -257,7 +263,11 @@ class Engine:
     def _start(self, req: Request) -> None:
         r = self.runner
         req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=len(req.prompt_ids))
-        cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+        cached = None
+        if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
+            cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+        else:
+            req.prompt_logprobs = [None]  # nothing predicts the first prompt token
         if cached is not None:
             req.kv.load_prefix(cached)
             req.prefilled = req.cached_tokens = cached.shape[3]

@@ -5,7 +5,8 @@
                   ─ logit_bias (one index_put over every row's bias)
                   ─ greedy rows: one argmax │ sampled rows: temperature, top-k, top-p as masks
                                               over one sort, then inverse-CDF draws
-    log-probabilities (when asked) come from the raw logits: one log_softmax + top-k.
+    log-probabilities (when asked) come from the raw logits: one log_softmax + top-k (and, for a
+    prompt whose log-probabilities are asked, the same over every prompt position while prefilling).
 
 Each sampled row draws its uniform number from its request's own generator, so a seed
 reproduces an answer whatever else shares the batch. Rows whose processor raises are reported
@@ -203,16 +204,23 @@ class Sampler:
         out: list[Optional[TokenLogprob]] = [None] * len(reqs)
         if not rows:
             return out
-        lp = torch.log_softmax(logits[torch.tensor(rows)].float(), dim=-1)  # [R, V]
-        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows])).squeeze(1).tolist()
-        k = max(reqs[i].params.top_logprobs for i in rows)
-        top_vals, top_ids = (lp.topk(k, dim=-1) if k else (torch.empty(len(rows), 0), torch.empty(len(rows), 0, dtype=torch.long)))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for r, i in enumerate(rows):
-            n = reqs[i].params.top_logprobs
-            top = [self._entry(t, v) for t, v in zip(top_ids[r][:n], top_vals[r][:n])]
-            out[i] = self._entry(tokens[i], chosen[r], top)
+        entries = self._entries(logits[torch.tensor(rows)], [tokens[i] for i in rows], [reqs[i].params.top_logprobs for i in rows])
+        for i, entry in zip(rows, entries):
+            out[i] = entry
         return out
+
+    def positions(self, logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+        """Entries of ``targets[t]`` under ``logits[t]`` [T, V], one per position (prompt log-probabilities)."""
+        return self._entries(logits, targets, [k] * len(targets))
+
+    def _entries(self, logits: torch.Tensor, chosen_ids: list[int], ks: list[int]) -> list[TokenLogprob]:
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        chosen = lp.gather(1, torch.tensor(chosen_ids).unsqueeze(1)).squeeze(1).tolist()
+        k = max(ks, default=0)
+        top_vals, top_ids = (lp.topk(k, dim=-1) if k else (torch.empty(len(ks), 0), torch.empty(len(ks), 0, dtype=torch.long)))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        return [self._entry(t, chosen[r], [self._entry(a, v) for a, v in zip(top_ids[r][:n], top_vals[r][:n])])
+                for r, (t, n) in enumerate(zip(chosen_ids, ks))]
 
     def _entry(self, token_id: int, logprob: float, top: Optional[list[TokenLogprob]] = None) -> TokenLogprob:
         text, raw = self.pieces(token_id)

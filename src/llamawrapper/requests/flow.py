@@ -224,7 +224,8 @@ class ChatHandle:
             text = self.plugins.after_response(text)
         return Result(text=text, finish_reason=last.finish_reason, usage=last.usage or Usage(0, 0),
                       token_ids=[t for e in events for t in e.token_ids], metrics=dict(self.metrics),
-                      tool_calls=last.tool_calls, cache=self.cache_status, logprobs=join_logprobs(events))
+                      tool_calls=last.tool_calls, cache=self.cache_status, logprobs=join_logprobs(events),
+                      prompt_logprobs=getattr(self.source, "prompt_logprobs", None))
 
     def result(self) -> Result:
         return self._assemble(list(self))

@@ -4,6 +4,7 @@
 - legacy completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``,
   where each ``top_logprobs`` dict holds the asked-for alternatives plus the chosen token (as
   OpenAI's does), and ``text_offset`` is where each token's text starts in the choice's text.
+  With ``echo``, the prompt's tokens come first; the first has ``null`` values (nothing predicts it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ class CompletionLogprobs:
     def __init__(self, offset: int = 0) -> None:
         self.offset = offset
 
+    def prompt(self, first_token: str, entries: Sequence[Optional[TokenLogprob]]) -> dict:
+        """The echoed prompt's part: ``first_token`` is the text of the prompt's first token."""
+        out = {"tokens": [first_token], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [self.offset]}
+        self.offset += len(first_token)
+        return join(out, self([e for e in entries[1:] if e is not None]))
+
     def __call__(self, entries: Optional[Sequence[TokenLogprob]]) -> Optional[dict]:
         if entries is None:
             return None
@@ -38,3 +45,11 @@ class CompletionLogprobs:
             out["text_offset"].append(self.offset)
             self.offset += len(t.token)
         return out
+
+
+def join(*parts: Optional[dict]) -> Optional[dict]:
+    """Legacy logprobs of consecutive pieces of one choice as one object."""
+    given = [p for p in parts if p is not None]
+    if not given:
+        return None
+    return {key: [v for p in given for v in p[key]] for key in given[0]}

@@ -120,6 +120,8 @@ class CompletionRequest(_Sampling):
         out = super().sampling()
         if self.logprobs is not None:
             out.update(logprobs=True, top_logprobs=self.logprobs)
+            if self.echo:  # the echoed prompt's tokens get log-probabilities too
+                out["prompt_logprobs"] = self.logprobs
         return out
 
     def prompts(self) -> list[Union[str, list[int]]]:

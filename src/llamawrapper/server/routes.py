@@ -16,7 +16,7 @@ from ..errors import InvalidRequestError, LlamaWrapperError
 from ..types import Usage
 from . import protocol as P
 from .errors import APIError, from_exception, not_ready
-from .logprobs import CompletionLogprobs, chat_logprobs
+from .logprobs import CompletionLogprobs, chat_logprobs, join
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
 
 log = logging.getLogger("llamawrapper.server")
@@ -210,8 +210,6 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     _log_unknown(body, request)
     llm, adapter = state.pool.resolve(body.model)
     params = _params(body)
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("logprobs of the prompt (echo with logprobs) are not supported.", param="echo")
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequestError("The prompt is empty.", param="prompt")
@@ -222,7 +220,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     prompt_total = sum(len(ids) for ids in prompt_ids)
     completion_id, created = f"cmpl-{rid}", int(time.time())
     if body.stream:
-        return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total),
+        firsts = [llm.detokenize(ids[:1]) for ids in prompt_ids for _ in range(body.n)]
+        return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total, firsts),
                            lambda: cancel_all(handles))
     results = await _results_or_gone(request, body.model, handles)
     if results is None:
@@ -230,11 +229,19 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     out = {
         "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": echoes[i] + r.text, "finish_reason": r.finish_reason,
-                     "logprobs": CompletionLogprobs(len(echoes[i]))(r.logprobs)} for i, r in enumerate(results)],
+                     "logprobs": _completion_logprobs(llm, prompt_ids[i // body.n], echoes[i], r)} for i, r in enumerate(results)],
         "usage": _usage_dict(_sum_usage([r.usage for r in results], prompt_total)),
         "system_fingerprint": None,
     }
     return JSONResponse(out)
+
+
+def _completion_logprobs(llm: Any, prompt_ids: list[int], echo: str, r: Any) -> Optional[dict]:
+    """Legacy logprobs of one choice: the echoed prompt's (when asked), then the answer's."""
+    builder = CompletionLogprobs()
+    head = builder.prompt(llm.detokenize(prompt_ids[:1]), r.prompt_logprobs) if r.prompt_logprobs is not None else None
+    builder.offset = len(echo)
+    return join(head, builder(r.logprobs))
 
 
 def _prompt_ids(llm: Any, prompt: Any) -> list[int]:
@@ -253,7 +260,7 @@ def _prompt_text(llm: Any, prompt: Any) -> str:
 
 
 async def _completion_events(request: Request, body: P.CompletionRequest, handles: list[Any], echoes: list[str], cid: str,
-                             created: int, prompt_tokens: int) -> AsyncIterator[bytes]:
+                             created: int, prompt_tokens: int, first_tokens: list[str]) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "text_completion", "created": created, "model": body.model, "system_fingerprint": None}
     if body.include_usage:
         base["usage"] = None
@@ -262,12 +269,18 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
         return sse({**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
     offsets = [CompletionLogprobs(len(echo)) for echo in echoes]
+    later = body.echo and body.logprobs is not None  # the prompt's logprobs are known once it is prefilled
     for i, echo in enumerate(echoes):
-        if echo:
+        if echo and not later:
             yield chunk(i, echo)
     usages: list[Usage] = []
+    echoed: set[int] = set()
     try:
         async for i, event in merged(handles):
+            if later and i not in echoed:
+                echoed.add(i)
+                prompt_lp = CompletionLogprobs().prompt(first_tokens[i], getattr(handles[i], "prompt_logprobs", None) or [None])
+                yield chunk(i, echoes[i], logprobs=prompt_lp)
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(0, 0))
                 yield chunk(i, event.text, event.finish_reason, offsets[i](event.logprobs))
