@@ -74,3 +74,19 @@ def test_serial_peer_extrapolation_is_flagged():
     records, outputs, wall = serve_serially([[1, 2]] * 5, 4, one, max_requests=2, time_budget_s=1e9)
     assert [r.measured for r in records] == [True, True, False, False, False]
     assert len(outputs) == 2 and all(r.new_tokens == 4 for r in records)
+
+
+def test_host_bench_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """bench/host.py end to end on the tiny model: every condition measured, ratios written."""
+    from bench.host import main as host_main
+
+    assert host_main(["--model", str(tiny_model_dir), "--tokens", "6", "--reps", "1", "--quant", "none",
+                      "--skip-processes", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "host.json").read_text())
+    r = doc["results"]
+    assert len(r["alone_tps"]) == 2 and all(x > 0 for x in r["alone_tps"] + r["beside_two_idle_tps"])
+    assert r["swap"]["put_to_serving_s"] > 0 and r["swap"]["v2_tokens_after"] > 0
+    assert r["load_while_serving"]["loaded"] and r["load_while_serving"]["load_s"] > 0
+    names = {row["name"] for row in doc["ratios"]}
+    assert "two busy, aggregate / one alone" in names and (tmp_path / "host.png").is_file()
+    assert doc["machine"]["cpu_flags"] is not None

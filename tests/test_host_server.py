@@ -4,6 +4,8 @@ an operator sees over HTTP (statuses, bodies, ``x-model-version``)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -172,10 +174,7 @@ def test_models_file(tiny_model_dir, tmp_path):
         srv.terminate()
 
 
-def _cli(*args: str) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamawrapper.cli", *args], capture_output=True, text=True, timeout=300)
 
 

@@ -17,12 +17,20 @@ from .types import Result, SamplingParams, StreamEvent
 
 log = logging.getLogger("llamawrapper")
 
-SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "presence_penalty",
+                  "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs")
 TRUNCATION = (None, "oldest")
 
 
 def sampling_params(**kwargs: Any) -> SamplingParams:
     """``SamplingParams`` from keyword arguments, naming any unknown one."""
+    if "n" in kwargs:
+        raise InvalidRequestError("For several choices call llm.choices(messages, n=N, ...).", param="n")
+    if kwargs.get("max_completion_tokens") is not None:  # OpenAI's newer name
+        if kwargs.get("max_tokens") not in (None, kwargs["max_completion_tokens"]):
+            raise InvalidRequestError("Give max_tokens or max_completion_tokens, not both.", param="max_completion_tokens")
+        kwargs["max_tokens"] = kwargs["max_completion_tokens"]
+    kwargs.pop("max_completion_tokens", None)
     unknown = sorted(set(kwargs) - set(SAMPLING_NAMES))
     if unknown:
         raise InvalidRequestError(f"Unknown sampling parameter '{unknown[0]}'; known: {', '.join(SAMPLING_NAMES)}.", param=unknown[0])
@@ -210,6 +218,26 @@ class LlamaWrapper:
         ``cache=False`` skips the response cache."""
         return self.submit_chat(messages, sampling_params(**sampling), truncate, response_format=response_format,
                                 tools=tools, tool_choice=tool_choice, cache=cache, adapter=adapter).result()
+
+    def choices(self, messages: chatlib.Messages, n: int = 1, *, truncate: Optional[str] = None, response_format: Any = None,
+                tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, adapter: Optional[str] = None,
+                **sampling: Any) -> list[Result]:
+        """``n`` answers to one conversation, generated together (OpenAI's ``n``). Sampled
+        choices differ: each has its own generator, seeded from ``seed`` and its index, so the
+        same seed gives the same choices (choice 0 is what ``chat`` gives with that seed)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+            raise InvalidRequestError(f"Invalid value for 'n': must be an integer between 1 and 128, got {n!r}.", param="n")
+        ids, params, grammar, spec = flow.prepare_chat(self.custom, messages, sampling_params(**sampling), truncate=truncate,
+                                                       response_format=response_format, tools=tools, tool_choice=tool_choice)
+        handles: list[Any] = []
+        try:
+            for k in range(n):
+                handles.append(flow.submit(self.custom, ids, params.for_choice(k), grammar=grammar, spec=spec, cache=cache,
+                                           **self.route({"adapter": adapter})))
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()
 
     def stream(self, messages: chatlib.Messages, *, truncate: Optional[str] = None, response_format: Any = None,
                tools: Any = None, tool_choice: Any = None, cache: Optional[bool] = None, adapter: Optional[str] = None,

@@ -86,9 +86,16 @@ def pairs(items: Optional[List[str]], flag: str, parse: bool = True) -> dict[str
     return out
 
 
-def sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed) -> dict[str, Any]:
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
+def sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, presence_penalty=None,
+                     frequency_penalty=None, logit_bias=None, logprobs=False, top_logprobs=None) -> dict[str, Any]:
+    """The library's sampling keywords from the flags (OpenAI's names; ``--logit-bias ID=BIAS``)."""
+    out = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+               repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed,
+               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+               logit_bias=pairs(logit_bias, "--logit-bias") or None)
+    if logprobs or top_logprobs:
+        out.update(logprobs=True, top_logprobs=top_logprobs or 0)
+    return out
 
 
 MaxTokens = typer.Option(None, "--max-tokens", help="Most tokens to generate (default: the rest of the context).")
@@ -98,6 +105,11 @@ TopK = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 
 RepPenalty = typer.Option(1.0, "--repetition-penalty", help="Penalty for tokens already seen (1 = off).")
 Stop = typer.Option(None, "--stop", help="Stop string (repeatable); never part of the answer.")
 Seed = typer.Option(None, help="Seed that makes a sampled answer reproducible.")
+PresencePenalty = typer.Option(None, "--presence-penalty", help="-2..2: lower the odds of every token already generated.")
+FrequencyPenalty = typer.Option(None, "--frequency-penalty", help="-2..2: lower a token's odds by how often it was generated.")
+LogitBias = typer.Option(None, "--logit-bias", help="TOKEN_ID=BIAS (-100..100) added to that token's logit (repeatable).")
+Logprobs = typer.Option(False, "--logprobs", help="Show each generated token's log-probability.")
+TopLogprobs = typer.Option(None, "--top-logprobs", help="...and this many most likely alternatives (0-20; implies --logprobs).")
 Dtype = typer.Option(None, help="float32 (default), bfloat16 or float16.")
 Quantization = typer.Option(None, "--quantization", help="Weight-only quantization: int8 or int4 (cached after the first load).")
 Override = typer.Option(None, "--override", help="Model config override KEY=VALUE (repeatable), e.g. num_hidden_layers=12.")

@@ -9,8 +9,9 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import (Adapter, CacheFlag, Dtype, LlamaWrapperError, MaxTokens, Override, Plugin, Quantization, RepPenalty, Seed, Stop, Temperature, TopK, TopP,
-                     fail, load_model, out, response_format_option, sampling_options)
+from .common import (Adapter, CacheFlag, Dtype, FrequencyPenalty, LlamaWrapperError, LogitBias, Logprobs, MaxTokens, Override, Plugin,
+                     PresencePenalty, Quantization, RepPenalty, Seed, Stop, Temperature, TopK, TopLogprobs, TopP, err, fail, load_model,
+                     out, response_format_option, sampling_options)
 
 
 @app.command()
@@ -20,7 +21,11 @@ def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub 
         as_json: bool = typer.Option(False, "--json", help="Print the result object as JSON instead of streaming."),
         max_tokens: Optional[int] = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
         top_k: int = TopK, repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop,
-        seed: Optional[int] = Seed, dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
+        seed: Optional[int] = Seed, presence_penalty: Optional[float] = PresencePenalty,
+        frequency_penalty: Optional[float] = FrequencyPenalty, logit_bias: Optional[List[str]] = LogitBias,
+        logprobs: bool = Logprobs, top_logprobs: Optional[int] = TopLogprobs,
+        n: int = typer.Option(1, "--n", "-n", help="Answer with this many choices (each its own seed derived from --seed)."),
+        dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
         override: Optional[List[str]] = Override, adapter: Optional[List[str]] = Adapter,
         schema: Optional[str] = typer.Option(None, "--schema", help="Answer as JSON valid for this JSON schema (JSON text or @file)."),
         json_object: bool = typer.Option(False, "--json-object", help="Answer as a JSON object."),
@@ -32,8 +37,9 @@ def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub 
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
     """Answer one prompt, streamed to the terminal (tool calls are printed as JSON)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    sampling = sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
     try:
+        sampling = sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, presence_penalty,
+                                    frequency_penalty, logit_bias, logprobs, top_logprobs)
         llm, selected = load_model(model, dtype, quiet or as_json, quantization, override, adapter, plugin, cache)
         sampling["adapter"] = selected
         sampling["response_format"] = response_format_option(schema, regex, choice, json_object)
@@ -43,21 +49,40 @@ def run(model: str = typer.Argument(..., help="Alias, folder, .gguf file or hub 
             sampling["tools"] = json.loads(Path(tools[1:]).read_text() if tools.startswith("@") else tools)
             named = tool_choice not in (None, "auto", "required", "none")
             sampling["tool_choice"] = {"type": "function", "function": {"name": tool_choice}} if named else tool_choice
+        if n != 1:
+            results = llm.choices(messages, n=n, **sampling)
+            if as_json:
+                sys.stdout.write(json.dumps({"model": llm.name, "choices": [r.to_dict() for r in results]}, ensure_ascii=False) + "\n")
+                return
+            for k, result in enumerate(results):
+                sys.stdout.write(f"[choice {k}]\n{result.text}\n")
+                _print_logprobs(result.logprobs)
+            return
         if as_json:
             result = llm.chat(messages, **sampling)
             sys.stdout.write(json.dumps({"model": llm.name, **result.to_dict()}, ensure_ascii=False) + "\n")
             return
+        entries = []
         for event in llm.stream(messages, **sampling):
             sys.stdout.write(event.text)
             if event.tool_calls:
                 sys.stdout.write(json.dumps(event.tool_calls, ensure_ascii=False))
             sys.stdout.flush()
+            entries += event.logprobs or []
         sys.stdout.write("\n")
+        _print_logprobs(entries if sampling.get("logprobs") else None)
     except LlamaWrapperError as exc:
         fail(exc)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         raise typer.Exit(130)
+
+
+def _print_logprobs(entries) -> None:
+    """One line per generated token on stderr: its text, log-probability and the alternatives."""
+    for t in entries or []:
+        alternatives = "  ".join(f"{a.token!r} {a.logprob:.3f}" for a in t.top_logprobs)
+        err.print(f"{t.token!r:>16} {t.logprob:8.3f}   {alternatives}", highlight=False, markup=False)
 
 
 @app.command()
@@ -66,14 +91,17 @@ def chat(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf file 
          max_tokens: Optional[int] = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
          temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK,
          repetition_penalty: float = RepPenalty, stop: Optional[List[str]] = Stop, seed: Optional[int] = Seed,
+         presence_penalty: Optional[float] = PresencePenalty, frequency_penalty: Optional[float] = FrequencyPenalty,
+         logit_bias: Optional[List[str]] = LogitBias,
          dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
          override: Optional[List[str]] = Override, adapter: Optional[List[str]] = Adapter) -> None:
     """Interactive multi-turn chat, streamed. /reset clears the conversation, /exit (or Ctrl-D) quits,
     Ctrl-C stops the current answer."""
     from ..chat_session import ChatSession
 
-    sampling = sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
     try:
+        sampling = sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, presence_penalty,
+                                    frequency_penalty, logit_bias)
         llm, selected = load_model(model, dtype, quantization=quantization, override=override, adapter=adapter)
         sampling["adapter"] = selected
         ChatSession(llm, system=system, sampling=sampling).loop()

@@ -19,14 +19,14 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ..errors import ContextLengthExceededError, GenerationError, InvalidRequestError, LlamaWrapperError, QueueFullError
-from ..types import LogitsProcessor, SamplingParams, StreamEvent, Usage
+from ..types import LogitsProcessor, SamplingParams, StreamEvent, TokenLogprob, Usage
 from .detokenizer import StreamingDetokenizer
 from .executor import Executor, get_executor
 from .kv_cache import SequenceKV, SlotCache
 from .prefix_cache import PrefixCache
 from .request import Request, RequestHandle
 from .runner import LlamaRunner
-from .sampling import apply_repetition_penalty, make_generator, sample_row
+from .sampling import Sampler, make_generator
 from .stopping import StopStringMatcher
 
 log = logging.getLogger("llamawrapper.engine")
@@ -67,6 +67,7 @@ class Engine:
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
+        self.sampler = Sampler(tokenizer)
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
@@ -90,6 +91,9 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         max_tokens = self.check_context(len(prompt_ids), params.max_tokens)
+        if params.logit_bias and max(params.logit_bias) >= self.runner.vocab_size:
+            raise InvalidRequestError(f"Invalid value for 'logit_bias': token id {max(params.logit_bias)} is outside the "
+                                      f"vocabulary (0..{self.runner.vocab_size - 1}).", param="logit_bias")
         handle = RequestHandle(request_id or "", on_cancel=self.executor.wake)
         req = Request(list(prompt_ids), params, max_tokens, handle, namespace, logits_processor)
         if request_id:
@@ -229,7 +233,12 @@ class Engine:
                 positions = torch.arange(start, start + count).unsqueeze(0)
                 mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
                 self.runner.bind_rows([req.namespace])
-                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask)
+                every = req.prompt_logprobs is not None
+                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
+                if every:  # position p predicts prompt token p + 1
+                    targets = req.prompt_ids[start + 1 : start + count + 1]
+                    req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
+                    logits = logits[:, -1]
                 req.prefilled += count
                 req.kv.length = req.prefilled
                 budget -= count
@@ -241,8 +250,9 @@ class Engine:
                     self.slots.ensure(slot + 1, n + req.max_tokens)
                     self.slots.put(slot, req.kv)
                     req.kv = None
+                    req.handle.prompt_logprobs = req.prompt_logprobs
                     self._running.append(req)
-                    self._accept(req, logits[0])
+                    self._select_and_accept([req], logits[:1])
                     if req.handle.done:
                         self._compact([r for r in self._running if not r.handle.done])
             except Exception as exc:
@@ -253,7 +263,11 @@ class Engine:
     def _start(self, req: Request) -> None:
         r = self.runner
         req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=len(req.prompt_ids))
-        cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+        cached = None
+        if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
+            cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+        else:
+            req.prompt_logprobs = [None]  # nothing predicts the first prompt token
         if cached is not None:
             req.kv.load_prefix(cached)
             req.prefilled = req.cached_tokens = cached.shape[3]
@@ -276,28 +290,25 @@ class Engine:
         logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length), mask)
         self.stats.decode_steps += 1
         greedy = logits.argmax(dim=-1).tolist()
-        for i, req in enumerate(running):
-            try:
-                self._accept(req, logits[i], greedy[i])
-            except Exception as exc:
-                self._fail(req, exc)
+        self._select_and_accept(running, logits, greedy)
         self._compact([r for r in running if not r.handle.done])
 
-    def _next_token(self, req: Request, logits: torch.Tensor, greedy: Optional[int]) -> int:
-        p = req.params
-        if req.logits_processor is not None:
-            logits = req.logits_processor(req.output_ids, logits.clone())
-            greedy = None
-        if p.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits.clone(), req.prompt_ids + req.output_ids, p.repetition_penalty)
-            greedy = None
-        if p.greedy:
-            return greedy if greedy is not None else int(logits.argmax())
-        return sample_row(logits, p, req.generator)
+    def _select_and_accept(self, reqs: list[Request], logits: torch.Tensor, greedy: Optional[list[int]] = None) -> None:
+        """Select every row's next token in one batched pass (``sampling.Sampler``), then
+        accept each; a row whose processing fails fails its request alone."""
+        tokens = self.sampler.select(logits, reqs, greedy, on_error=self._fail)
+        entries = self.sampler.logprobs(logits, reqs, tokens)
+        for req, token, entry in zip(reqs, tokens, entries):
+            if token is None:
+                continue
+            try:
+                self._accept(req, token, entry)
+            except Exception as exc:
+                self._fail(req, exc)
 
-    def _accept(self, req: Request, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
-        """Sample the request's next token, emit its text, finish it if a stop rule fires."""
-        token = self._next_token(req, logits, greedy)
+    def _accept(self, req: Request, token: int, logprob: Optional[TokenLogprob] = None) -> None:
+        """Emit the text of the request's next token, finish it if a stop rule fires."""
+        lps = [logprob] if logprob is not None else None
         now = time.perf_counter()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -305,17 +316,18 @@ class Engine:
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not req.params.ignore_eos:
-            self._finish_text(req, "stop", "", req.detok.flush(), token)
+            self._finish_text(req, "stop", "", req.detok.flush(), token, [] if lps else None)  # EOS has no text
             return
         text, stopped = req.stopper.feed(req.detok.add(token))
         if stopped:
-            self._finish(req, "stop", emit=text, token_ids=[token])
+            self._finish(req, "stop", emit=text, token_ids=[token], logprobs=lps)
         elif len(req.output_ids) >= req.max_tokens:
-            self._finish_text(req, "length", text, req.detok.flush(), token)
+            self._finish_text(req, "length", text, req.detok.flush(), token, lps)
         else:
-            req.handle._push(StreamEvent(text, [token]))
+            req.handle._push(StreamEvent(text, [token], logprobs=lps))
 
-    def _finish_text(self, req: Request, reason: str, text: str, tail: str, token: int) -> None:
+    def _finish_text(self, req: Request, reason: str, text: str, tail: str, token: int,
+                     logprobs: Optional[list[TokenLogprob]] = None) -> None:
         """Finish with ``text`` (already through the stop matcher), then the detokenizer's
         held-back ``tail`` and the matcher's held-back text, in stream order; a stop string
         completed by the tail still ends the answer before it."""
@@ -325,20 +337,23 @@ class Engine:
             reason = "stop"
         else:
             text += req.stopper.flush()
-        self._finish(req, reason, emit=text, token_ids=[token])
+        self._finish(req, reason, emit=text, token_ids=[token], logprobs=logprobs)
 
     # -- endings -------------------------------------------------------------------------------------
     def _usage(self, req: Request) -> Usage:
         return Usage(len(req.prompt_ids), len(req.output_ids), req.cached_tokens)
 
-    def _finish(self, req: Request, reason: str, emit: str, token_ids: list[int] | None = None) -> None:
+    def _finish(self, req: Request, reason: str, emit: str, token_ids: list[int] | None = None,
+                logprobs: Optional[list[TokenLogprob]] = None) -> None:
         req.handle.done = True
         req.handle.metrics["latency"] = time.perf_counter() - req.arrival
         if reason == "cancelled":
             self.stats.cancelled += 1
         else:
             self.stats.finished += 1
-        req.handle._push(StreamEvent(emit, token_ids or [], reason, self._usage(req)))
+        if logprobs is None and req.params.logprobs:
+            logprobs = []
+        req.handle._push(StreamEvent(emit, token_ids or [], reason, self._usage(req), logprobs=logprobs))
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if req.handle.done:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from ..errors import RequestCancelledError
-from ..types import LogitsProcessor, Result, SamplingParams, StreamEvent, Usage
+from ..types import LogitsProcessor, Result, SamplingParams, StreamEvent, Usage, join_logprobs
 
 _ids = itertools.count(1)
 
@@ -35,6 +35,7 @@ class RequestHandle:
         self.cancelled = False
         self.done = False
         self.metrics: dict[str, float] = {}
+        self.prompt_logprobs: Optional[list[Any]] = None  # set before the first event when asked for
 
     # -- engine side -------------------------------------------------------------------------
     def _push(self, item: StreamEvent | BaseException) -> None:
@@ -83,14 +84,18 @@ class RequestHandle:
 
     def result(self) -> Result:
         """Block until the request finishes; return the whole answer."""
-        return collect(iter(self), self.metrics)
+        result = collect(iter(self), self.metrics)
+        result.prompt_logprobs = self.prompt_logprobs
+        return result
 
     async def aresult(self) -> Result:
         parts, last = [], None
         async for event in self:
             parts.append(event)
             last = event
-        return _assemble(parts, last, self.metrics)
+        result = _assemble(parts, last, self.metrics)
+        result.prompt_logprobs = self.prompt_logprobs
+        return result
 
 
 def collect(events: Iterator[StreamEvent], metrics: dict[str, float] | None = None) -> Result:
@@ -110,7 +115,9 @@ def _assemble(parts: list[StreamEvent], last: Optional[StreamEvent], metrics: di
         usage=last.usage or Usage(0, 0),
         token_ids=[t for e in parts for t in e.token_ids],
         metrics=dict(metrics),
+        logprobs=join_logprobs(parts),
     )
+
 
 
 @dataclass
@@ -134,6 +141,7 @@ class Request:
     stopper: Any = None
     generator: Any = None
     first_token_at: Optional[float] = None
+    prompt_logprobs: Optional[list[Any]] = None  # filled while prefilling when the params ask for them
 
     @property
     def kv_length(self) -> int:

@@ -82,6 +82,7 @@ class LlamaRunner:
         kv: KVView,
         mask: torch.Tensor,  # [B, 1, T, L] bool, True = may attend
         last: torch.Tensor | None = None,  # [B] index into T of the row to compute logits for
+        every: bool = False,  # logits of every position, [B, T, vocab] (prompt log-probabilities)
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         h = self.embed(tokens)  # [B, T, hidden]
@@ -97,7 +98,9 @@ class LlamaRunner:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if last is None:
+        if every:
+            pass
+        elif last is None:
             h = h[:, -1]
         else:
             h = h[torch.arange(B, device=h.device), last]

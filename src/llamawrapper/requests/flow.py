@@ -20,7 +20,7 @@ from ..plugins import ActivePlugins
 from .response_cache import ResponseCache, cache_key, is_deterministic
 from .structured import tools as toolslib
 from .structured.grammar import GrammarCompiler, grammar_for
-from ..types import Result, SamplingParams, StreamEvent, Usage
+from ..types import Result, SamplingParams, StreamEvent, Usage, join_logprobs
 
 
 class Customizations:
@@ -196,7 +196,7 @@ class ChatHandle:
         text = self._filter(text, final)
         if final and self.on_done is not None and finish != "cancelled":
             self.on_done(self.raw)
-        return StreamEvent(text, event.token_ids, finish, event.usage, tool_calls=tool_calls)
+        return StreamEvent(text, event.token_ids, finish, event.usage, tool_calls=tool_calls, logprobs=event.logprobs)
 
     def __iter__(self) -> Iterator[StreamEvent]:
         try:
@@ -224,7 +224,8 @@ class ChatHandle:
             text = self.plugins.after_response(text)
         return Result(text=text, finish_reason=last.finish_reason, usage=last.usage or Usage(0, 0),
                       token_ids=[t for e in events for t in e.token_ids], metrics=dict(self.metrics),
-                      tool_calls=last.tool_calls, cache=self.cache_status)
+                      tool_calls=last.tool_calls, cache=self.cache_status, logprobs=join_logprobs(events),
+                      prompt_logprobs=getattr(self.source, "prompt_logprobs", None))
 
     def result(self) -> Result:
         return self._assemble(list(self))

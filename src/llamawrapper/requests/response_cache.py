@@ -29,7 +29,8 @@ KEY_VERSION = 1
 
 
 def is_deterministic(params: SamplingParams) -> bool:
-    return params.temperature == 0.0 or params.seed is not None
+    # log-probabilities are not stored with the events: such requests always run
+    return (params.temperature == 0.0 or params.seed is not None) and not params.logprobs
 
 
 def cache_key(model_identity: dict[str, Any], prompt_ids: list[int], params: SamplingParams, constraint: Any = None) -> str:

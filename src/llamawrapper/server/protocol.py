@@ -1,7 +1,9 @@
 """The OpenAI wire format: request bodies the server accepts and the response bodies it sends.
 
-Request models accept unknown fields (``extra="allow"``: they are logged, not fatal); range
-checks of sampling values stay in ``SamplingParams`` so the library and the server agree.
+Request models accept unknown fields (``extra="allow"``: they are logged, not fatal), except the
+fields OpenAI defines that this server cannot honour (``REFUSED``): those are refused by name
+unless absent or at their no-op value. Range checks of sampling values stay in
+``SamplingParams`` so the library and the server agree.
 Response models are exact OpenAI shapes, so the official client's typed objects parse them;
 they also document the API in ``/openapi.json``.
 """
@@ -17,11 +19,25 @@ _SEED = dict(ge=-(2**63), lt=2**64)  # what a torch generator accepts
 StopString = Annotated[str, Field(min_length=1)]
 
 
+# OpenAI-defined request fields this server cannot honour -> the values that are harmless no-ops.
+REFUSED: dict[str, tuple] = {
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "functions": (None,), "function_call": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    "service_tier": (None, "auto", "default"), "store": (None, False), "metadata": (None, {}),
+    "suffix": (None, ""),
+}
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     def unknown_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
+        return sorted(k for k in (self.model_extra or {}) if k not in REFUSED)
+
+    def refused_field(self) -> Optional[str]:
+        """The first OpenAI field given that this server cannot honour, if any."""
+        extra = self.model_extra or {}
+        return next((k for k in sorted(extra) if k in REFUSED and extra[k] not in REFUSED[k]), None)
 
 
 class TextPart(_Open):
@@ -51,14 +67,21 @@ class _Sampling(_Open):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[str] = None  # logged with the request id
+    safety_identifier: Optional[str] = None  # logged with the request id
+    prompt_cache_key: Optional[str] = None  # prompts are cached by prefix anyway; accepted
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Any]] = None  # token id (as a string) -> -100..100; checked by SamplingParams
     # transformers' names for the extras
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
 
     def sampling(self) -> dict[str, Any]:
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
-                    seed=self.seed, top_k=self.top_k, repetition_penalty=self.repetition_penalty)
+                    seed=self.seed, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    logit_bias=self.logit_bias)
 
     @property
     def include_usage(self) -> bool:
@@ -72,12 +95,15 @@ class ChatCompletionRequest(_Sampling):
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[bool] = None  # honoured either way: an answer makes at most one call
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.max_completion_tokens is not None:
             out["max_tokens"] = self.max_completion_tokens
+        out.update(logprobs=self.logprobs, top_logprobs=self.top_logprobs)
         return out
 
     def message_dicts(self) -> list[dict[str, Any]]:
@@ -87,7 +113,16 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)  # legacy: the top alternatives per token
+    best_of: Optional[int] = Field(None, ge=1)  # only best_of == n (or 1) is honoured
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.logprobs is not None:
+            out.update(logprobs=True, top_logprobs=self.logprobs)
+            if self.echo:  # the echoed prompt's tokens get log-probabilities too
+                out["prompt_logprobs"] = self.logprobs
+        return out
 
     def prompts(self) -> list[Union[str, list[int]]]:
         p = self.prompt
@@ -137,11 +172,33 @@ class AssistantMessage(BaseModel):
     tool_calls: Optional[list[ToolCall]] = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+    refusal: Optional[list[TokenLogprob]] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -171,7 +228,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -188,7 +245,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class Completion(BaseModel):

@@ -16,6 +16,7 @@ from ..errors import InvalidRequestError, LlamaWrapperError
 from ..types import Usage
 from . import protocol as P
 from .errors import APIError, from_exception, not_ready
+from .logprobs import CompletionLogprobs, chat_logprobs, join
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
 
 log = logging.getLogger("llamawrapper.server")
@@ -37,6 +38,9 @@ def _log_unknown(body: P._Open, request: Request) -> None:
     unknown = body.unknown_fields()
     if unknown:
         log.info("ignoring unknown fields: %s", ", ".join(unknown), extra={"request_id": _rid(request), "fields": ",".join(unknown)})
+    end_user = getattr(body, "user", None) or getattr(body, "safety_identifier", None)
+    if end_user:  # OpenAI's end-user id: recorded with the request id for abuse tracing
+        log.info("request for end user %s", end_user, extra={"request_id": _rid(request), "end_user": end_user})
 
 
 def _usage_dict(u: Usage) -> dict:
@@ -50,8 +54,17 @@ def _sum_usage(usages: list[Usage], prompt_tokens: int) -> Usage:
 
 
 def _params(body: P._Sampling) -> Any:
+    """The request's ``SamplingParams``; OpenAI fields this server cannot honour are refused by name."""
     from ..api import sampling_params  # the api module imports torch; by now the models are loaded anyway
 
+    refused = body.refused_field()
+    if refused:
+        raise InvalidRequestError(f"'{refused}' is not supported by this server.", param=refused)
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    best_of = getattr(body, "best_of", None)
+    if best_of not in (None, 1, body.n):
+        raise InvalidRequestError(f"Only best_of equal to n is supported; got best_of={best_of}, n={body.n}.", param="best_of")
     return sampling_params(**body.sampling())
 
 
@@ -68,7 +81,8 @@ def _submit_all(llm: Any, prompt_ids: list[list[int]], n: int, params: Any, rid:
         for p, ids in enumerate(prompt_ids):
             for i in range(n):
                 k = len(handles)
-                handles.append(llm.submit(ids, params, adapter=adapter, request_id=rid if len(prompt_ids) * n == 1 else f"{rid}-{k}"))
+                handles.append(llm.submit(ids, params.for_choice(i), adapter=adapter,
+                                          request_id=rid if len(prompt_ids) * n == 1 else f"{rid}-{k}"))
     except BaseException:
         cancel_all(handles)
         raise
@@ -113,7 +127,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     out = {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": i, "message": _assistant_message(r), "finish_reason": r.finish_reason,
-                     "logprobs": None} for i, r in enumerate(results)],
+                     "logprobs": chat_logprobs(r.logprobs)} for i, r in enumerate(results)],
         "usage": _usage_dict(_sum_usage([r.usage for r in results], len(ids))),
         "system_fingerprint": None,
     }
@@ -131,7 +145,7 @@ def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str
     handles: list[Any] = []
     try:
         for k in range(body.n):
-            handles.append(flow.submit(llm.custom, ids, params, grammar=grammar, spec=spec, cache=use_cache,
+            handles.append(flow.submit(llm.custom, ids, params.for_choice(k), grammar=grammar, spec=spec, cache=use_cache,
                                            **llm.route({"adapter": adapter, "request_id": rid if body.n == 1 else f"{rid}-{k}"})))
     except BaseException:
         cancel_all(handles)
@@ -160,16 +174,16 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
     if body.include_usage:
         base["usage"] = None
 
-    def chunk(i: int, delta: dict, finish: Optional[str] = None) -> bytes:
-        return sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+    def chunk(i: int, delta: dict, finish: Optional[str] = None, logprobs: Optional[dict] = None) -> bytes:
+        return sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]})
 
     for i in range(len(handles)):
         yield chunk(i, {"role": "assistant", "content": ""})
     usages: list[Usage] = []
     try:
         async for i, event in merged(handles):
-            if event.text:
-                yield chunk(i, {"content": event.text})
+            if event.text or event.logprobs:
+                yield chunk(i, {"content": event.text}, logprobs=chat_logprobs(event.logprobs))
             if getattr(event, "tool_calls", None):
                 yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(event.tool_calls)]})
             if event.finish_reason is not None:
@@ -195,8 +209,6 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     state, rid = _state(request), _rid(request)
     _log_unknown(body, request)
     params = _params(body)
-    if body.logprobs is not None:
-        raise InvalidRequestError("logprobs are not supported by this server.", param="logprobs")
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequestError("The prompt is empty.", param="prompt")
@@ -209,15 +221,16 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     prompt_total = sum(len(ids) for ids in prompt_ids)
     completion_id, created = f"cmpl-{rid}", int(time.time())
     if body.stream:
-        return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total),
+        firsts = [llm.detokenize(ids[:1]) for ids in prompt_ids for _ in range(body.n)]
+        return EventStream(_completion_events(request, body, handles, echoes, completion_id, created, prompt_total, firsts),
                            lambda: cancel_all(handles), headers=_version_header(lease))
     results = await _results_or_gone(request, body.model, handles)
     if results is None:
         return Response(status_code=499)
     out = {
         "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "text": echoes[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                    for i, r in enumerate(results)],
+        "choices": [{"index": i, "text": echoes[i] + r.text, "finish_reason": r.finish_reason,
+                     "logprobs": _completion_logprobs(llm, prompt_ids[i // body.n], echoes[i], r)} for i, r in enumerate(results)],
         "usage": _usage_dict(_sum_usage([r.usage for r in results], prompt_total)),
         "system_fingerprint": None,
     }
@@ -226,6 +239,14 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
 
 def _version_header(lease: Any) -> dict[str, str]:
     return {"x-model-version": lease.version}
+
+
+def _completion_logprobs(llm: Any, prompt_ids: list[int], echo: str, r: Any) -> Optional[dict]:
+    """Legacy logprobs of one choice: the echoed prompt's (when asked), then the answer's."""
+    builder = CompletionLogprobs()
+    head = builder.prompt(llm.detokenize(prompt_ids[:1]), r.prompt_logprobs) if r.prompt_logprobs is not None else None
+    builder.offset = len(echo)
+    return join(head, builder(r.logprobs))
 
 
 def _prompt_ids(llm: Any, prompt: Any) -> list[int]:
@@ -244,25 +265,32 @@ def _prompt_text(llm: Any, prompt: Any) -> str:
 
 
 async def _completion_events(request: Request, body: P.CompletionRequest, handles: list[Any], echoes: list[str], cid: str,
-                             created: int, prompt_tokens: int) -> AsyncIterator[bytes]:
+                             created: int, prompt_tokens: int, first_tokens: list[str]) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "text_completion", "created": created, "model": body.model, "system_fingerprint": None}
     if body.include_usage:
         base["usage"] = None
 
-    def chunk(i: int, text: str, finish: Optional[str] = None) -> bytes:
-        return sse({**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]})
+    def chunk(i: int, text: str, finish: Optional[str] = None, logprobs: Optional[dict] = None) -> bytes:
+        return sse({**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
+    offsets = [CompletionLogprobs(len(echo)) for echo in echoes]
+    later = body.echo and body.logprobs is not None  # the prompt's logprobs are known once it is prefilled
     for i, echo in enumerate(echoes):
-        if echo:
+        if echo and not later:
             yield chunk(i, echo)
     usages: list[Usage] = []
+    echoed: set[int] = set()
     try:
         async for i, event in merged(handles):
+            if later and i not in echoed:
+                echoed.add(i)
+                prompt_lp = CompletionLogprobs().prompt(first_tokens[i], getattr(handles[i], "prompt_logprobs", None) or [None])
+                yield chunk(i, echoes[i], logprobs=prompt_lp)
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(0, 0))
-                yield chunk(i, event.text, event.finish_reason)
-            elif event.text:
-                yield chunk(i, event.text)
+                yield chunk(i, event.text, event.finish_reason, offsets[i](event.logprobs))
+            elif event.text or event.logprobs:
+                yield chunk(i, event.text, logprobs=offsets[i](event.logprobs))
     except LlamaWrapperError as exc:
         yield sse(from_exception(exc).body())
         return
