@@ -172,7 +172,7 @@ def verify(file: Optional[str] = typer.Option(None, "--file", help="The audit lo
     path = Path(file or SecuritySettings().audit_file or home_dir() / "audit" / "audit.jsonl").expanduser()
     result = AuditLog(path).verify()
     if result.ok:
-        out.print(f"{path}: {result.describe()}", highlight=False)
+        out.print(f"{path}: {result.describe()}", highlight=False, soft_wrap=True)
         return
-    err.print(f"[bold red]audit log tampered:[/] {path}: {result.describe()}", highlight=False)
+    err.print(f"[bold red]audit log tampered:[/] {path}: {result.describe()}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
