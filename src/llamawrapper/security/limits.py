@@ -78,9 +78,9 @@ class LocalLimiter:
             while log and log[0] <= now - WINDOW:
                 log.popleft()
             reset = log[0] + WINDOW - now if log else 0.0
-            if key.rpm is not None and len(log) >= key.rpm:
-                return Admission("rpm", len(log), reset)
             used, tokens_reset = self._token_estimate(key.id, now) if key.tpm is not None else (0, 0.0)
+            if key.rpm is not None and len(log) >= key.rpm:
+                return Admission("rpm", len(log), reset, used, tokens_reset)
             if key.tpm is not None and used >= key.tpm:
                 return Admission("tpm", len(log), reset, used, tokens_reset)
             if key.max_parallel is not None:
@@ -113,6 +113,12 @@ _ADMIT = """
 local now, rpm, tpm, maxpar = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local ticket, window, frac, stale = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local reqs, req_reset, used, tok_reset = 0, 0, 0, 0
+if tpm > 0 then
+  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local prev = tonumber(redis.call('GET', KEYS[3]) or '0')
+  used = math.floor(prev * (1 - frac) + cur)
+  tok_reset = math.ceil((1 - frac) * window)
+end
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   reqs = redis.call('ZCARD', KEYS[1])
@@ -120,15 +126,9 @@ if rpm > 0 then
     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
     req_reset = tonumber(oldest[2]) + window - now
   end
-  if reqs >= rpm then return {'rpm', reqs, req_reset, 0, 0} end
+  if reqs >= rpm then return {'rpm', reqs, req_reset, used, tok_reset} end
 end
-if tpm > 0 then
-  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local prev = tonumber(redis.call('GET', KEYS[3]) or '0')
-  used = math.floor(prev * (1 - frac) + cur)
-  tok_reset = math.ceil((1 - frac) * window)
-  if used >= tpm then return {'tpm', reqs, req_reset, used, tok_reset} end
-end
+if tpm > 0 and used >= tpm then return {'tpm', reqs, req_reset, used, tok_reset} end
 if maxpar > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - stale)
   if redis.call('ZCARD', KEYS[4]) >= maxpar then return {'parallel', reqs, req_reset, used, tok_reset} end
