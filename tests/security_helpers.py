@@ -14,7 +14,8 @@ from server_helpers import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persist: bool = False) -> None:
+        self.persist = persist  # an append-only file, so data survives a stop and start
         self.binary = shutil.which("redis-server")
         self.port = free_port()
         self.workdir = workdir
@@ -25,7 +26,7 @@ class RedisServer:
         import redis
 
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                      "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         for _ in range(200):

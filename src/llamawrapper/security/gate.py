@@ -83,6 +83,7 @@ class Gate:
         self._stored_active: tuple[float, bool] = (0.0, False)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._failures = _FailureBudget()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -217,6 +218,10 @@ class Gate:
 
     # -- background -----------------------------------------------------------------------------------
     def flush(self) -> None:
+        with self._flush_lock:  # one flush at a time: a reader's flush waits for the background one's write
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
