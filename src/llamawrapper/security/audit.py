@@ -7,6 +7,10 @@ the appends, and a writer that sees the file grew (another process wrote) re-rea
 line's hash before adding its own. Retention rewrites the file without its oldest lines and
 records the hash of the last removed line in ``<file>.anchor``, where the chain now starts.
 
+Request lines are handed to a writer thread (``submit``), so the event loop only pays for a queue
+put; the thread writes whatever has queued in one locked batch. ``append`` (admin actions) waits
+until its line is on disk, and ``read``/``verify``/``close`` first wait for the queue to drain.
+
 What an audit line never holds: a key's secret (only its id), and prompt or answer text unless
 ``log_content`` is on."""
 
@@ -16,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -75,6 +80,8 @@ class AuditLog:
         self._file = None
         self._known = (-1, -1)  # (inode, size) after our last write
         self._prev = GENESIS
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -113,20 +120,64 @@ class AuditLog:
         except (OSError, ValueError, KeyError):
             return GENESIS
 
+    @staticmethod
+    def _entry(event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return {"time": iso_time(time.time()), "event": event, **{k: v for k, v in fields.items() if v is not None}}
+
+    def submit(self, event: str, **fields: Any) -> None:
+        """Queue one line for the writer thread (``time`` is now, not when it is written)."""
+        if self._writer is None:
+            with self._thread_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, name="llamawrapper-audit", daemon=True)
+                    self._writer.start()
+        self._queue.put(self._entry(event, fields))
+
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Add one line (``time`` and ``event`` first) and return it."""
-        entry = {"time": iso_time(time.time()), "event": event, **{k: v for k, v in fields.items() if v is not None}}
-        with self._locked():
-            f = self._open()
-            entry["prev"] = self._prev
-            entry["hash"] = _line_hash(self._prev, entry)
-            f.write(json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n")
-            f.flush()
-            st = os.fstat(f.fileno())
-            self._known, self._prev = (st.st_ino, st.st_size), entry["hash"]
+        """Add one line now (after any queued ones) and return it."""
+        self.flush()
+        entry = self._entry(event, fields)
+        self._write([entry])
         return entry
 
+    def flush(self) -> None:
+        """Wait until every submitted line is written."""
+        if self._writer is not None:
+            self._queue.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            except Exception:  # a full disk must not kill the thread; the lines are reported lost
+                import logging
+
+                logging.getLogger("llamawrapper.security").exception("audit lines lost: %d", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        with self._locked():
+            f = self._open()
+            out = []
+            for entry in entries:
+                entry["prev"] = self._prev
+                entry["hash"] = self._prev = _line_hash(self._prev, entry)
+                out.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n")
+            f.write(b"".join(out))
+            f.flush()
+            st = os.fstat(f.fileno())
+            self._known = (st.st_ino, st.st_size)
+
     def lines(self) -> Iterator[dict[str, Any]]:
+        self.flush()
         if not self.path.exists():
             return
         with open(self.path, "rb") as f:
@@ -148,6 +199,7 @@ class AuditLog:
         return out
 
     def verify(self) -> Verification:
+        self.flush()
         prev, n = self._anchor(), 0
         if not self.path.exists():
             return Verification(True, 0, prev)
@@ -167,6 +219,7 @@ class AuditLog:
 
     def prune(self, older_than: float) -> int:
         """Drop lines from before ``older_than`` (epoch seconds); the chain restarts at the anchor."""
+        self.flush()
         with self._locked():
             if not self.path.exists():
                 return 0
@@ -194,6 +247,7 @@ class AuditLog:
             return dropped
 
     def close(self) -> None:
+        self.flush()
         with self._thread_lock:
             if self._file is not None:
                 self._file.close()

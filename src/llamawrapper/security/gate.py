@@ -180,7 +180,7 @@ class Gate:
                 p.requests += 1
                 p.last_used_at = time.time()
         if self.audit_requests:
-            self.audit.append("request", key_id=principal.key_id, **fields)
+            self.audit.submit("request", key_id=principal.key_id, **fields)
 
     def record_failure(self, reason: str, **fields: Any) -> None:
         """An audit line for a refused key, at most ``FAILURES_PER_SECOND`` a second: a flood of
@@ -195,7 +195,7 @@ class Gate:
                 return
             b.written += 1
             suppressed, b.suppressed = b.suppressed, 0
-        self.audit.append("auth.failed", reason=reason, suppressed_before=suppressed or None, **fields)
+        self.audit.submit("auth.failed", reason=reason, suppressed_before=suppressed or None, **fields)
 
     def record_admin(self, principal: Principal, action: str, **details: Any) -> None:
         self.audit.append("admin", action=action, key_id=principal.key_id, **details)
