@@ -8,7 +8,6 @@ written to the store once a second by a background thread, so a request costs no
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -45,10 +44,6 @@ class Principal:
 OPEN = Principal("open", None, True)
 
 
-def _fingerprint(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-
-
 @dataclass
 class _Pending:
     requests: int = 0
@@ -75,10 +70,11 @@ class Gate:
         self.retention_days = retention_days
         # flag/env keys: unscoped and unlimited; admins too unless a bootstrap admin key is set
         self._fixed: dict[str, Principal] = {}
-        for secret in api_keys:
-            self._fixed[hash_secret(secret)] = Principal("flag", "flag:" + _fingerprint(secret), admin_key is None)
+        # their audit ids are positions, not fingerprints: a short hash of a weak flag key could be guessed
+        for i, secret in enumerate(api_keys, 1):
+            self._fixed[hash_secret(secret)] = Principal("flag", f"flag:{i}", admin_key is None)
         if admin_key:
-            self._fixed[hash_secret(admin_key)] = Principal("admin", "admin:" + _fingerprint(admin_key), True)
+            self._fixed[hash_secret(admin_key)] = Principal("admin", "admin:bootstrap", True)
         self._cache: dict[str, tuple[float, Optional[ApiKey]]] = {}
         self._stored_active: tuple[float, bool] = (0.0, False)
         self._pending: dict[str, _Pending] = {}
