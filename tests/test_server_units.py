@@ -17,7 +17,6 @@ from llamawrapper.errors import (
     ModelNotFoundError,
     QueueFullError,
 )
-from llamawrapper.server.auth import KeyChecker
 from llamawrapper.server.command import settings_from_flags
 from llamawrapper.server.errors import from_exception, validation_error
 from llamawrapper.models.modelsfile import split_serve_spec
@@ -98,13 +97,6 @@ def test_unparseable_body_is_called_invalid_json():
                              "ctx": {"error": "Expecting property name enclosed in double quotes"}}])
     assert (err.status, err.code, err.param) == (400, "invalid_json", None)
     assert "not valid JSON" in err.message
-
-
-def test_key_checker():
-    checker = KeyChecker(["k1", "second-key"])
-    assert checker.enabled and checker.accepts("k1") and checker.accepts("second-key")
-    assert not checker.accepts("k2") and not checker.accepts("") and not checker.accepts("k1 ")
-    assert not KeyChecker([]).enabled
 
 
 def test_model_specs():

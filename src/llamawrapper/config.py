@@ -107,6 +107,9 @@ class ServerSettings(BaseSettings):
     keep_alive: Optional[float] = Field(None, gt=0, description="Unload a model idle this many seconds; the next request loads it again.")
     max_loaded_models: Optional[int] = Field(None, ge=1, description="Most model versions loaded at once; the least recently used idle one unloads.")
 
+    ssl_certfile: Optional[str] = Field(None, description="TLS certificate (PEM) for HTTPS; needs --ssl-keyfile.")
+    ssl_keyfile: Optional[str] = Field(None, description="TLS private key (PEM) for HTTPS; needs --ssl-certfile.")
+
     settings_customise_sources = _with_config_file("server")
 
     @field_validator("models", "api_keys", mode="before")
@@ -128,6 +131,28 @@ class CacheSettings(BaseSettings):
     max_mb: float = Field(256.0, gt=0, description="Most MiB of entries kept (SQLite).")
 
     settings_customise_sources = _with_config_file("cache")
+
+
+class SecuritySettings(BaseSettings):
+    """Keys, limits, audit and encryption at rest (``llamawrapper.security``). Config file table:
+    ``[security]``; env ``LLAMAWRAPPER_STATE_URL``, ``LLAMAWRAPPER_ADMIN_KEY``, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAWRAPPER_", extra="ignore")
+
+    state_url: Optional[str] = Field(
+        None, description="Where keys and limits live: sqlite:///path (default: keys.sqlite under the cache folder) or "
+                          "redis://host:port/db (shared by every server process using it).")
+    admin_key: Optional[str] = Field(None, repr=False, description="A bootstrap admin key (Authorization: Bearer); "
+                                                                     "prefer the env var to the flag.")
+    encryption_key: Optional[str] = Field(None, repr=False, description="32-byte key (base64 or hex) sealing the response "
+                                                                          "cache with AES-GCM; prefer the env var or a key file.")
+    encryption_key_file: Optional[str] = Field(None, description="File holding the encryption key.")
+    retention_days: Optional[float] = Field(None, gt=0, description="Delete cached answers and audit lines older than this many days.")
+    log_content: bool = Field(False, description="Write prompt and answer text (PII-redacted) to the audit log.")
+    audit_file: Optional[str] = Field(None, description="The audit log (default: audit/audit.jsonl under the cache folder).")
+    audit_requests: bool = Field(True, description="Audit every request, not only admin actions and refused keys.")
+
+    settings_customise_sources = _with_config_file("security")
 
 
 def model_table(name: str) -> dict:

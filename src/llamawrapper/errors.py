@@ -13,8 +13,15 @@
     ├── QueueFullError                     admission refused: the engine's queue is full
     ├── RequestCancelledError              the request was cancelled before it finished
     ├── GenerationError                    processing of one request failed inside the engine
-    └── PluginError                        a plugin hook raised; ``hook`` and ``plugin`` name it
-        └── PluginRejectedError            ...as invalid input (also an InvalidRequestError → 400)
+    ├── PluginError                        a plugin hook raised; ``hook`` and ``plugin`` name it
+    │   └── PluginRejectedError            ...as invalid input (also an InvalidRequestError → 400)
+    └── SecurityError                      keys, limits, audit, encryption (``llamawrapper.security``)
+        ├── AuthenticationError            no key, bad header, unknown/revoked/expired key → 401
+        ├── PermissionDeniedError          a key outside its scopes (non-admin on /admin) → 403
+        ├── KeyNotFoundError               no stored key with that id → 404
+        ├── RateLimitError                 over rpm / tpm / max_parallel → 429 + Retry-After
+        ├── StateUnavailableError          Redis unreachable; limited keys fail closed → 503
+        └── EncryptionKeyError             encrypted data without the right key; refused at start
 """
 
 from __future__ import annotations
@@ -113,3 +120,40 @@ class PluginRejectedError(InvalidRequestError, PluginError):
         self.param = param
         self.hook = hook
         self.plugin = plugin
+
+
+class SecurityError(LlamaWrapperError):
+    """Keys, limits, audit and encryption: the base of the errors below."""
+
+
+class AuthenticationError(SecurityError):
+    """No key, a malformed ``Authorization`` header, or an unknown, revoked or expired key (401)."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class PermissionDeniedError(SecurityError):
+    """A valid key asking for what its scopes do not allow, such as a non-admin key on ``/admin`` (403)."""
+
+
+class KeyNotFoundError(SecurityError):
+    """No stored key has this id (404)."""
+
+
+class RateLimitError(SecurityError):
+    """A key over its ``rpm``, ``tpm`` or ``max_parallel``; retry after ``retry_after`` seconds (429)."""
+
+    def __init__(self, message: str, retry_after: float, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class StateUnavailableError(SecurityError):
+    """The shared state (Redis) is unreachable: limited keys fail closed (503)."""
+
+
+class EncryptionKeyError(SecurityError):
+    """Encrypted data and a missing, malformed or wrong ``encryption_key``; refused at start."""

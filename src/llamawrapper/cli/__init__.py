@@ -32,7 +32,7 @@ from . import models, generate  # noqa: E402,F401  (each registers its commands 
 from ..server.command import serve_command  # noqa: E402  (flags derived from ServerSettings/EngineSettings)
 
 app.command("serve")(serve_command)
-from . import admin, bench  # noqa: E402,F401
+from . import admin, bench, keys  # noqa: E402,F401  (keys: the keys and audit command groups)
 
 
 def main() -> None:

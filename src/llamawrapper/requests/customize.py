@@ -34,8 +34,14 @@ def cache_settings(cache: Union[bool, str, CacheSettings, dict, None], table: di
 
 
 def open_cache(settings: CacheSettings) -> ResponseCache:
-    backend = open_backend(settings.url, home_dir() / "cache", settings.ttl, settings.max_entries, int(settings.max_mb * 1024 * 1024))
-    return ResponseCache(backend)
+    """The cache's backend, its TTL capped by the ``retention_days`` setting, sealed with the
+    process's encryption key when one is set."""
+    from ..security.crypto import active_cipher
+    from ..security.retention import capped_ttl
+
+    backend = open_backend(settings.url, home_dir() / "cache", capped_ttl(settings.ttl), settings.max_entries,
+                           int(settings.max_mb * 1024 * 1024))
+    return ResponseCache(backend, cipher=active_cipher(), where=f"The response cache ({settings.url or 'sqlite, cache folder'})")
 
 
 def apply(llm: Any, name: str, *, plugins: Optional[list] = None, cache: Union[bool, str, CacheSettings, dict, None] = None,

@@ -9,6 +9,12 @@ sampling parameter and the output constraint (grammar, tools). Value: the engine
 Backends: SQLite under the cache folder (WAL journal; each put is one transaction, so a killed
 process leaves either the old or the new row, never a torn one) and Redis for
 ``redis://`` URLs. Both honour a TTL and a size bound (entries and bytes; oldest use evicted).
+
+Encryption at rest: with an encryption key (``llamawrapper.security.crypto``) every value is
+sealed with AES-GCM, its cache key as associated data; the store keeps an encrypted marker, so
+opening it without the key, or with another key, fails at once with ``EncryptionKeyError``
+instead of serving wrong data. Plaintext entries found when encryption is first switched on are
+dropped.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class CacheBackend(Protocol):
     def clear(self) -> None: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
+    def get_meta(self, name: str) -> Optional[bytes]: ...
+    def put_meta(self, name: str, value: bytes) -> None: ...
 
 
 class SQLiteCache:
@@ -79,6 +87,18 @@ class SQLiteCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value BLOB NOT NULL, "
                          "created REAL NOT NULL, used REAL NOT NULL, size INTEGER NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses(used)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        if self.ttl is not None:  # expired rows go at open too (the retention setting caps the TTL)
+            self._db.execute("DELETE FROM responses WHERE created < ?", (time.time() - self.ttl,))
+
+    def get_meta(self, name: str) -> Optional[bytes]:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def get(self, key: str) -> Optional[bytes]:
         now = time.time()
@@ -137,6 +157,12 @@ class RedisCache:
         self._r = redis.Redis.from_url(url)
         self._index = prefix + "index"
 
+    def get_meta(self, name: str) -> Optional[bytes]:
+        return self._r.get(self.prefix + "meta:" + name)
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        self._r.set(self.prefix + "meta:" + name, value)
+
     def get(self, key: str) -> Optional[bytes]:
         value = self._r.get(self.prefix + key)
         if value is None:
@@ -183,16 +209,36 @@ def open_backend(url: Optional[str], folder: Path, ttl: Optional[float], max_ent
 
 
 class ResponseCache:
-    """A backend plus hit/miss counters (read by ``/metrics``)."""
+    """A backend plus hit/miss counters (read by ``/metrics``), sealing values with ``cipher``
+    when one is given."""
 
-    def __init__(self, backend: CacheBackend) -> None:
+    def __init__(self, backend: CacheBackend, cipher: Any = None, where: str = "The response cache") -> None:
+        from ..security.crypto import check_marker
+
         self.backend = backend
+        self.cipher = cipher
         self.hits = 0
         self.misses = 0
         self.stores = 0
+        new_marker = check_marker(backend.get_meta("encryption"), cipher, where)
+        if new_marker is not None:
+            if len(backend):
+                backend.clear()  # plaintext entries must not stay at rest once encryption is on
+            backend.put_meta("encryption", new_marker)
+
+    def _open(self, key: str, blob: bytes) -> Optional[bytes]:
+        if self.cipher is None:
+            return blob
+        from ..errors import EncryptionKeyError
+
+        try:
+            return self.cipher.decrypt(blob, key.encode())
+        except EncryptionKeyError:
+            return None  # changed or foreign bytes: a miss, never wrong data
 
     def lookup(self, key: str) -> Optional[list[StreamEvent]]:
         blob = self.backend.get(key)
+        blob = None if blob is None else self._open(key, blob)
         if blob is None:
             self.misses += 1
             return None
@@ -201,7 +247,8 @@ class ResponseCache:
 
     def store(self, key: str, events: list[StreamEvent]) -> None:
         if events and events[-1].finish_reason in ("stop", "length"):
-            self.backend.put(key, encode_events(events))
+            blob = encode_events(events)
+            self.backend.put(key, blob if self.cipher is None else self.cipher.encrypt(blob, key.encode()))
             self.stores += 1
 
     def stats(self) -> dict[str, int]:

@@ -14,14 +14,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .. import __version__
-from ..config import EngineSettings, ServerSettings
+from ..config import EngineSettings, SecuritySettings, ServerSettings
 from ..errors import LlamaWrapperError
-from .auth import APIKeyMiddleware
+from .auth import SecurityMiddleware
 from .errors import APIError, from_exception, validation_error
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from ..models.host import ModelHost, default_loader
 from .admin_models import router as admin_models_router
+from .admin_keys import router as admin_keys_router
 from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
 from .routes import router
 
@@ -35,7 +36,7 @@ class ServerState:
 
 
 def create_app(settings: Optional[ServerSettings] = None, engine: Optional[EngineSettings] = None,
-               host: Optional[ModelHost] = None) -> FastAPI:
+               host: Optional[ModelHost] = None, security: Optional[SecuritySettings] = None) -> FastAPI:
     """An app serving ``settings.models`` (and ``settings.models_file``) through a ``ModelHost``;
     loading starts in the background when the app starts (lifespan)."""
     settings = settings or ServerSettings()
@@ -44,6 +45,8 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
                              drain_timeout=max(settings.drain_timeout, 1.0) * 20)
     entries = served_entries(settings)  # bad specs or files fail here, before the port opens
     state = ServerState(settings, host, Metrics(host.engines))
+    security = security or SecuritySettings()
+    gate = _open_security(settings, security)  # a wrong encryption key fails here, before the port opens
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,19 +56,31 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
             yield
         finally:
             host.close()
+            gate.close()
 
     app = FastAPI(title="LlamaWrapper", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat and completion endpoints over local models.")
     app.state.lw = state
+    app.state.security = gate
     app.include_router(router)
     app.include_router(admin_models_router)
+    app.include_router(admin_keys_router)
     _install_error_handlers(app, settings)
     # added innermost first: the request context wraps everything, then auth, then the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(SecurityMiddleware, gate=gate, max_body_bytes=settings.max_body_bytes, models=host.names,
+                       default_model=lambda: host.default, log_content=security.log_content)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _open_security(settings: ServerSettings, security: SecuritySettings) -> Any:
+    from ..security.gate import open_gate
+    from ..security.startup import configure_process
+
+    configure_process(security)
+    return open_gate(security, api_keys=settings.api_keys)
 
 
 def served_entries(settings: ServerSettings) -> list[tuple[str, Any, dict]]:

@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import typer
 from pydantic.fields import FieldInfo
 
-from ..config import EngineSettings, ServerSettings
+from ..config import EngineSettings, SecuritySettings, ServerSettings
 from ..errors import LlamaWrapperError
 
 _FLAG_NAMES = {"api_keys": "--api-key"}  # repeatable flags read better in the singular
@@ -57,6 +57,7 @@ def _parameter(name: str, field: FieldInfo, group: str) -> inspect.Parameter:
 def _parameters() -> list[inspect.Parameter]:
     params = [_parameter(n, f, "Server") for n, f in ServerSettings.model_fields.items()]
     params += [_parameter(n, f, "Engine") for n, f in EngineSettings.model_fields.items()]
+    params += [_parameter(n, f, "Security") for n, f in SecuritySettings.model_fields.items()]
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
         None, "--config", help="TOML config file with server and engine tables (env LLAMAWRAPPER_CONFIG).",
         show_default=False)))
@@ -74,6 +75,11 @@ def settings_from_flags(flags: dict[str, Any]) -> tuple[ServerSettings, EngineSe
     return server, engine
 
 
+def security_from_flags(flags: dict[str, Any]) -> SecuritySettings:
+    """``SecuritySettings`` where flags given on the command line win over env vars and the config file."""
+    return SecuritySettings(**{k: v for k, v in flags.items() if v is not None and k in SecuritySettings.model_fields})
+
+
 def serve_command(**flags: Any) -> None:
     """Serve models over the OpenAI HTTP API (chat, completions, models, tokenize, metrics)."""
     from pydantic import ValidationError
@@ -83,6 +89,7 @@ def serve_command(**flags: Any) -> None:
         os.environ["LLAMAWRAPPER_CONFIG"] = config
     try:
         server, engine = settings_from_flags(flags)
+        security = security_from_flags(flags)
     except ValidationError as exc:
         first = exc.errors()[0]
         typer.echo(f"error: --{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}", err=True)
@@ -90,7 +97,7 @@ def serve_command(**flags: Any) -> None:
     from .run import serve
 
     try:
-        serve(server, engine)
+        serve(server, engine, security)
     except LlamaWrapperError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

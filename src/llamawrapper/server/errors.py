@@ -9,6 +9,11 @@ Library exceptions are mapped to a status by their type (never by their message 
     ModelUnavailableError       503  server_error / model_unavailable, with Retry-After
     QueueFullError              429  rate_limit_error / queue_full, with Retry-After
     RequestCancelledError       503  server_error / cancelled
+    AuthenticationError         401  invalid_request_error / invalid_api_key, WWW-Authenticate
+    PermissionDeniedError       403  invalid_request_error / permission_denied
+    KeyNotFoundError            404  invalid_request_error / key_not_found
+    RateLimitError              429  rate_limit_error / rate_limit_exceeded, Retry-After + x-ratelimit-*
+    StateUnavailableError       503  service_unavailable_error / state_unavailable, Retry-After
     any other LlamaWrapperError 500  server_error
 
 The server's own conditions (no key, not ready, body too large, unknown route) are ``APIError``s.
@@ -22,6 +27,11 @@ from typing import Optional
 from starlette.responses import JSONResponse
 
 from ..errors import (
+    AuthenticationError,
+    KeyNotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    StateUnavailableError,
     ContextLengthExceededError,
     InvalidRequestError,
     LlamaWrapperError,
@@ -85,6 +95,16 @@ def from_exception(exc: BaseException, retry_after: Optional[int] = None) -> API
         return APIError(429, str(exc), "rate_limit_error", "queue_full", headers={"Retry-After": str(seconds)})
     if isinstance(exc, RequestCancelledError):
         return APIError(503, str(exc), "server_error", "cancelled")
+    if isinstance(exc, AuthenticationError):
+        return APIError(401, str(exc), "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, PermissionDeniedError):
+        return APIError(403, str(exc), "invalid_request_error", "permission_denied")
+    if isinstance(exc, KeyNotFoundError):
+        return APIError(404, str(exc), "invalid_request_error", "key_not_found", "id")
+    if isinstance(exc, RateLimitError):
+        return APIError(429, str(exc), "rate_limit_error", "rate_limit_exceeded", headers=dict(exc.headers))
+    if isinstance(exc, StateUnavailableError):
+        return APIError(503, str(exc), "service_unavailable_error", "state_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, LlamaWrapperError):
         return APIError(500, str(exc), "server_error", "generation_failed")
     return APIError(500, "The server had an error while processing your request.", "server_error", None)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import InvalidRequestError, LlamaWrapperError
 from ..types import Usage
 from . import protocol as P
+from .auth import charge_tokens, model_allowed
 from .errors import APIError, from_exception, not_ready
 from .logprobs import CompletionLogprobs, chat_logprobs, join
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
@@ -101,6 +102,7 @@ async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> 
 
 
 def _record(request: Request, model: str, handles: list[Any], usages: list[Usage]) -> None:
+    charge_tokens(request, completion=sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
     metrics = _state(request).metrics
     for h, u in zip(handles, usages):
         metrics.observe_generation(model, u.prompt_tokens, u.completion_tokens, h.metrics.get("ttft"))
@@ -116,6 +118,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     use_cache = False if "no-cache" in request.headers.get("cache-control", "").lower() else None
     with await state.host.acquire_async(body.model) as lease:  # held until the engine has the requests
         ids, handles = await run_in_threadpool(_submit_chats, lease.model, body, params, rid, use_cache, lease.adapter)
+    charge_tokens(request, prompt=len(ids))
     cache_headers = {**_cache_headers(request, body.model, handles), **_version_header(lease)}
     completion_id, created = f"chatcmpl-{rid}", int(time.time())
     if body.stream:
@@ -217,6 +220,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         llm = lease.model
         prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
         handles = _submit_all(llm, prompt_ids, body.n, params, rid, lease.adapter)
+    charge_tokens(request, prompt=sum(len(ids) for ids in prompt_ids))
     echoes = [(_prompt_text(llm, p) if body.echo else "") for p in prompts for _ in range(body.n)]
     prompt_total = sum(len(ids) for ids in prompt_ids)
     completion_id, created = f"cmpl-{rid}", int(time.time())
@@ -302,7 +306,7 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
 @router.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> Response:
     data = [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "llamawrapper", "task": m["task"]}
-            for m in _state(request).host.served()]
+            for m in _state(request).host.served() if model_allowed(request, m["id"])]
     return JSONResponse({"object": "list", "data": data})
 
 

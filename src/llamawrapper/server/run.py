@@ -10,7 +10,8 @@ from typing import Optional
 
 import uvicorn
 
-from ..config import EngineSettings, ServerSettings
+from ..config import EngineSettings, SecuritySettings, ServerSettings
+from ..errors import InvalidRequestError
 from .app import create_app
 
 log = logging.getLogger("llamawrapper.server")
@@ -33,7 +34,8 @@ class _DrainingServer(uvicorn.Server):
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
-                log.info("listening on http://%s:%s", host, port, extra={"host": host, "port": port})
+                scheme = "https" if self.config.ssl_certfile else "http"
+                log.info("listening on %s://%s:%s", scheme, host, port, extra={"host": host, "port": port})
 
 
 def _share_logging() -> None:
@@ -46,11 +48,27 @@ def _share_logging() -> None:
         logger.propagate = False
 
 
-def serve(settings: ServerSettings, engine: Optional[EngineSettings] = None) -> None:
+def _tls(settings: ServerSettings) -> dict:
+    """uvicorn's TLS options: HTTPS when both a certificate and its key are given."""
+    from pathlib import Path
+
+    given = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
+    if not any(given.values()):
+        return {}
+    for name, path in given.items():
+        if not path:
+            raise InvalidRequestError(f"HTTPS needs both --ssl-certfile and --ssl-keyfile; '{name}' is missing.", param=name)
+        if not Path(path).expanduser().is_file():
+            raise InvalidRequestError(f"The {name} '{path}' is not a readable file.", param=name)
+    return {k: str(Path(v).expanduser()) for k, v in given.items()}
+
+
+def serve(settings: ServerSettings, engine: Optional[EngineSettings] = None, security: Optional[SecuritySettings] = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return."""
-    app = create_app(settings, engine)
+    tls = _tls(settings)
+    app = create_app(settings, engine, security=security)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on")
+                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on", **tls)
     _share_logging()
     server = _DrainingServer(config, app.state.lw)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler in place
