@@ -181,7 +181,9 @@ def test_admin_routes_need_admin_key_and_check_input(pair):
     a, _ = pair
     user = _create(a)
     with httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {user['key']}"}) as c:
-        for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/audit"), ("GET", "/admin/models")):
+        for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/audit"), ("GET", "/admin/models"),
+                             ("PUT", "/admin/models/smollm2"), ("POST", "/admin/models/smollm2/rollback"),
+                             ("DELETE", "/admin/models/smollm2")):
             r = c.request(method, path, json={"name": "x"})
             assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied", (path, r.text)
     admin = _admin(a)
