@@ -16,7 +16,7 @@ from starlette.requests import Request
 from .. import __version__
 from ..config import EngineSettings, ServerSettings
 from ..errors import LlamaWrapperError
-from .auth import APIKeyMiddleware
+from .auth import OPEN_PATHS, APIKeyMiddleware
 from .errors import APIError, from_exception, validation_error
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -24,6 +24,8 @@ from ..models.host import ModelHost, default_loader
 from .admin_models import router as admin_models_router
 from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
 from .routes import router
+from .tracing import TracingMiddleware, from_settings as tracing_from_settings
+from .web import PAGE_PATHS, router as web_router
 
 
 @dataclass
@@ -44,6 +46,7 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
                              drain_timeout=max(settings.drain_timeout, 1.0) * 20)
     entries = served_entries(settings)  # bad specs or files fail here, before the port opens
     state = ServerState(settings, host, Metrics(host.engines))
+    tracing = tracing_from_settings(settings)  # None unless an OTLP endpoint is configured
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,16 +56,21 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
             yield
         finally:
             host.close()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(title="LlamaWrapper", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat and completion endpoints over local models.")
     app.state.lw = state
     app.include_router(router)
     app.include_router(admin_models_router)
+    app.include_router(web_router)
     _install_error_handlers(app, settings)
-    # added innermost first: the request context wraps everything, then auth, then the body limit
+    # added innermost first: the request context wraps everything, then the trace span, then
+    # auth (the page's files are open: the page asks for the key), then the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, open_paths=OPEN_PATHS | PAGE_PATHS)
+    app.add_middleware(TracingMiddleware, tracing=tracing)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)
     return app
