@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) || \
 		echo "warning: could not install redis-server; the Redis cache tests will be skipped"
+	# The web page's browser tests drive Debian's chromium through Playwright (no browser download).
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+		echo "warning: could not install chromium; the browser tests will be skipped"
 	touch $(STAMP)
 
 ## run: set up, convert the default model on first use, and serve it over the OpenAI HTTP API

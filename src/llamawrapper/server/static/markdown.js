@@ -19,7 +19,8 @@ function el(tag, className) {
 }
 
 // Inline spans: code first (its content is literal), then links, bold, italic.
-const INLINE = /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)|\[([^\]\n]+)\]\(([^)\s]+)\)|\*\*([^*\n]+)\*\*|__([^_\n]+)__|\*([^*\n]+)\*|_([^_\n]+)_/g;
+// Underscores mark emphasis only outside words, so snake_case names stay as they are.
+const INLINE = /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)|\[([^\]\n]+)\]\(([^)\s]+)\)|\*\*([^*\n]+)\*\*|(?<!\w)__([^_\n]+)__(?!\w)|\*([^*\n]+)\*|(?<!\w)_([^_\n]+)_(?!\w)/g;
 
 export function renderInline(text, parent) {
   let last = 0;
