@@ -162,6 +162,15 @@ def test_streamed_and_refused_requests_are_traced(server, receiver):
     assert a["llamawrapper.stream"] is True
     assert a["gen_ai.usage.output_tokens"] == json.loads(frames[-1][6:])["usage"]["completion_tokens"]
     assert {c.name for c in receiver.children_of(span)} >= {"queue", "prefill", "decode"}
+    # a stream the client leaves early is marked cancelled
+    with server.client() as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+                "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            left_id = json.loads(next(line for line in lines if line.startswith("data: {"))[6:])["id"]
+    [left] = receiver.wait_for(lambda s: attrs(s).get("gen_ai.response.id") == left_id)
+    assert attrs(left)["gen_ai.response.finish_reasons"] == ["cancelled"]
     # a refused request still has its span, marked with the HTTP status (no GenAI response)
     refused = receiver.wait_for(lambda s: attrs(s).get("http.response.status_code") == 404)
     assert attrs(refused[0])["error.type"] == "404"

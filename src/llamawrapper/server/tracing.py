@@ -101,6 +101,7 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            scope["state"]["span"].end_unfinished()
             span.set_attribute("http.response.status_code", status)
             state = scope.get("state", {})
             if state.get("key_id"):
@@ -118,6 +119,7 @@ class RequestSpan:
     def __init__(self, tracing: Tracing, span: Any) -> None:
         self.tracing, self.span = tracing, span
         self.submitted_ns = time.time_ns()
+        self.generating = False  # a generation started and has not finished yet
 
     def start_generation(self, operation: str, body: Any, version: Optional[str], response_id: str) -> None:
         s = self.span
@@ -134,15 +136,23 @@ class RequestSpan:
         if self.tracing.log_content:
             s.set_attribute("gen_ai.input.messages", json.dumps(_prompt_of(body), ensure_ascii=False))
         self.submitted_ns = time.time_ns()
+        self.generating = True
 
     def finish_generation(self, handles: Sequence[Any], usages: Sequence[Any], reasons: Sequence[Optional[str]]) -> None:
         s = self.span
+        self.generating = False
         s.set_attribute("gen_ai.response.finish_reasons", [r for r in reasons if r])
         if usages:
             s.set_attribute("gen_ai.usage.input_tokens", int(usages[0].prompt_tokens))
             s.set_attribute("gen_ai.usage.output_tokens", int(sum(u.completion_tokens for u in usages)))
         for index, handle in enumerate(handles):
             self._phases(index, dict(handle.metrics))
+
+    def end_unfinished(self) -> None:
+        """A generation that never finished (client gone, error mid-stream) is marked cancelled."""
+        if self.generating:
+            self.generating = False
+            self.span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])
 
     def _phases(self, index: int, timings: dict) -> None:
         """Child spans queue -> prefill -> decode of one choice, from the engine's timings."""
