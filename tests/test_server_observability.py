@@ -166,7 +166,7 @@ def test_streamed_and_refused_requests_are_traced(server, receiver):
     with server.client() as c:
         with c.stream("POST", "/v1/chat/completions", json={
                 "model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
-                "ignore_eos": True, "stream": True}) as r:
+                "temperature": 0, "stream": True}) as r:
             lines = r.iter_lines()
             left_id = json.loads(next(line for line in lines if line.startswith("data: {"))[6:])["id"]
     [left] = receiver.wait_for(lambda s: attrs(s).get("gen_ai.response.id") == left_id)
@@ -186,7 +186,7 @@ def test_latency_histograms_follow_the_engine(server):
     with server.client() as c:
         for k in range(3):
             r = c.post("/v1/completions", json={"model": "tiny", "prompt": f"count {k}", "max_tokens": 4 + k,
-                                                "temperature": 0, "ignore_eos": True})
+                                                "temperature": 0})
             assert r.status_code == 200
             completions.append(r.json()["usage"]["completion_tokens"])
     delta = {n: server.metric(n, model="tiny") - v for n, v in before.items()}
