@@ -30,7 +30,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 run: setup
 	$(BIN)/llamawrapper pull $(MODEL)
-	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (OpenAI API at http://$(HOST):$(PORT)/v1; Ctrl-C stops)"
+	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (chat page at http://$(HOST):$(PORT)/, OpenAI API at /v1; Ctrl-C stops)"
 	@echo "Try:  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'"
 	$(BIN)/llamawrapper serve $(MODEL) --host $(HOST) --port $(PORT)
 
