@@ -42,13 +42,14 @@ def traces_endpoint(configured: Optional[str] = None) -> Optional[str]:
 
 
 class Tracing:
-    """A tracer provider of this app (not the process-global one) exporting to ``endpoint``."""
+    """A tracer provider of this app (not the process-global one) exporting to ``endpoint`` in
+    batches (or to ``exporter``, span by span: tests and embedding)."""
 
-    def __init__(self, endpoint: str, log_content: bool = False) -> None:
+    def __init__(self, endpoint: Optional[str], log_content: bool = False, exporter: Any = None) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from .. import __version__
@@ -58,7 +59,8 @@ class Tracing:
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "llamawrapper"),
                                     "service.version": __version__})
         self.provider = TracerProvider(resource=resource)
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        self.provider.add_span_processor(SimpleSpanProcessor(exporter) if exporter is not None
+                                         else BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self.tracer = self.provider.get_tracer("llamawrapper.server", __version__)
         self.propagator = TraceContextTextMapPropagator()
 
