@@ -223,6 +223,10 @@ async function send(text) {
 
 // -- wiring ---------------------------------------------------------------------------------
 function init() {
+  if (window.matchMedia("(max-width: 900px)").matches) {
+    document.body.classList.add("settings-hidden");
+    $("toggle-settings").setAttribute("aria-expanded", "false");
+  }
   loadSettings();
   showCurrent();
   loadModels();
