@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) || \
 		echo "warning: could not install redis-server; the Redis cache tests will be skipped"
+	# The web page's browser tests drive Debian's chromium through Playwright (no browser download).
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+		echo "warning: could not install chromium; the browser tests will be skipped"
 	touch $(STAMP)
 
 ## run: set up, convert the default model on first use, and serve it over the OpenAI HTTP API
@@ -26,7 +30,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 run: setup
 	$(BIN)/llamawrapper pull $(MODEL)
-	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (OpenAI API at http://$(HOST):$(PORT)/v1; Ctrl-C stops)"
+	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (chat page at http://$(HOST):$(PORT)/, OpenAI API at /v1; Ctrl-C stops)"
 	@echo "Try:  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'"
 	$(BIN)/llamawrapper serve $(MODEL) --host $(HOST) --port $(PORT)
 

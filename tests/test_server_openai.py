@@ -231,9 +231,9 @@ def test_metrics_exposition(server):
     samples = {name for name, _ in server.metrics()}
     for name in ("llamawrapper_http_requests_total", "llamawrapper_http_request_duration_seconds_bucket",
                  "llamawrapper_time_to_first_token_seconds_bucket", "llamawrapper_prompt_tokens_total",
-                 "llamawrapper_completion_tokens_total", "llamawrapper_queue_depth", "llamawrapper_running_batch_size",
+                 "llamawrapper_generation_tokens_total", "llamawrapper_queue_depth", "llamawrapper_running_batch_size",
                  "llamawrapper_prefix_cache_hit_rate"):
         assert name in samples, name
-    assert server.metric("llamawrapper_completion_tokens_total", model="smollm2") > 0
+    assert server.metric("llamawrapper_generation_tokens_total", model="smollm2") > 0
     # the same system prompt and question asked many times above: the prefix cache served some of it
     assert server.metric("llamawrapper_prefix_cache_hit_rate", model="smollm2") > 0

@@ -106,6 +106,8 @@ class ServerSettings(BaseSettings):
     models_file: Optional[str] = Field(None, description="TOML file of models to serve ([NAME] tables: source, revision, sha256, ...).")
     keep_alive: Optional[float] = Field(None, gt=0, description="Unload a model idle this many seconds; the next request loads it again.")
     max_loaded_models: Optional[int] = Field(None, ge=1, description="Most model versions loaded at once; the least recently used idle one unloads.")
+    otlp_endpoint: Optional[str] = Field(
+        None, description="OTLP/HTTP collector URL for OpenTelemetry traces (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset = no traces).")
 
     ssl_certfile: Optional[str] = Field(None, description="TLS certificate (PEM) for HTTPS; needs --ssl-keyfile.")
     ssl_keyfile: Optional[str] = Field(None, description="TLS private key (PEM) for HTTPS; needs --ssl-certfile.")

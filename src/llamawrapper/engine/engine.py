@@ -128,6 +128,8 @@ class Engine:
         return {
             "queue_depth": queued,
             "running": len(self._running),
+            "kv_tokens": sum(r.kv_length for r in list(self._running)) + sum(r.prefilled for r in list(self._prefilling)),
+            "max_tokens_in_flight": self.config.max_tokens_in_flight,
             "prefilling": len(self._prefilling),
             "slot_cache_bytes": self.slots.nbytes,
             "prefix_cache_bytes": pc.bytes,
@@ -214,6 +216,7 @@ class Engine:
             if active and in_flight + req.budget > cfg.max_tokens_in_flight:
                 break
             self._waiting.popleft()
+            req.handle.metrics["queue"] = time.perf_counter() - req.arrival
             in_flight += req.budget
             self._prefilling.append(req)
 

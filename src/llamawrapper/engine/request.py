@@ -34,11 +34,20 @@ class RequestHandle:
         self._on_cancel = on_cancel
         self.cancelled = False
         self.done = False
-        self.metrics: dict[str, float] = {}
+        # "start_unix": wall-clock arrival (places trace spans); seconds from arrival: "queue"
+        # (until admitted), "ttft", "latency" (until finished); "itl": the gaps between successive
+        # tokens (a list). Read by the server's latency histograms and traces.
+        self.metrics: dict[str, Any] = {"start_unix": time.time()}
+        self._last_token_at: Optional[float] = None
         self.prompt_logprobs: Optional[list[Any]] = None  # set before the first event when asked for
 
     # -- engine side -------------------------------------------------------------------------
     def _push(self, item: StreamEvent | BaseException) -> None:
+        if isinstance(item, StreamEvent) and item.token_ids:
+            now = time.perf_counter()
+            if self._last_token_at is not None:
+                self.metrics.setdefault("itl", []).append(now - self._last_token_at)
+            self._last_token_at = now
         with self._lock:
             if self._aq is None:
                 self._sync.put(item)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from .. import __version__
 from ..config import EngineSettings, SecuritySettings, ServerSettings
 from ..errors import LlamaWrapperError
-from .auth import SecurityMiddleware
+from .auth import OPEN_PATHS, SecurityMiddleware
 from .errors import APIError, from_exception, validation_error
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -25,6 +25,8 @@ from .admin_models import router as admin_models_router
 from .admin_keys import router as admin_keys_router
 from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
 from .routes import router
+from .tracing import TracingMiddleware, from_settings as tracing_from_settings
+from .web import PAGE_PATHS, router as web_router
 
 
 @dataclass
@@ -47,6 +49,7 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
     state = ServerState(settings, host, Metrics(host.engines))
     security = security or SecuritySettings()
     gate = _open_security(settings, security)  # a wrong encryption key fails here, before the port opens
+    tracing = tracing_from_settings(settings)  # None unless an OTLP endpoint is configured
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,6 +60,8 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
         finally:
             host.close()
             gate.close()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(title="LlamaWrapper", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat and completion endpoints over local models.")
@@ -65,11 +70,15 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
     app.include_router(router)
     app.include_router(admin_models_router)
     app.include_router(admin_keys_router)
+    app.include_router(web_router)
     _install_error_handlers(app, settings)
-    # added innermost first: the request context wraps everything, then auth, then the body limit
+    # added innermost first: the request context wraps everything, then the trace span, then
+    # auth (the page's files are open: the page asks for the key), then the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityMiddleware, gate=gate, max_body_bytes=settings.max_body_bytes, models=host.names,
-                       default_model=lambda: host.default, log_content=security.log_content)
+                       default_model=lambda: host.default, log_content=security.log_content,
+                       open_paths=OPEN_PATHS | PAGE_PATHS)
+    app.add_middleware(TracingMiddleware, tracing=tracing)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)
     return app

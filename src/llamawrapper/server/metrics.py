@@ -1,13 +1,23 @@
-"""Prometheus metrics of one server: HTTP requests by route and status, latency and
-time-to-first-token histograms, tokens in and out, and engine gauges (queue depth, running
-batch size, prefix-cache hit rate) read from ``Engine.snapshot()`` at scrape time.
+"""Prometheus metrics of one server, named after vLLM's where vLLM has one (under the
+``llamawrapper_`` prefix instead of ``vllm:``), so dashboards written for one read the other:
 
-Each app owns its own ``CollectorRegistry`` (no module globals), so several apps can live in
-one process (tests) without clashing names."""
+- per request, from the engine's timings in ``handle.metrics``: ``time_to_first_token_seconds``,
+  ``inter_token_latency_seconds`` (every gap between two tokens), ``e2e_request_latency_seconds``,
+  ``request_queue_time_seconds``, ``request_prefill_time_seconds``, ``request_decode_time_seconds``,
+  ``request_prompt_tokens`` / ``request_generation_tokens`` histograms, the ``prompt_tokens`` and
+  ``generation_tokens`` counters and ``request_success`` by finish reason;
+- engine gauges and counters read from ``Engine.snapshot()`` at scrape time: requests running
+  and waiting, KV-cache use (tokens held against ``max_tokens_in_flight``, bytes), prefix-cache
+  use, queries and hits (in tokens, as vLLM counts them);
+- HTTP requests by route and status, and their duration.
+
+Every per-model series takes its label values from ``model_labels`` (one place to add a label,
+such as the model version). Each app owns its own ``CollectorRegistry`` (no module globals), so
+several apps can live in one process (tests) without clashing names."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,22 +25,45 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
-# snapshot key -> (metric name, help); gauges are sampled, counters only ever grow
-_ENGINE_GAUGES = {
-    "queue_depth": ("llamawrapper_queue_depth", "Requests waiting for a slot in the engine."),
-    "running": ("llamawrapper_running_batch_size", "Sequences in the engine's decode batch."),
-    "prefilling": ("llamawrapper_prefilling_requests", "Requests whose prompt is being prefilled."),
-    "prefix_cache_hit_rate": ("llamawrapper_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache."),
-    "prefix_cache_bytes": ("llamawrapper_prefix_cache_bytes", "Bytes held by the prefix cache."),
-}
-_ENGINE_COUNTERS = {
-    "finished": ("llamawrapper_engine_requests_finished", "Requests the engine finished."),
-    "cancelled": ("llamawrapper_engine_requests_cancelled", "Requests cancelled before they finished."),
-    "rejected": ("llamawrapper_engine_requests_rejected", "Requests refused because the queue was full."),
-    "failed": ("llamawrapper_engine_requests_failed", "Requests that failed inside the engine."),
-    "decode_steps": ("llamawrapper_engine_decode_steps", "Batched decode steps run."),
-}
+MODEL_LABELS = ["model"]
+
+
+def model_labels(model: str) -> list[str]:
+    """Label values (in ``MODEL_LABELS`` order) of every per-model series."""
+    return [model]
+
+
+# (snapshot key, metric name, help); a value that is a function computes from the snapshot
+_ENGINE_GAUGES: list[tuple[Any, str, str]] = [
+    ("running", "llamawrapper_num_requests_running", "Requests in the engine's decode batch (vLLM's name)."),
+    ("running", "llamawrapper_running_batch_size", "Sequences in the engine's decode batch."),
+    ("queue_depth", "llamawrapper_num_requests_waiting", "Requests waiting for a slot in the engine (vLLM's name)."),
+    ("queue_depth", "llamawrapper_queue_depth", "Requests waiting for a slot in the engine."),
+    ("prefilling", "llamawrapper_prefilling_requests", "Requests whose prompt is being prefilled."),
+    (lambda s: s.get("kv_tokens", 0) / max(s.get("max_tokens_in_flight") or 1, 1), "llamawrapper_kv_cache_usage_perc",
+     "KV-cache use: tokens held by running and prefilling requests over max_tokens_in_flight (0-1)."),
+    ("slot_cache_bytes", "llamawrapper_kv_cache_bytes", "Bytes allocated for the decode batch's KV cache."),
+    (lambda s: s.get("prefix_cache_bytes", 0) / max(s.get("prefix_cache_budget_bytes") or 1, 1),
+     "llamawrapper_prefix_cache_usage_perc", "Prefix-cache bytes over its budget (0-1)."),
+    ("prefix_cache_hit_rate", "llamawrapper_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache."),
+    ("prefix_cache_bytes", "llamawrapper_prefix_cache_bytes", "Bytes held by the prefix cache."),
+]
+_ENGINE_COUNTERS: list[tuple[str, str, str]] = [
+    ("prefix_cache_lookup_tokens", "llamawrapper_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hit_tokens", "llamawrapper_prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("finished", "llamawrapper_engine_requests_finished", "Requests the engine finished."),
+    ("cancelled", "llamawrapper_engine_requests_cancelled", "Requests cancelled before they finished."),
+    ("rejected", "llamawrapper_engine_requests_rejected", "Requests refused because the queue was full."),
+    ("failed", "llamawrapper_engine_requests_failed", "Requests that failed inside the engine."),
+    ("decode_steps", "llamawrapper_engine_decode_steps", "Batched decode steps run."),
+]
+
+
+def _value(key: Any, snap: dict) -> float:
+    return float((key(snap) if callable(key) else snap.get(key, 0)) or 0)
 
 
 class _EngineCollector:
@@ -38,16 +71,14 @@ class _EngineCollector:
         self._engines = engines
 
     def collect(self):
-        gauges = {k: GaugeMetricFamily(n, h, labels=["model"]) for k, (n, h) in _ENGINE_GAUGES.items()}
-        counters = {k: CounterMetricFamily(n, h, labels=["model"]) for k, (n, h) in _ENGINE_COUNTERS.items()}
+        gauges = [(k, GaugeMetricFamily(n, h, labels=MODEL_LABELS)) for k, n, h in _ENGINE_GAUGES]
+        counters = [(k, CounterMetricFamily(n, h, labels=MODEL_LABELS)) for k, n, h in _ENGINE_COUNTERS]
         for name, engine in self._engines():
             snap = engine.snapshot()
-            for key, family in gauges.items():
-                family.add_metric([name], float(snap.get(key, 0) or 0))
-            for key, family in counters.items():
-                family.add_metric([name], float(snap.get(key, 0) or 0))
-        yield from gauges.values()
-        yield from counters.values()
+            for key, family in gauges + counters:
+                family.add_metric(model_labels(name), _value(key, snap))
+        for _, family in gauges + counters:
+            yield family
 
 
 class Metrics:
@@ -62,27 +93,63 @@ class Metrics:
         self.latency = Histogram("llamawrapper_http_request_duration_seconds", "Time from request to last byte.",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("llamawrapper_http_requests_in_flight", "HTTP requests being served.", registry=r)
-        self.ttft = Histogram("llamawrapper_time_to_first_token_seconds", "Time from admission request to first token.",
-                              ["model"], buckets=TTFT_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("llamawrapper_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.completion_tokens = Counter("llamawrapper_completion_tokens", "Tokens generated.", ["model"], registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"llamawrapper_{name}", doc, MODEL_LABELS, buckets=buckets, registry=r)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival in the engine to the first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two successive tokens of one request.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival in the engine to the last token.", LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Time a request waited before the engine admitted it.",
+                                    LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "Time from admission to the first token (prefill).",
+                                      LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "Time from the first token to the last (decode).",
+                                     LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self.prompt_tokens = Counter("llamawrapper_prompt_tokens", "Prompt tokens processed.", MODEL_LABELS, registry=r)
+        self.generation_tokens = Counter("llamawrapper_generation_tokens", "Tokens generated.", MODEL_LABELS, registry=r)
+        self.success = Counter("llamawrapper_request_success", "Requests finished, by finish reason.",
+                               MODEL_LABELS + ["finished_reason"], registry=r)
         self.response_cache = Counter("llamawrapper_response_cache_requests", "Response-cache lookups by result (hit, miss).",
-                                      ["model", "result"], registry=r)
+                                      MODEL_LABELS + ["result"], registry=r)
         r.register(_EngineCollector(engines))
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def observe_generation(self, model: str, prompt_tokens: int, completion_tokens: int, ttft: float | None) -> None:
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
-        self.completion_tokens.labels(model).inc(completion_tokens)
+    def observe_request(self, model: str, timings: dict[str, Any], prompt_tokens: int, generation_tokens: int,
+                        finish_reason: Optional[str] = None) -> None:
+        """One finished generation: its token counts and the timings the engine recorded in
+        ``handle.metrics`` (``queue``, ``ttft``, ``latency``, ``itl``; any may be missing, e.g.
+        for a response-cache replay)."""
+        labels = model_labels(model)
+        self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(generation_tokens)
+        self.request_prompt_tokens.labels(*labels).observe(prompt_tokens)
+        self.request_generation_tokens.labels(*labels).observe(generation_tokens)
+        if finish_reason:
+            self.success.labels(*labels, finish_reason).inc()
+        queue, ttft, latency = timings.get("queue"), timings.get("ttft"), timings.get("latency")
+        if queue is not None:
+            self.queue_time.labels(*labels).observe(queue)
         if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
+            self.ttft.labels(*labels).observe(ttft)
+            if queue is not None:
+                self.prefill_time.labels(*labels).observe(max(ttft - queue, 0.0))
+        if latency is not None:
+            self.e2e.labels(*labels).observe(latency)
+            if ttft is not None:
+                self.decode_time.labels(*labels).observe(max(latency - ttft, 0.0))
+        itl = self.itl.labels(*labels)
+        for gap in timings.get("itl") or ():
+            itl.observe(gap)
 
     def observe_cache(self, model: str, status: str | None) -> None:
         if status in ("hit", "miss"):
-            self.response_cache.labels(model, status).inc()
+            self.response_cache.labels(*model_labels(model), status).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ from .auth import charge_tokens, model_allowed
 from .errors import APIError, from_exception, not_ready
 from .logprobs import CompletionLogprobs, chat_logprobs, join
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
+from .tracing import span_of
 
 log = logging.getLogger("llamawrapper.server")
 router = APIRouter()
@@ -97,15 +98,23 @@ async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> 
         results = await results_unless_disconnected(handles, request.receive)
     except ClientGone:
         return None
-    _record(request, model, handles, [r.usage for r in results])
+    _record(request, model, handles, [r.usage for r in results], [r.finish_reason for r in results])
     return results
 
 
-def _record(request: Request, model: str, handles: list[Any], usages: list[Usage]) -> None:
+def _record(request: Request, model: str, handles: list[Any], usages: list[Usage], reasons: list[Optional[str]]) -> None:
+    """A finished request into the key's token budget, the metrics and its trace span."""
     charge_tokens(request, completion=sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
     metrics = _state(request).metrics
-    for h, u in zip(handles, usages):
-        metrics.observe_generation(model, u.prompt_tokens, u.completion_tokens, h.metrics.get("ttft"))
+    for h, u, r in zip(handles, usages, reasons):
+        metrics.observe_request(model, h.metrics, u.prompt_tokens, u.completion_tokens, r)
+    if (span := span_of(request)) is not None:
+        span.finish_generation(handles, usages, reasons)
+
+
+def _traced(request: Request, operation: str, body: Any, lease: Any, response_id: str) -> None:
+    if (span := span_of(request)) is not None:
+        span.start_generation(operation, body, lease.version, response_id)
 
 
 # -- chat --------------------------------------------------------------------------------------------
@@ -117,6 +126,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     _check_choices(body.n, 1, state.settings.max_choices)
     use_cache = False if "no-cache" in request.headers.get("cache-control", "").lower() else None
     with await state.host.acquire_async(body.model) as lease:  # held until the engine has the requests
+        _traced(request, "chat", body, lease, f"chatcmpl-{rid}")
         ids, handles = await run_in_threadpool(_submit_chats, lease.model, body, params, rid, use_cache, lease.adapter)
     charge_tokens(request, prompt=len(ids))
     cache_headers = {**_cache_headers(request, body.model, handles), **_version_header(lease)}
@@ -183,6 +193,7 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
     for i in range(len(handles)):
         yield chunk(i, {"role": "assistant", "content": ""})
     usages: list[Usage] = []
+    reasons: list[Optional[str]] = []
     try:
         async for i, event in merged(handles):
             if event.text or event.logprobs:
@@ -191,17 +202,19 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
                 yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(event.tool_calls)]})
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(prompt_tokens, 0))
+                reasons.append(event.finish_reason)
                 yield chunk(i, {}, event.finish_reason)
     except LlamaWrapperError as exc:
         yield sse(from_exception(exc).body())
         return
-    for line in _stream_end(request, body, handles, base, usages, prompt_tokens):
+    for line in _stream_end(request, body, handles, base, usages, reasons, prompt_tokens):
         yield line
 
 
-def _stream_end(request: Request, body: Any, handles: list[Any], base: dict, usages: list[Usage], prompt_tokens: int) -> list[str]:
+def _stream_end(request: Request, body: Any, handles: list[Any], base: dict, usages: list[Usage],
+                reasons: list[Optional[str]], prompt_tokens: int) -> list[str]:
     """The last lines of a finished stream (usage chunk if asked, ``[DONE]``), metrics recorded."""
-    _record(request, body.model, handles, usages)
+    _record(request, body.model, handles, usages, reasons)
     usage = [sse({**base, "choices": [], "usage": _usage_dict(_sum_usage(usages, prompt_tokens))})] if body.include_usage else []
     return usage + [DONE]
 
@@ -218,6 +231,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     _check_choices(body.n, len(prompts), state.settings.max_choices)
     with await state.host.acquire_async(body.model) as lease:  # held until the engine has the requests
         llm = lease.model
+        _traced(request, "text_completion", body, lease, f"cmpl-{rid}")
         prompt_ids = [await run_in_threadpool(_prompt_ids, llm, p) for p in prompts]
         handles = _submit_all(llm, prompt_ids, body.n, params, rid, lease.adapter)
     charge_tokens(request, prompt=sum(len(ids) for ids in prompt_ids))
@@ -284,6 +298,7 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
             yield chunk(i, echo)
     usages: list[Usage] = []
     echoed: set[int] = set()
+    reasons: list[Optional[str]] = []
     try:
         async for i, event in merged(handles):
             if later and i not in echoed:
@@ -292,13 +307,14 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
                 yield chunk(i, echoes[i], logprobs=prompt_lp)
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(0, 0))
+                reasons.append(event.finish_reason)
                 yield chunk(i, event.text, event.finish_reason, offsets[i](event.logprobs))
             elif event.text or event.logprobs:
                 yield chunk(i, event.text, logprobs=offsets[i](event.logprobs))
     except LlamaWrapperError as exc:
         yield sse(from_exception(exc).body())
         return
-    for line in _stream_end(request, body, handles, base, usages, prompt_tokens):
+    for line in _stream_end(request, body, handles, base, usages, reasons, prompt_tokens):
         yield line
 
 
