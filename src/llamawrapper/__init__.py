@@ -31,9 +31,10 @@ from .errors import (
     UnsupportedModelError,
 )
 from .types import Result, SamplingParams, StreamEvent, Usage
+from .tasks import pipeline
 
 __all__ = [
-    "LlamaWrapper", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
+    "LlamaWrapper", "pipeline", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
     "LlamaWrapperError", "ModelError", "ModelNotFoundError", "InvalidModelError", "UnsupportedModelError",
     "InvalidRequestError", "ContextLengthExceededError", "QueueFullError", "RequestCancelledError", "GenerationError",
     "PluginError", "PluginRejectedError",
