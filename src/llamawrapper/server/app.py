@@ -24,6 +24,7 @@ from ..models.host import ModelHost, default_loader
 from .admin_models import router as admin_models_router
 from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
 from .routes import router
+from .task_routes import router as task_router
 
 
 @dataclass
@@ -58,6 +59,7 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
                   description="OpenAI-compatible chat and completion endpoints over local models.")
     app.state.lw = state
     app.include_router(router)
+    app.include_router(task_router)
     app.include_router(admin_models_router)
     _install_error_handlers(app, settings)
     # added innermost first: the request context wraps everything, then auth, then the body limit
