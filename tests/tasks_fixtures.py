@@ -87,7 +87,7 @@ def tiny_diffusers_dir(tmp_path_factory, minilm_folder) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
     tokenizer.model_max_length = 77
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+                              set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out = tmp_path_factory.mktemp("tiny-diffusion")

@@ -32,6 +32,7 @@ from ..server.command import serve_command  # noqa: E402  (flags derived from Se
 
 app.command("serve")(serve_command)
 from . import bench  # noqa: E402,F401
+from . import tasks  # noqa: E402,F401  (classify, embed, imagine)
 
 
 def main() -> None:

@@ -38,8 +38,14 @@ class TextToImage(TaskModel):
         self.folder, self.name = Path(folder), name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if str(self.device).startswith("cuda") else torch.float32
+        import diffusers
+
+        diffusers.utils.logging.disable_progress_bar()
         try:
-            self.module = DiffusionPipeline.from_pretrained(self.folder, torch_dtype=dtype).to(self.device)
+            # low_cpu_mem_usage=False: the default builds the modules under accelerate's
+            # init_empty_weights, which patches torch.nn.Module for the whole process; a chat model
+            # loading in another thread at that moment got meta tensors (seen here, every time)
+            self.module = DiffusionPipeline.from_pretrained(self.folder, dtype=dtype, low_cpu_mem_usage=False).to(self.device)
         except Exception as exc:
             raise InvalidModelError(f"could not load the diffusers pipeline in {self.folder}: {exc}") from exc
         self.module.set_progress_bar_config(disable=True)  # progress goes through our callback

@@ -13,6 +13,7 @@ model kinds each accepts, the offline defaults, and ``load_served`` for the serv
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,6 +87,7 @@ def load_served(source: str, **options: Any) -> Optional[TaskModel]:
     """The task model ``source`` names (``minilm``, an encoder, classifier, NLI, examples-classifier
     or diffusers folder or hub id), loaded; None when it is a chat model (GGUF or causal LM), for
     ``LlamaWrapper.load`` to take."""
+    _import_transformers()  # waits for a task load in progress
     folder = kinds.local_folder(source)
     if folder is None:
         return None
@@ -98,8 +100,31 @@ def load_served(source: str, **options: Any) -> Optional[TaskModel]:
     return load_task_model(folder, kind, _name(source), **options)
 
 
+# Loads of task models run one at a time, and a chat model's load (after ``load_served`` said
+# None) starts only once a task load in progress is over. Model loading is not thread-safe here:
+# two threads first touching ``transformers.AutoModel``/``AutoConfig`` together failed with
+# ImportError, and a diffusers pipeline loading beside a chat model left the chat model with meta
+# tensors (both seen with the host's parallel loader threads). The host should serialize loads.
+_load_lock = threading.RLock()
+
+
+def _import_transformers() -> None:
+    """Resolve transformers' lazy names once, under the load lock."""
+    with _load_lock:
+        import transformers
+
+        for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"):
+            getattr(transformers, name)
+
+
 def load_task_model(folder: Path, kind: str, name: str, **options: Any) -> TaskModel:
-    """Load a folder of a known kind as its task model."""
+    """Load a folder of a known kind as its task model (one load at a time)."""
+    with _load_lock:
+        _import_transformers()
+        return _load(folder, kind, name, **options)
+
+
+def _load(folder: Path, kind: str, name: str, **options: Any) -> TaskModel:
     if kind == "encoder":
         from .encoder import Encoder
 
@@ -115,7 +140,7 @@ def load_task_model(folder: Path, kind: str, name: str, **options: Any) -> TaskM
         encoder_folder = kinds.local_folder(data["encoder"])
         if encoder_folder is None or kinds.kind_of(encoder_folder) != "encoder":
             raise InvalidModelError(f"{folder}: the classifier's encoder '{data['encoder']}' is not a sentence encoder.")
-        encoder = load_task_model(encoder_folder, "encoder", _name(data["encoder"]), **options)
+        encoder = _load(encoder_folder, "encoder", _name(data["encoder"]), **options)
         return ExamplesClassifier(encoder, data["encoder"], data["classes"], data["coef"], data["intercept"],
                                   name=name, info=data.get("info"))
     if kind == "diffusers":
