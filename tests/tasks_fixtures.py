@@ -67,8 +67,13 @@ def tiny_nli_dir(tmp_path_factory, minilm_folder) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(tmp_path_factory, minilm_folder) -> Path:
+    return build_tiny_diffusers(tmp_path_factory.mktemp("tiny-diffusion"), minilm_folder)
+
+
+def build_tiny_diffusers(out: Path, tokenizer_folder: Path) -> Path:
     """A Stable Diffusion pipeline with a 2-block UNet and VAE and a 2-layer CLIP text encoder
-    (random weights, minilm's tokenizer): 64x64 images in a fraction of a second per step."""
+    (random weights, minilm's tokenizer) saved into ``out``: 64x64 images, milliseconds per step
+    (also used by bench/tasks.py)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
@@ -84,12 +89,11 @@ def tiny_diffusers_dir(tmp_path_factory, minilm_folder) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=37,
                                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                                 bos_token_id=101, eos_token_id=102, pad_token_id=0))
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     tokenizer.model_max_length = 77
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    out = tmp_path_factory.mktemp("tiny-diffusion")
     pipe.save_pretrained(out)
     return out
