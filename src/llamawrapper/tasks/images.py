@@ -53,7 +53,7 @@ class TextToImage(TaskModel):
         sample = getattr(getattr(unet, "config", None), "sample_size", None)
         scale = getattr(self.module, "vae_scale_factor", 8)
         self.default_size = int(sample * scale) if isinstance(sample, int) else 512
-        self.size_multiple = int(scale) if isinstance(scale, int) else 8
+        self.size_multiple = max(8, int(scale)) if isinstance(scale, int) else 8  # pipelines check for 8 themselves
 
     def check(self, n: int = 1, width: Optional[int] = None, height: Optional[int] = None,
               num_inference_steps: int = 25, guidance_scale: float = 7.5) -> tuple[int, int]:
