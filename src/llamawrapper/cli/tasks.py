@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import LlamaWrapperError, err, fail, out
+from .common import LlamaWrapperError, err, fail
 
 _HUB = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
@@ -69,7 +69,7 @@ def classify(args: List[str] = typer.Argument(..., metavar="[MODEL] TEXT...", he
         if as_json:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            out.print(f"{row['label']}\t{row['score']:.3f}\t{row['text']}", highlight=False, markup=False)
+            sys.stdout.write(f"{row['label']}\t{row['score']:.3f}\t{row['text']}\n")  # tab-separated, for cut/awk
 
 
 @app.command()
