@@ -112,3 +112,32 @@ def test_hub_id_offline_says_so(monkeypatch, lw_home):
     monkeypatch.setenv("HF_HOME", str(lw_home / "hf"))
     with pytest.raises(ModelNotFoundError, match="offline"):
         pipeline("sentiment-analysis", model="someone/not-downloaded-model")
+
+
+def test_chat_model_zero_shot_scores_are_label_logprobs(tiny_model_dir):
+    """Each label's score comes from its log-probability as the reply, computed here one label at a
+    time without padding; the pipeline batches the labels in one padded forward."""
+    import torch
+
+    from llamawrapper.tasks.chat_choice import QUESTION
+
+    labels = ["sports", "politics", "a much longer label about cooking"]
+    with pipeline("zero-shot-classification", model=str(tiny_model_dir)) as zs:
+        got = zs("The striker scored twice.", candidate_labels=labels)
+        multi = zs("The striker scored twice.", candidate_labels=labels, multi_label=True)
+        llm = zs.model.llm
+        prompt = llm.chat_prompt_ids([{"role": "user", "content": QUESTION.format(text="The striker scored twice.",
+                                                                                  labels=", ".join(labels))}])
+        sums = []
+        for label in labels:
+            answer = llm.tokenize(label)
+            with torch.inference_mode():
+                logits = llm.loaded.model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            sums.append(sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer)))
+    expected = np.exp(np.array(sums) - max(sums))
+    expected /= expected.sum()
+    by_label = dict(zip(got["labels"], got["scores"]))
+    assert [by_label[lab] for lab in labels] == pytest.approx(list(expected), abs=1e-4)
+    assert got["scores"] == sorted(got["scores"], reverse=True)
+    assert dict(zip(multi["labels"], multi["scores"]))["sports"] == pytest.approx(float(np.exp(sums[0])), rel=1e-3)

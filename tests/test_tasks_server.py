@@ -92,6 +92,8 @@ def test_classify_zero_shot_and_sentiment_over_raw_http(server):
         assert len(head) == 2 and set(head[0]["labels"]) == {"POSITIVE", "NEGATIVE"}
         nli = c.post("/v1/classify", json={"model": "nli", "input": "x", "labels": ["a", "b"], "multi_label": True}).json()
         assert sorted(nli["data"][0]["labels"]) == ["a", "b"]
+        chat = c.post("/v1/classify", json={"model": "chat", "input": ["x", "y"], "labels": ["yes", "no"]}).json()["data"]
+        assert len(chat) == 2 and sorted(chat[0]["labels"]) == ["no", "yes"] and sum(chat[0]["scores"]) == pytest.approx(1.0)
 
 
 def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_diffusers_dir):
@@ -119,6 +121,7 @@ def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_d
     ("/v1/classify", {"model": "minilm", "input": "x", "labels": []}, "labels"),
     ("/v1/classify", {"model": "sentiment", "input": "x", "labels": ["a", "b"]}, "model"),
     ("/v1/classify", {"model": "sd", "input": "x"}, "model"),
+    ("/v1/classify", {"model": "chat", "input": "x"}, "model"),
     ("/v1/images/generations", {"model": "minilm", "prompt": "a cat"}, "model"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "n": 0}, "n"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "huge"}, "size"),

@@ -35,6 +35,10 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 async def _lease(request: Request, model: Optional[str], capability: str, endpoint: str) -> Any:
     """A host lease on ``model``, released again with a 400 when the model cannot do ``capability``."""
     lease = await _state(request).host.acquire_async(model)
+    if capability == "zero-shot" and getattr(lease.model, "capabilities", None) is None and hasattr(lease.model, "chat_prompt_ids"):
+        from ..tasks.chat_choice import ChatChoice  # a chat model: constrained choice over the labels
+
+        lease.model = ChatChoice(lease.model, owns=False)
     if capability not in getattr(lease.model, "capabilities", frozenset()):
         task = getattr(lease.model, "task", "chat")
         lease.release()

@@ -4,7 +4,7 @@ model kinds each accepts, the offline defaults, and ``load_served`` for the serv
     task                                         model kinds                 default
     sentiment-analysis, text-classification      classifier, nli, examples,  minilm (prototype similarity)
                                                  encoder (+ examples=...)
-    zero-shot-classification                     nli, encoder                minilm (hypothesis similarity)
+    zero-shot-classification                     nli, encoder, chat          minilm (hypothesis similarity)
     feature-extraction, sentence-similarity      encoder                     minilm
     text-generation                              chat (LlamaWrapper)         smollm2
     text-to-image                                diffusers                   none installable: give a model
@@ -25,7 +25,7 @@ DEFAULT_ENCODER = "minilm"
 TASKS: dict[str, dict[str, Any]] = {
     "sentiment-analysis": {"kinds": ("classifier", "nli", "examples", "encoder"), "default": DEFAULT_ENCODER},
     "text-classification": {"kinds": ("classifier", "nli", "examples", "encoder"), "default": DEFAULT_ENCODER},
-    "zero-shot-classification": {"kinds": ("nli", "encoder"), "default": DEFAULT_ENCODER},
+    "zero-shot-classification": {"kinds": ("nli", "encoder", "chat"), "default": DEFAULT_ENCODER},
     "feature-extraction": {"kinds": ("encoder",), "default": DEFAULT_ENCODER},
     "sentence-similarity": {"kinds": ("encoder",), "default": DEFAULT_ENCODER},
     "text-generation": {"kinds": ("chat",), "default": "smollm2"},
@@ -34,7 +34,7 @@ TASKS: dict[str, dict[str, Any]] = {
 NEEDS = {  # what a task needs, said when a model does not fit
     "sentiment-analysis": "a sequence-classification head, a sentence encoder (e.g. 'minilm'), or a classifier saved from examples",
     "text-classification": "a sequence-classification head, a sentence encoder (e.g. 'minilm'), or a classifier saved from examples",
-    "zero-shot-classification": "an NLI model (a sequence-classification head with an 'entailment' label) or a sentence encoder (e.g. 'minilm')",
+    "zero-shot-classification": "an NLI model (a sequence-classification head with an 'entailment' label), a sentence encoder (e.g. 'minilm') or a chat model",
     "feature-extraction": "a sentence encoder (a BERT-like model or a sentence-transformers folder, e.g. 'minilm')",
     "sentence-similarity": "a sentence encoder (a BERT-like model or a sentence-transformers folder, e.g. 'minilm')",
     "text-generation": "a chat model (a causal LM such as 'smollm2')",
@@ -61,7 +61,7 @@ def pipeline(task: str, model: Optional[str] = None, **options: Any) -> Any:
 
         return LlamaWrapper.load(source, **options)
     examples = options.pop("examples", None)
-    folder = kinds.local_folder(source, progress=options.pop("progress", False))
+    folder = kinds.local_folder(source, progress=options.get("progress", False))
     kind = "chat" if folder is None else kinds.kind_of(folder)
     if examples is not None:
         if task not in ("text-classification", "sentiment-analysis") or kind != "encoder":
@@ -69,10 +69,17 @@ def pipeline(task: str, model: Optional[str] = None, **options: Any) -> Any:
                                       f"'{source}' is a {kind} model and the task is {task}.", param="examples")
         from .examples import ExamplesClassifier
 
+        options.pop("progress", None)
         encoder = load_task_model(folder, "encoder", _name(source), **options)
         return TextClassificationPipeline(ExamplesClassifier.fit(encoder, _portable(source), examples), task)
     if kind not in TASKS[task]["kinds"]:
         raise InvalidModelError(f"'{source}' is a {KIND_TASK.get(kind, kind)} model; the task '{task}' needs {NEEDS[task]}.")
+    if kind == "chat":  # zero-shot by constrained choice over the labels
+        from ..api import LlamaWrapper
+        from .chat_choice import ChatChoice
+
+        return ZeroShotPipeline(ChatChoice(LlamaWrapper.load(source, progress=options.pop("progress", False), **options)), task)
+    options.pop("progress", None)
     loaded = load_task_model(folder, kind, _name(source), **options)
     if task in ("sentiment-analysis", "text-classification"):
         return TextClassificationPipeline(loaded, task)
