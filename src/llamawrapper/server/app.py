@@ -27,6 +27,7 @@ from .auth import record_admin_action  # noqa: F401  (the audit seam the admin r
 from .routes import router
 from .tracing import TracingMiddleware, from_settings as tracing_from_settings
 from .web import PAGE_PATHS, router as web_router
+from .task_routes import router as task_router
 
 
 @dataclass
@@ -68,6 +69,7 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
     app.state.lw = state
     app.state.security = gate
     app.include_router(router)
+    app.include_router(task_router)
     app.include_router(admin_models_router)
     app.include_router(admin_keys_router)
     app.include_router(web_router)

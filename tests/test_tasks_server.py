@@ -1,0 +1,148 @@
+"""The task endpoints on a real server process beside a chat model: the official openai client's
+embeddings.create and images.generate, raw HTTP for /v1/classify, /v1/models' task field, 400s
+naming the parameter, and concurrent requests answered correctly through the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from llamawrapper import pipeline
+from server_helpers import ServerProcess
+from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
+
+pytestmark = pytest.mark.slow
+KEY = "sk-tasks-test"
+TEXTS = ["The match ended in a penalty shoot-out.", "Stocks fell after the central bank raised rates.",
+         "I really enjoyed this film, the acting was superb.", "A new smartphone chip promises longer battery life."]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, minilm_folder, tiny_model_dir, tiny_nli_dir, tiny_sentiment_dir, tiny_diffusers_dir):
+    log = tmp_path_factory.mktemp("tasks-server") / "server.log"
+    srv = ServerProcess(["minilm", f"nli={tiny_nli_dir}", f"sentiment={tiny_sentiment_dir}", f"sd={tiny_diffusers_dir}"],
+                        log_path=log, api_key=KEY)
+    try:
+        srv.wait_ready()
+        # the chat model joins once the others are up: the host loads in parallel threads, and a
+        # diffusers load beside a chat load is not safe (see tasks/pipelines.py, _load_lock)
+        with srv.client() as c:
+            assert c.put("/admin/models/chat", json={"source": str(tiny_model_dir)}).status_code == 202
+        yield srv.wait_ready()
+    finally:
+        srv.terminate()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_minilm():
+    with pipeline("feature-extraction") as emb:
+        yield emb
+
+
+def test_models_say_their_task(server):
+    with server.client() as c:
+        data = {m["id"]: m["task"] for m in c.get("/v1/models").json()["data"]}
+    assert data == {"minilm": "embedding", "chat": "chat", "nli": "zero-shot-classification",
+                    "sentiment": "classification", "sd": "text-to-image"}
+
+
+def test_openai_embeddings_create_matches_the_library(client, local_minilm):
+    res = client.embeddings.create(model="minilm", input=TEXTS)  # the client asks for base64 and decodes it
+    got = np.array([d.embedding for d in res.data])
+    np.testing.assert_allclose(got, local_minilm(TEXTS), atol=1e-5)
+    assert [d.index for d in res.data] == [0, 1, 2, 3]
+    assert res.usage.prompt_tokens == res.usage.total_tokens > len(TEXTS) * 3
+    one = client.embeddings.create(model="minilm", input=TEXTS[0], encoding_format="float")
+    np.testing.assert_allclose(one.data[0].embedding, got[0], atol=1e-5)
+    short = client.embeddings.create(model="minilm", input=TEXTS[:2], dimensions=64)
+    vec = np.array(short.data[0].embedding)
+    assert vec.shape == (64,) and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_base64_is_little_endian_float32(server, local_minilm):
+    with server.client() as c:
+        body = c.post("/v1/embeddings", json={"model": "minilm", "input": "hello", "encoding_format": "base64"}).json()
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, local_minilm("hello"), atol=1e-5)
+
+
+def test_classify_zero_shot_and_sentiment_over_raw_http(server):
+    labels = ["sports", "business", "technology"]
+    with pipeline("zero-shot-classification") as zs, server.client() as c:
+        body = c.post("/v1/classify", json={"model": "minilm", "input": TEXTS[:2] + TEXTS[3:], "labels": labels}).json()
+        expected = zs(TEXTS[:2] + TEXTS[3:], candidate_labels=labels)
+        assert [d["label"] for d in body["data"]] == ["sports", "business", "technology"]
+        for d, e in zip(body["data"], expected):
+            assert d["labels"] == e["labels"] and d["scores"] == pytest.approx(e["scores"], abs=1e-5)
+            assert d["score"] == d["scores"][0] and sum(d["scores"]) == pytest.approx(1.0)
+        sentiment = c.post("/v1/classify", json={"model": "minilm", "input": TEXTS[2]}).json()["data"][0]
+        assert sentiment["label"] == "POSITIVE" and set(sentiment["labels"]) == {"POSITIVE", "NEGATIVE"}
+        head = c.post("/v1/classify", json={"model": "sentiment", "input": ["a", "b"]}).json()["data"]
+        assert len(head) == 2 and set(head[0]["labels"]) == {"POSITIVE", "NEGATIVE"}
+        nli = c.post("/v1/classify", json={"model": "nli", "input": "x", "labels": ["a", "b"], "multi_label": True}).json()
+        assert sorted(nli["data"][0]["labels"]) == ["a", "b"]
+        chat = c.post("/v1/classify", json={"model": "chat", "input": ["x", "y"], "labels": ["yes", "no"]}).json()["data"]
+        assert len(chat) == 2 and sorted(chat[0]["labels"]) == ["no", "yes"] and sum(chat[0]["scores"]) == pytest.approx(1.0)
+
+
+def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_diffusers_dir):
+    from PIL import Image
+
+    extra = {"seed": 7, "num_inference_steps": 2}
+    res = client.images.generate(model="sd", prompt="a red square", n=2, size="64x64", response_format="b64_json",
+                                 extra_body=extra)
+    again = client.images.generate(model="sd", prompt="a red square", n=2, size="64x64", extra_body=extra)
+    assert len(res.data) == 2 and res.data[0].b64_json == again.data[0].b64_json
+    image = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
+    assert image.size == (64, 64) and image.format == "PNG"
+    with pipeline("text-to-image", model=str(tiny_diffusers_dir)) as gen:
+        local = gen("a red square", num_images=2, num_inference_steps=2, seed=7, width=64, height=64, progress=False)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(local[0].convert("RGB")))
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/embeddings", {"model": "chat", "input": "x"}, "model"),
+    ("/v1/embeddings", {"model": "minilm", "input": []}, "input"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["ok", 3]}, "input"),
+    ("/v1/embeddings", {"model": "minilm", "input": [[1, 2, 3]]}, "input"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 999}, "dimensions"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ("/v1/classify", {"model": "minilm", "input": "x", "labels": []}, "labels"),
+    ("/v1/classify", {"model": "sentiment", "input": "x", "labels": ["a", "b"]}, "model"),
+    ("/v1/classify", {"model": "sd", "input": "x"}, "model"),
+    ("/v1/classify", {"model": "chat", "input": "x"}, "model"),
+    ("/v1/images/generations", {"model": "minilm", "prompt": "a cat"}, "model"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "n": 0}, "n"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "huge"}, "size"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "63x64"}, "size"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "response_format": "url"}, "response_format"),
+])
+def test_bad_requests_are_400_naming_the_parameter(server, path, body, param):
+    with server.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_32_concurrent_embedding_requests_get_their_own_answers(server, local_minilm):
+    texts = [f"request number {i} is about {'cats' if i % 2 else 'the stock market'}" for i in range(32)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/embeddings", json={"model": "minilm", "input": t,
+                                                                         "encoding_format": "float"}) for t in texts])
+
+    responses = asyncio.run(main())
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses])
+    np.testing.assert_allclose(got, local_minilm(texts), atol=1e-5)
