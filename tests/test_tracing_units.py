@@ -28,7 +28,7 @@ def make_client(log_content: bool) -> tuple[TestClient, InMemorySpanExporter]:
         body = SimpleNamespace(model="m", max_tokens=7, temperature=0.0, top_p=None, seed=None, n=1, stream=False,
                                message_dicts=lambda: [{"role": "user", "content": PROMPT}])
         span.start_generation("chat", body, "v2", "chatcmpl-1")
-        request.scope["state"]["key_id"] = "key-17"  # what the key layer will set
+        request.scope["state"]["principal"] = SimpleNamespace(key_id="key-17")  # what the key layer sets
         handle = SimpleNamespace(metrics={"start_unix": 1000.0, "queue": 0.5, "ttft": 1.5, "latency": 3.0})
         span.finish_generation([handle], [Usage(4, 2)], ["length"])
         return JSONResponse({})

@@ -257,3 +257,20 @@ def test_task_panels_appear_only_for_listed_task_models(page):
     panel.locator("button").click()
     page.wait_for_function("document.querySelector('.task-output').textContent.includes('cosine')")
     assert "0.7071" in panel.locator(".task-output").inner_text()
+
+    sent = []
+
+    def classify(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, json={"object": "list", "model": "sentiment", "data": [
+            {"index": 0, "label": "<b>pos</b>", "score": 0.9, "labels": ["<b>pos</b>", "neg"], "scores": [0.9, 0.1]}]})
+
+    page.route("**/v1/classify", classify)
+    panel = page.locator(".task-panel", has_text="Classify")
+    panel.locator("textarea").fill("great")
+    panel.locator("input").fill("pos, neg")
+    panel.locator("button").click()
+    page.wait_for_function("document.querySelectorAll('.task-output')[1].textContent.includes('neg')")
+    assert sent == [{"model": "sentiment", "input": "great", "labels": ["pos", "neg"]}]
+    assert panel.locator(".task-output").inner_text().splitlines() == ["<b>pos</b>: 0.900", "neg: 0.100"]
+    assert page.errors == []

@@ -9,10 +9,11 @@ On when ``--otlp-endpoint`` (``LLAMAWRAPPER_OTLP_ENDPOINT``) or the standard
   too), with the HTTP status; 5xx marks it as an error.
 - Generation routes describe it with the GenAI semantic conventions (``start_generation``,
   ``finish_generation``): ``gen_ai.operation.name``, ``gen_ai.request.*``, ``gen_ai.response.id``,
-  ``gen_ai.response.finish_reasons``, ``gen_ai.usage.*``; the model version and API key id as
-  ``llamawrapper.*`` attributes; per choice, child spans ``queue``, ``prefill`` and ``decode``
-  placed by the engine's timings, and a ``first_token`` event. Prompt text is recorded
-  (``gen_ai.input.messages``) only when the server's ``log_content`` setting is on.
+  ``gen_ai.response.finish_reasons``, ``gen_ai.usage.*``; the model version and API key id
+  (from the key layer's ``principal`` in the request state) as ``llamawrapper.*`` attributes;
+  per choice, child spans ``queue``, ``prefill`` and ``decode`` placed by the engine's timings,
+  and a ``first_token`` event. Prompt text is recorded (``gen_ai.input.messages``) only when
+  ``log_content`` is on.
 """
 
 from __future__ import annotations
@@ -69,9 +70,19 @@ class Tracing:
         self.provider.shutdown()
 
 
-def from_settings(settings: Any) -> Optional[Tracing]:
+def from_settings(settings: Any, log_content: Optional[bool] = None) -> Optional[Tracing]:
+    """The app's tracing, or None when no endpoint is configured. ``log_content`` (prompt text in
+    spans) defaults to the settings' own ``log_content`` field when they have one."""
     endpoint = traces_endpoint(getattr(settings, "otlp_endpoint", None))
-    return Tracing(endpoint, log_content=bool(getattr(settings, "log_content", False))) if endpoint else None
+    if log_content is None:
+        log_content = bool(getattr(settings, "log_content", False))
+    return Tracing(endpoint, log_content=log_content) if endpoint else None
+
+
+def _key_id(state: dict) -> Optional[str]:
+    """The API key's id: the key layer's ``principal`` (or a plain ``key_id``) in the request state."""
+    key_id = getattr(state.get("principal"), "key_id", None) or state.get("key_id")
+    return str(key_id) if key_id else None
 
 
 class TracingMiddleware:
@@ -105,9 +116,9 @@ class TracingMiddleware:
         finally:
             scope["state"]["span"].end_unfinished()
             span.set_attribute("http.response.status_code", status)
-            state = scope.get("state", {})
-            if state.get("key_id"):
-                span.set_attribute("llamawrapper.api_key.id", str(state["key_id"]))
+            key_id = _key_id(scope.get("state", {}))
+            if key_id:
+                span.set_attribute("llamawrapper.api_key.id", key_id)
             if status >= 400:
                 span.set_attribute("error.type", str(status))
             if status >= 500:
@@ -162,7 +173,10 @@ class RequestSpan:
 
         queue, ttft, latency = timings.get("queue"), timings.get("ttft"), timings.get("latency")
         start = int(timings.get("start_unix", self.submitted_ns / 1e9) * 1e9)
-        at = lambda seconds: start + int(seconds * 1e9)  # noqa: E731
+
+        def at(seconds: float) -> int:
+            return start + int(seconds * 1e9)
+
         ctx = trace.set_span_in_context(self.span)
         attrs = {"gen_ai.choice.index": index}
         marks = [("queue", 0.0, queue), ("prefill", queue, ttft), ("decode", ttft, latency)]

@@ -1,6 +1,7 @@
 // Small panels for task models, shown only when /v1/models lists one: embed-and-compare
 // (/v1/embeddings, cosine similarity of two texts), classify (/v1/classify) and generate an
-// image (/v1/images/generations). A model entry's "task" field says which kind it is.
+// image (/v1/images/generations). A model entry's "task" field says which kind it is
+// ("embedding", "classification", "zero-shot-classification", "text-to-image").
 
 import { postJSON } from "./api.js";
 
@@ -71,7 +72,7 @@ function classifyPanel(models, apiKey) {
   go.addEventListener("click", () => run(out, async () => {
     const payload = { model: select.value, input: text.value };
     const candidates = labels.value.split(",").map((s) => s.trim()).filter(Boolean);
-    if (candidates.length) payload.candidate_labels = candidates;
+    if (candidates.length) payload.labels = candidates; // zero-shot; none: the model's own labels
     const body = await postJSON("/v1/classify", payload, apiKey());
     const first = body.data?.[0] ?? body;
     const pairs = first.labels && first.scores ? first.labels.map((l, i) => [l, first.scores[i]])
