@@ -100,6 +100,8 @@ def test_canary_share_then_promote_and_rollback(server, tiny_model_dir):
         _wait_status(c, "chat", "v2", "ready")
         versions = [_chat(c).headers["x-model-version"] for _ in range(200)]
         assert 0.10 <= versions.count("v2") / 200 <= 0.40, versions.count("v2")
+        served = {v: server.metric("llamawrapper_e2e_request_latency_seconds_count", model="chat", version=v) for v in ("v1", "v2")}
+        assert served == {"v1": versions.count("v1"), "v2": versions.count("v2")}  # metrics per model and version
         assert c.post("/admin/models/chat/promote").json()["version"] == "v2"
         assert {_chat(c).headers["x-model-version"] for _ in range(10)} == {"v2"}
         assert c.post("/admin/models/chat/rollback").status_code == 202

@@ -28,9 +28,9 @@ class FakeEngine:
 
 @pytest.fixture
 def samples() -> dict:
-    m = Metrics(lambda: [("m", FakeEngine())])
-    m.observe_request("m", {"queue": 0.01, "ttft": 0.1, "latency": 0.5, "itl": [0.02, 0.03, 0.04]}, 5, 4, "stop")
-    m.observe_request("m", {}, 3, 1, "length")  # a response-cache replay has no engine timings
+    m = Metrics(lambda: [("m", "v1", FakeEngine())])
+    m.observe_request(("m", "v1"), {"queue": 0.01, "ttft": 0.1, "latency": 0.5, "itl": [0.02, 0.03, 0.04]}, 5, 4, "stop")
+    m.observe_request(("m", "v1"), {}, 3, 1, "length")  # a response-cache replay has no engine timings
     m.observe_http("/v1/chat/completions", "POST", 200, 0.6)
     text = m.render().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -51,6 +51,7 @@ def test_one_request_feeds_every_latency_histogram(samples):
     assert value(samples, "llamawrapper_inter_token_latency_seconds_count", **m) == 3
     assert value(samples, "llamawrapper_inter_token_latency_seconds_sum", **m) == pytest.approx(0.09)
     assert value(samples, "llamawrapper_prompt_tokens_total", **m) == 8
+    assert value(samples, "llamawrapper_prompt_tokens_total", model="m", version="v1") == 8  # per model and version
     assert value(samples, "llamawrapper_generation_tokens_total", **m) == 5
     assert value(samples, "llamawrapper_request_generation_tokens_count", **m) == 2
     assert value(samples, "llamawrapper_request_success_total", model="m", finished_reason="stop") == 1

@@ -269,15 +269,14 @@ class ModelHost:
                     return False
                 self._cv.wait(left if left is not None else 1.0)
 
-    def engines(self) -> Iterator[tuple[str, Any]]:
-        """(name, engine) of every loaded chat version; versions other than the active one are
-        labelled ``name@version``."""
+    def engines(self) -> Iterator[tuple[str, str, Any]]:
+        """(name, version, engine) of every loaded chat version."""
         with self._cv:
             items = [(s, v) for s in self._names.values() for v in s.versions if v.model is not None]
         for s, v in items:
             engine = getattr(v.model, "engine", None)
             if engine is not None:
-                yield (s.name if v is s.active else f"{s.name}@{v.version}"), engine
+                yield s.name, v.version, engine
 
     def close(self) -> None:
         with self._cv:

@@ -50,7 +50,7 @@ def create_app(settings: Optional[ServerSettings] = None, engine: Optional[Engin
     state = ServerState(settings, host, Metrics(host.engines))
     security = security or SecuritySettings()
     gate = _open_security(settings, security)  # a wrong encryption key fails here, before the port opens
-    tracing = tracing_from_settings(settings)  # None unless an OTLP endpoint is configured
+    tracing = tracing_from_settings(settings, log_content=security.log_content)  # None unless an OTLP endpoint is set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -28,12 +28,13 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
-MODEL_LABELS = ["model"]
+MODEL_LABELS = ["model", "version"]
 
 
-def model_labels(model: str) -> list[str]:
-    """Label values (in ``MODEL_LABELS`` order) of every per-model series."""
-    return [model]
+def model_labels(model: str, version: str = "") -> list[str]:
+    """Label values (in ``MODEL_LABELS`` order) of every per-model series: the served name and
+    the version that answered (``v1``, ``v2``, ...)."""
+    return [model, version]
 
 
 # (snapshot key, metric name, help); a value that is a function computes from the snapshot
@@ -73,10 +74,10 @@ class _EngineCollector:
     def collect(self):
         gauges = [(k, GaugeMetricFamily(n, h, labels=MODEL_LABELS)) for k, n, h in _ENGINE_GAUGES]
         counters = [(k, CounterMetricFamily(n, h, labels=MODEL_LABELS)) for k, n, h in _ENGINE_COUNTERS]
-        for name, engine in self._engines():
+        for name, version, engine in self._engines():
             snap = engine.snapshot()
             for key, family in gauges + counters:
-                family.add_metric(model_labels(name), _value(key, snap))
+                family.add_metric(model_labels(name, version), _value(key, snap))
         for _, family in gauges + counters:
             yield family
 
@@ -120,12 +121,12 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def observe_request(self, model: str, timings: dict[str, Any], prompt_tokens: int, generation_tokens: int,
+    def observe_request(self, model: tuple[str, str], timings: dict[str, Any], prompt_tokens: int, generation_tokens: int,
                         finish_reason: Optional[str] = None) -> None:
         """One finished generation: its token counts and the timings the engine recorded in
         ``handle.metrics`` (``queue``, ``ttft``, ``latency``, ``itl``; any may be missing, e.g.
         for a response-cache replay)."""
-        labels = model_labels(model)
+        labels = model_labels(*model)
         self.prompt_tokens.labels(*labels).inc(prompt_tokens)
         self.generation_tokens.labels(*labels).inc(generation_tokens)
         self.request_prompt_tokens.labels(*labels).observe(prompt_tokens)
@@ -147,9 +148,9 @@ class Metrics:
         for gap in timings.get("itl") or ():
             itl.observe(gap)
 
-    def observe_cache(self, model: str, status: str | None) -> None:
+    def observe_cache(self, model: tuple[str, str], status: str | None) -> None:
         if status in ("hit", "miss"):
-            self.response_cache.labels(*model_labels(model), status).inc()
+            self.response_cache.labels(*model_labels(*model), status).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,14 +105,21 @@ async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> 
 def _record(request: Request, model: str, handles: list[Any], usages: list[Usage], reasons: list[Optional[str]]) -> None:
     """A finished request into the key's token budget, the metrics and its trace span."""
     charge_tokens(request, completion=sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
-    metrics = _state(request).metrics
+    metrics, served = _state(request).metrics, _served(request, model)
     for h, u, r in zip(handles, usages, reasons):
-        metrics.observe_request(model, h.metrics, u.prompt_tokens, u.completion_tokens, r)
+        metrics.observe_request(served, h.metrics, u.prompt_tokens, u.completion_tokens, r)
     if (span := span_of(request)) is not None:
         span.finish_generation(handles, usages, reasons)
 
 
+def _served(request: Request, model: str) -> tuple[str, str]:
+    """(served name, version) of the lease this request took, for metric labels."""
+    return request.scope.get("state", {}).get("served") or (model, "")
+
+
 def _traced(request: Request, operation: str, body: Any, lease: Any, response_id: str) -> None:
+    """Remember which version answers (metric labels) and open the generation's trace span."""
+    request.scope.setdefault("state", {})["served"] = (lease.name, lease.version)
     if (span := span_of(request)) is not None:
         span.start_generation(operation, body, lease.version, response_id)
 
@@ -169,7 +176,7 @@ def _submit_chats(llm: Any, body: P.ChatCompletionRequest, params: Any, rid: str
 def _cache_headers(request: Request, model: str, handles: list[Any]) -> dict[str, str]:
     statuses = [getattr(h, "cache_status", None) for h in handles]
     for status in statuses:
-        _state(request).metrics.observe_cache(model, status)
+        _state(request).metrics.observe_cache(_served(request, model), status)
     if not any(statuses):
         return {}
     return {"x-cache": "hit" if all(s == "hit" for s in statuses) else "miss"}
