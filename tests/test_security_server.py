@@ -237,6 +237,33 @@ def test_audit_trail_records_requests_and_verifies(pair):
     assert "jane.doe" not in a.log()
 
 
+def test_model_admin_actions_are_audited(pair):
+    a, _ = pair
+    lines = _admin(a).get("/admin/audit").json()["data"]
+    put = [e for e in lines if e.get("action") == "model.put"]
+    assert put and put[0]["name"] == "tiny2" and put[0]["key_id"] == "admin:bootstrap" and put[0]["version"]
+
+
+def test_keys_cli_against_a_server(pair):
+    a, b = pair
+    env = {**os.environ, "LLAMAWRAPPER_ADMIN_KEY": ADMIN}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "llamawrapper.cli", "keys", *args], capture_output=True, text=True, env=env)
+
+    made = cli("create", "from-cli", "--model", "tiny", "--rpm", "7", "--server", a.url, "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["key"].startswith("lw-") and created["rpm"] == 7
+    # the other process shares the Redis store: it lists the key and accepts it
+    listed = json.loads(cli("list", "--server", b.url, "--json").stdout)
+    assert created["id"] in [k["id"] for k in listed]
+    assert [m.id for m in _client(b, created["key"]).models.list()] == ["tiny"]
+    assert cli("revoke", created["id"], "--server", b.url).returncode == 0
+    refused = cli("list", "--server", a.url, "--admin-key", created["key"])
+    assert refused.returncode == 1 and "401" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_audit_verify_reports_an_edited_line(pair):
     _, b = pair
     _client(b, ADMIN).models.list()

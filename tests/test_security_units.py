@@ -291,3 +291,45 @@ def test_keys_cli_local_store(tmp_path):
     assert missing.returncode == 1 and "key_nope" in missing.stderr
     assert created["key"].encode() not in (tmp_path / "keys.sqlite").read_bytes()
     assert cli("audit", "verify").returncode == 0
+
+
+# -- retention, TLS settings, content capture ---------------------------------------------------------
+def test_retention_caps_cache_ttl_and_deletes_old_entries(tmp_path):
+    from llamawrapper.security.retention import capped_ttl
+
+    assert capped_ttl(None, days=2) == 2 * 86400 and capped_ttl(3600, days=2) == 3600 and capped_ttl(None, days=None) is None
+    cache = SQLiteCache(tmp_path / "r.sqlite")
+    cache.put("old", b"x")
+    cache._db.execute("UPDATE responses SET created = created - 3 * 86400")
+    cache.put("new", b"y")
+    cache.close()
+    reopened = SQLiteCache(tmp_path / "r.sqlite", ttl=capped_ttl(None, days=2))
+    assert reopened.get("old") is None and reopened.get("new") == b"y"
+
+
+def test_tls_needs_both_files(tmp_path):
+    from llamawrapper.config import ServerSettings
+    from llamawrapper.server.run import _tls
+
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    assert _tls(ServerSettings()) == {}
+    with pytest.raises(InvalidRequestError) as info:
+        _tls(ServerSettings(ssl_certfile=str(cert)))
+    assert info.value.param == "ssl_keyfile"
+    with pytest.raises(InvalidRequestError) as info:
+        _tls(ServerSettings(ssl_certfile=str(cert), ssl_keyfile=str(tmp_path / "missing.pem")))
+    assert info.value.param == "ssl_keyfile"
+
+
+def test_logged_content_is_redacted():
+    from llamawrapper.security.content import ContentCapture, request_text
+
+    text = request_text({"messages": [{"role": "user", "content": "call +1 415 555 0100 or a.b@example.org"}]})
+    assert "[PHONE]" in text and "[EMAIL]" in text and "example.org" not in text
+    stream = ContentCapture()
+    stream.start("text/event-stream")
+    for delta in ("write to ", "x@y", ".com now"):
+        stream.add(f'data: {json.dumps({"choices": [{"index": 0, "delta": {"content": delta}}]})}\n\n'.encode())
+    stream.add(b"data: [DONE]\n\n")
+    assert stream.text() == "write to [EMAIL] now"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import LlamaWrapperError, ModelNotFoundError, PermissionDeniedError
+from ..errors import AuthenticationError, LlamaWrapperError, ModelNotFoundError, PermissionDeniedError
 from ..security.content import ContentCapture, request_text
 from ..security.gate import OPEN, Gate, Principal
 from .errors import from_exception
@@ -56,8 +56,6 @@ class SecurityMiddleware:
             if self.gate.enabled:
                 principal = self.gate.authenticate(Headers(scope=scope).get("authorization"))
         except LlamaWrapperError as exc:
-            from ..errors import AuthenticationError
-
             if isinstance(exc, AuthenticationError):
                 self.gate.record_failure(str(exc), **where)
             await from_exception(exc).response()(scope, receive, send)
