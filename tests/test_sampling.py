@@ -187,3 +187,22 @@ def test_prompt_logprobs_match_a_forward_pass(smollm2):
         assert t.logprob == pytest.approx(float(lp[p, ids[p + 1]]), abs=2e-3)
         assert [a.token_id for a in t.top_logprobs] == lp[p].topk(3).indices.tolist()
     assert smollm2.generate(prompt, max_tokens=2, temperature=0).prompt_logprobs is None
+
+
+def test_rows_of_one_batch_keep_their_own_parameters(tiny_llm):
+    """Requests with different parameters decoded together answer as they do alone."""
+    prompt = tiny_llm.chat_prompt_ids("hello")
+    kinds = [SamplingParams(max_tokens=8, temperature=0),
+             SamplingParams(max_tokens=8, temperature=0, logit_bias={17: 5.0}, frequency_penalty=1.5),
+             SamplingParams(max_tokens=8, temperature=1.0, seed=5, top_k=20),
+             SamplingParams(max_tokens=8, temperature=0.7, seed=6, top_p=0.8, presence_penalty=-1.0, logprobs=True, top_logprobs=2)]
+    alone = [tiny_llm.submit(prompt, p).result() for p in kinds]
+    together = [h.result() for h in [tiny_llm.submit(prompt, p) for p in kinds]]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in alone}) >= 3
+    assert [t.token_id for t in together[3].logprobs] == together[3].token_ids[: len(together[3].logprobs)]
+
+
+def test_prompt_logprobs_of_a_one_token_prompt(tiny_llm):
+    r = tiny_llm.generate([5], max_tokens=1, temperature=0, prompt_logprobs=1)
+    assert r.prompt_logprobs == [None]

@@ -240,7 +240,8 @@ class Engine:
                 logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
                 if every:  # position p predicts prompt token p + 1
                     targets = req.prompt_ids[start + 1 : start + count + 1]
-                    req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
+                    if targets:
+                        req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
                     logits = logits[:, -1]
                 req.prefilled += count
                 req.kv.length = req.prefilled
