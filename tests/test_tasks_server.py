@@ -26,14 +26,9 @@ TEXTS = ["The match ended in a penalty shoot-out.", "Stocks fell after the centr
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, minilm_folder, tiny_model_dir, tiny_nli_dir, tiny_sentiment_dir, tiny_diffusers_dir):
     log = tmp_path_factory.mktemp("tasks-server") / "server.log"
-    srv = ServerProcess(["minilm", f"nli={tiny_nli_dir}", f"sentiment={tiny_sentiment_dir}", f"sd={tiny_diffusers_dir}"],
-                        log_path=log, api_key=KEY)
+    srv = ServerProcess(["minilm", f"chat={tiny_model_dir}", f"nli={tiny_nli_dir}", f"sentiment={tiny_sentiment_dir}",
+                         f"sd={tiny_diffusers_dir}"], log_path=log, api_key=KEY)
     try:
-        srv.wait_ready()
-        # the chat model joins once the others are up: the host loads in parallel threads, and a
-        # diffusers load beside a chat load is not safe (see tasks/pipelines.py, _load_lock)
-        with srv.client() as c:
-            assert c.put("/admin/models/chat", json={"source": str(tiny_model_dir)}).status_code == 202
         yield srv.wait_ready()
     finally:
         srv.terminate()

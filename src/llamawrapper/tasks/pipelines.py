@@ -107,11 +107,12 @@ def load_served(source: str, **options: Any) -> Optional[TaskModel]:
     return load_task_model(folder, kind, _name(source), **options)
 
 
-# Loads of task models run one at a time, and a chat model's load (after ``load_served`` said
-# None) starts only once a task load in progress is over. Model loading is not thread-safe here:
+# Loads of task models run one at a time, also when Python code calls ``pipeline`` from several
+# threads (the server's host already loads one model at a time), and a chat model's load after
+# ``load_served`` said None waits for a task load in progress. Model loading is not thread-safe:
 # two threads first touching ``transformers.AutoModel``/``AutoConfig`` together failed with
 # ImportError, and a diffusers pipeline loading beside a chat model left the chat model with meta
-# tensors (both seen with the host's parallel loader threads). The host should serialize loads.
+# tensors (both seen here before the host serialized its loads).
 _load_lock = threading.RLock()
 
 
