@@ -202,19 +202,25 @@ def speed(texts: list[str], rounds: int, reps: int, tiny_image_folder: Path, min
     http32 = http_embeddings(texts, 32, rounds)
     http1 = http_embeddings(texts, 1, 1)
     med = {k: statistics.median(v) for k, v in samples.items()}
+    # the machine's load drifts between rounds: a ratio within each round says more than pooled medians
+    per_round = {pair: [round(statistics.median(samples[b][i * reps:(i + 1) * reps]) /
+                              statistics.median(samples[a][i * reps:(i + 1) * reps]), 3) for i in range(rounds)]
+                 for pair, (a, b) in {"embed_st_over_library": ("lib_embed", "st_embed"),
+                                      "image_library_over_diffusers": ("diffusers_image", "lib_image")}.items()}
     n = len(texts)
     st_one = statistics.median(one_by_one)
     return {
         "texts": n,
         "embed_one_call": {"library_texts_per_s": round(n / med["lib_embed"], 1), "st_texts_per_s": round(n / med["st_embed"], 1),
                            "ratio": round(med["st_embed"] / med["lib_embed"], 3), "samples": samples["lib_embed"],
-                           "st_samples": samples["st_embed"]},
+                           "st_samples": samples["st_embed"], "ratio_per_round": per_round["embed_st_over_library"]},
         "embed_per_request": {"server_32_clients_texts_per_s": round(n / statistics.median(http32), 1),
                               "server_1_client_texts_per_s": round(n / http1[0], 1),
                               "st_one_encode_per_text_texts_per_s": round(n / st_one, 1),
                               "ratio_32_clients_vs_st_one_by_one": round(st_one / statistics.median(http32), 3)},
         "image_seconds_per_step": {"library": round(med["lib_image"], 5), "diffusers": round(med["diffusers_image"], 5),
-                                   "ratio": round(med["lib_image"] / med["diffusers_image"], 3)},
+                                   "ratio": round(med["lib_image"] / med["diffusers_image"], 3),
+                                   "ratio_per_round": per_round["image_library_over_diffusers"]},
     }
 
 

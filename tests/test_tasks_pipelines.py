@@ -141,3 +141,11 @@ def test_chat_model_zero_shot_scores_are_label_logprobs(tiny_model_dir):
     assert [by_label[lab] for lab in labels] == pytest.approx(list(expected), abs=1e-4)
     assert got["scores"] == sorted(got["scores"], reverse=True)
     assert dict(zip(multi["labels"], multi["scores"]))["sports"] == pytest.approx(float(np.exp(sums[0])), rel=1e-3)
+
+
+def test_text_generation_is_the_chat_wrapper(tiny_model_dir):
+    from llamawrapper import LlamaWrapper
+
+    with pipeline("text-generation", model=str(tiny_model_dir), progress=False) as llm:
+        assert isinstance(llm, LlamaWrapper)
+        assert llm.chat("hi", max_tokens=3, temperature=0).usage.completion_tokens <= 3
