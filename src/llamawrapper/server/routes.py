@@ -25,7 +25,9 @@ log = logging.getLogger("llamawrapper.server")
 router = APIRouter()
 
 _ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
-_STREAMING = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# each Server-Sent Event: its data is a JSON chunk of the response's shape, or "[DONE]"
+_STREAMING = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}}}}}
 
 
 def _state(request: Request) -> Any:
