@@ -99,3 +99,10 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._log.close()
+
+
+def openai_client(server: ServerProcess, timeout: float = 120):
+    """The official ``openai`` client on a server (its key, if any; no retries: tests see every status)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key or "none", max_retries=0, timeout=timeout)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def server(tmp_path_factory, smollm2_folder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server, timeout=120)
 
 
 def test_chat_stream_equals_non_stream(client):

@@ -6,10 +6,9 @@ parallel_tool_calls; fields the server cannot honour and bad values are 400s nam
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,7 @@ def server(tmp_path_factory, smollm2_folder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server, timeout=120)
 
 
 def test_chat_logprobs_match_the_library_and_the_text(client, smollm2):

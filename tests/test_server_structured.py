@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def server(tmp_path_factory, smollm2_folder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    return openai_client(server, timeout=300)
 
 
 def test_response_format_json_schema(client):

@@ -10,11 +10,10 @@ import io
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 from llamawrapper import pipeline
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client
 from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -36,7 +35,7 @@ def server(tmp_path_factory, minilm_folder, tiny_model_dir, tiny_nli_dir, tiny_s
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -183,14 +183,18 @@ def resolve_folder(source: ModelSource, progress: bool = True) -> Path:
         if not (source.path / "config.json").is_file():
             raise InvalidModelError(f"{source.path} is not a Hugging Face model folder (no config.json).")
         return source.path
-    return _hub_snapshot(source)
+    return hub_snapshot(source)
 
 
-def _hub_snapshot(source: ModelSource) -> Path:
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def hub_snapshot(source: ModelSource, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """The local folder of a hub model (downloaded once into the Hugging Face cache); a clear
+    ``ModelNotFoundError`` when it does not exist or cannot be had offline."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
         return Path(snapshot_download(source.repo_id, revision=source.revision, allow_patterns=patterns))
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:

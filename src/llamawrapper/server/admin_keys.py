@@ -27,12 +27,7 @@ async def create_key(request: Request) -> Response:
     """Make a key: ``{"name", "models"?, "rpm"?, "tpm"?, "max_parallel"?, "expires_at"?, "admin"?,
     "metadata"?}``. The response's ``key`` is the secret, shown this once."""
     require_admin(request)
-    try:
-        spec = await request.json()
-    except ValueError:
-        raise InvalidRequestError("The body is not valid JSON.", param="body") from None
-    if not isinstance(spec, dict):
-        raise InvalidRequestError("The body must be a JSON object.", param="body")
+    spec = await P.json_object(request)
     key, secret = await run_in_threadpool(_gate(request).create_key, spec)
     record_admin_action(request, "key.create", target=key.id, name=key.name, admin=key.admin, models=key.models)
     return JSONResponse({**key.public(), "key": secret}, status_code=201)

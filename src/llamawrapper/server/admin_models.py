@@ -23,16 +23,6 @@ def _host(request: Request) -> Any:
     return request.app.state.lw.host
 
 
-async def _body(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidRequestError("The body is not valid JSON.", param="body") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The body must be a JSON object.", param="body")
-    return body
-
-
 @router.get("", responses=_ERRORS)
 async def list_models(request: Request) -> Response:
     require_admin(request)
@@ -49,7 +39,7 @@ async def get_model(name: str, request: Request) -> Response:
 async def put_model(name: str, request: Request) -> Response:
     """Load a new version of ``name`` (the first creates it); 202 at once, status ``loading``."""
     require_admin(request)
-    body = await _body(request)
+    body = await P.json_object(request)
     options = {k: body.pop(k) for k in _HOST_FIELDS if k in body}
     result = await run_in_threadpool(_host(request).put, name, body, **options)  # hashes a pinned source
     record_admin_action(request, "model.put", name=name, version=result["version"], source=body.get("source"), **options)
@@ -84,7 +74,7 @@ async def remove(name: str, request: Request) -> Response:
 async def put_adapter(name: str, adapter: str, request: Request) -> Response:
     """Add or replace a LoRA adapter: a new version with the adapter, swapped in like any other."""
     require_admin(request)
-    path = (await _body(request)).get("path")
+    path = (await P.json_object(request)).get("path")
     from pathlib import Path
 
     if not isinstance(path, str) or not path or not Path(path).expanduser().is_dir():

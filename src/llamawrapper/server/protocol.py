@@ -294,3 +294,16 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     models: dict[str, str] = Field(default_factory=dict)
+
+
+async def json_object(request: Any) -> dict:
+    """A free-form JSON object body (the admin routes validate their fields themselves)."""
+    from ..errors import InvalidRequestError
+
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidRequestError("The body is not valid JSON.", param="body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The body must be a JSON object.", param="body")
+    return body

@@ -77,20 +77,6 @@ def local_folder(name: str, progress: bool = False) -> Optional[Path]:
 
 def _hub_snapshot_with_subfolders(source: registry.ModelSource) -> Path:
     """Like the chat loader's hub download, but diffusers pipelines keep weights in subfolders."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from ..models.loading import HUB_PATTERNS, hub_snapshot
 
-    from ..errors import ModelNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "*/*.json", "*/*.safetensors",
-                "*/*.txt", "*/*.model"]
-    try:
-        return Path(snapshot_download(source.repo_id, revision=source.revision, allow_patterns=patterns))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ModelNotFoundError(f"Hub model '{source.name}' does not exist: {exc}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelNotFoundError(
-            f"Hub model '{source.name}' is not in the local Hugging Face cache and the hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE=1). Download it once with network access, or pass a local folder.") from exc
-    except OSError as exc:
-        raise ModelNotFoundError(f"Could not fetch hub model '{source.name}': {exc}") from exc
+    return hub_snapshot(source, HUB_PATTERNS + ["*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"])
