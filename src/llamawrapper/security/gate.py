@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from ..errors import AuthenticationError, PermissionDeniedError, RateLimitError, StateUnavailableError
