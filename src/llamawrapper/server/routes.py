@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import InvalidRequestError, LlamaWrapperError
 from ..types import Usage
 from . import protocol as P
-from .auth import charge_tokens, model_allowed
+from .auth import charge_streamed, charge_tokens, model_allowed, settle_completion
 from .errors import APIError, from_exception, not_ready
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
 
@@ -88,7 +88,7 @@ async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> 
 
 
 def _record(request: Request, model: str, handles: list[Any], usages: list[Usage]) -> None:
-    charge_tokens(request, completion=sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
+    settle_completion(request, sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
     metrics = _state(request).metrics
     for h, u in zip(handles, usages):
         metrics.observe_generation(model, u.prompt_tokens, u.completion_tokens, h.metrics.get("ttft"))
@@ -171,6 +171,7 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
     usages: list[Usage] = []
     try:
         async for i, event in merged(handles):
+            charge_streamed(request, len(event.token_ids or ()))
             if event.text:
                 yield chunk(i, {"content": event.text})
             if getattr(event, "tool_calls", None):
@@ -262,6 +263,7 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
     usages: list[Usage] = []
     try:
         async for i, event in merged(handles):
+            charge_streamed(request, len(event.token_ids or ()))
             if event.finish_reason is not None:
                 usages.append(event.usage or Usage(0, 0))
                 yield chunk(i, event.text, event.finish_reason)
