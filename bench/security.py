@@ -114,6 +114,7 @@ def in_process(n: int, rounds: int, redis_url: str | None) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     base = statistics.median(per_request["none"])
     return {name: {"cost_ms_per_request": statistics.median(v) * 1000,
+                   "rounds_ms_per_request": [round(x * 1000, 4) for x in v],
                    "overhead_ms_per_request": (statistics.median(v) - base) * 1000,
                    "median_latency_ms": statistics.median(latencies[name]) * 1000,
                    "p95_latency_ms": statistics.quantiles(latencies[name], n=20)[-1] * 1000}
@@ -215,6 +216,7 @@ def end_to_end(n: int, rounds: int) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     base_cost, base_lat = statistics.median(per_request["none"]), statistics.median(latencies["none"])
     return {name: {"cost_ms_per_request": statistics.median(v) * 1000,
+                   "rounds_ms_per_request": [round(x * 1000, 3) for x in v],
                    "overhead_ms_per_request": (statistics.median(v) - base_cost) * 1000,
                    "median_latency_ms": statistics.median(latencies[name]) * 1000,
                    "median_latency_ratio": statistics.median(latencies[name]) / base_lat}
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--redis", action="store_true", help="Also measure Redis limits (starts redis-server on loopback).")
     ap.add_argument("--no-http", action="store_true", help="Skip the end-to-end servers.")
+    ap.add_argument("--no-in-process", action="store_true", help="Skip the in-process measurement.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
@@ -284,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
     result: dict[str, Any] = {"machine": _machine(), "settings": vars(args), "concurrency": CONCURRENCY}
     try:
-        result["in_process"] = in_process(args.requests, args.rounds, redis_url)
-        print(json.dumps(result["in_process"], indent=1))
+        if not args.no_in_process:
+            result["in_process"] = in_process(args.requests, args.rounds, redis_url)
+            print(json.dumps(result["in_process"], indent=1))
         if not args.no_http:
             result["end_to_end"] = end_to_end(args.http_requests, args.rounds)
             print(json.dumps(result["end_to_end"], indent=1))

@@ -147,6 +147,24 @@ def test_tpm_limit(pair):
     assert "tokens" in info.value.response.json()["error"]["message"]
 
 
+def test_streamed_tokens_are_charged_once(pair):
+    a, _ = pair
+    key = _create(a, tpm=100000)
+    client = _client(a, key["key"])
+    usage = None
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Count"}], max_tokens=40,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+    assert usage.completion_tokens > 16  # more than one group was charged while streaming
+    shown = _admin(a).get(f"/admin/keys/{key['id']}").json()["usage"]
+    assert (shown["prompt_tokens"], shown["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    line = [e for e in _admin(a).get("/admin/audit", params={"key": key["id"]}).json()["data"] if e["event"] == "request"][-1]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    raw = _chat(client)
+    # exact within a minute; past a minute boundary the window's estimate only shrinks
+    assert 100000 - usage.total_tokens <= int(raw.headers["x-ratelimit-remaining-tokens"]) < 100000
+
+
 def test_two_processes_share_limits_and_revocation(pair):
     a, b = pair
     key = _create(a, rpm=5)

@@ -71,13 +71,13 @@ def test_stores_keep_keys_usage_and_revocations(backend, tmp_path, redis_server)
     key, secret = make_key({"name": "app", "models": ["m"], "tpm": 100, "metadata": {"team": "x"}})
     store.add(key)
     assert store.by_hash(key.secret_hash).id == key.id and store.get(key.id).metadata == {"team": "x"}
-    assert store.count_active() == 1
+    assert store.has_keys()
     store.add_usage({key.id: {"requests": 2, "prompt_tokens": 10, "completion_tokens": 5, "last_used_at": 123.0}})
     store.add_usage({key.id: {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1, "last_used_at": 124.0}})
     assert store.usage(key.id) == {"requests": 3, "prompt_tokens": 11, "completion_tokens": 6}
     assert store.get(key.id).last_used_at == 124.0
     assert store.revoke(key.id, time.time()).state() == "revoked" and store.get(key.id).state() == "revoked"
-    assert store.count_active() == 0
+    assert store.has_keys()  # a revoked key still means "keys are required"
     with pytest.raises(KeyNotFoundError):
         store.revoke("key_nope", time.time())
     store.close()
@@ -163,6 +163,17 @@ def test_gate_auth_scopes_headers(tmp_path):
     gate.revoke_key(key.id)
     with pytest.raises(AuthenticationError, match="revoked"):
         gate.authenticate(f"Bearer {secret}")
+    gate.close()
+
+
+def test_revoking_the_last_stored_key_does_not_open_the_server(tmp_path):
+    gate = Gate(SQLiteKeyStore(tmp_path / "k.sqlite"), LocalLimiter(), AuditLog(tmp_path / "a.jsonl"), background=False)
+    assert not gate.enabled  # no key anywhere: an open server, as before
+    key, _ = gate.create_key({"name": "only"})
+    assert gate.enabled
+    gate.revoke_key(key.id)
+    time.sleep(0.6)
+    assert gate.enabled
     gate.close()
 
 

@@ -124,10 +124,11 @@ def show(key_id: str, server: Optional[str] = Server, admin_key: Optional[str] =
         else:
             gate = _local()
             try:
+                usage = gate.usage(key_id)
                 key = gate.store.get(key_id)
                 if key is None:
                     raise KeyNotFoundError(f"No key with id '{key_id}'.")
-                result = key.public(gate.usage(key_id))
+                result = key.public(usage)
             finally:
                 gate.close()
     except LlamaWrapperError as exc:

@@ -90,14 +90,15 @@ class Gate:
     # -- who ------------------------------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        """Keys are required once any exists (flag, env, bootstrap admin or stored)."""
+        """Keys are required once any exists (flag, env, bootstrap admin or stored, even revoked or
+        expired: revoking the last key must not open the server)."""
         if self._fixed:
             return True
         at, active = self._stored_active
         now = time.monotonic()
         if now - at > KEY_CACHE_SECONDS:
             try:
-                active = self.store.count_active() > 0
+                active = self.store.has_keys()
             except StateUnavailableError:
                 active = True  # fail closed: with the store away, a stored key may exist
             self._stored_active = (now, active)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
@@ -28,7 +27,7 @@ class KeyStore(Protocol):
     def by_hash(self, secret_hash: str) -> Optional[ApiKey]: ...
     def list(self) -> list[ApiKey]: ...
     def revoke(self, key_id: str, now: float) -> ApiKey: ...
-    def count_active(self) -> int: ...
+    def has_keys(self) -> bool: ...
     def add_usage(self, deltas: dict[str, dict[str, float]]) -> None: ...
     def usage(self, key_id: str) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -98,9 +97,9 @@ class SQLiteKeyStore:
                 raise
         return ApiKey.from_record(record)
 
-    def count_active(self) -> int:
-        now = time.time()
-        return sum(1 for k in self.list() if k.state(now) == "active")
+    def has_keys(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
 
     def add_usage(self, deltas: dict[str, dict[str, float]]) -> None:
         with self._lock:
@@ -191,9 +190,8 @@ class RedisKeyStore:
         self._call(self._r.set, self._k("key", key_id), json.dumps(record))
         return key
 
-    def count_active(self) -> int:
-        now = time.time()
-        return sum(1 for k in self.list() if k.state(now) == "active")
+    def has_keys(self) -> bool:
+        return bool(self._call(self._r.scard, self.prefix + "ids"))
 
     def add_usage(self, deltas: dict[str, dict[str, float]]) -> None:
         def run() -> None:

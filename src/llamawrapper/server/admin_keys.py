@@ -44,10 +44,11 @@ async def list_keys(request: Request) -> Response:
 async def show_key(key_id: str, request: Request) -> Response:
     require_admin(request)
     gate = _gate(request)
+    usage = await run_in_threadpool(gate.usage, key_id)  # flushes this process's counts (and last use) first
     key = await run_in_threadpool(gate.store.get, key_id)
     if key is None:
         raise KeyNotFoundError(f"No key with id '{key_id}'.")
-    return JSONResponse(key.public(await run_in_threadpool(gate.usage, key_id)))
+    return JSONResponse(key.public(usage))
 
 
 @router.delete("/keys/{key_id}", responses=_ERRORS)

@@ -12,8 +12,9 @@ ones (``/health``):
 4. writes one audit line when the response is done (key id, route, model and version, tokens,
    status, latency, client address; text only with ``log_content``).
 
-Routes call ``charge_tokens`` as tokens are counted, ``model_allowed`` to filter lists, and the
-admin routes ``require_admin`` and ``record_admin_action``."""
+Routes call ``charge_tokens`` when the prompt is counted, ``charge_streamed`` as completion tokens
+stream out and ``settle_completion`` when a request ends; ``model_allowed`` filters lists; the
+admin routes call ``require_admin`` and ``record_admin_action``."""
 
 from __future__ import annotations
 
@@ -171,6 +172,27 @@ def charge_tokens(request: Any, prompt: int = 0, completion: int = 0) -> None:
     gate = getattr(request.app.state, "security", None)
     if gate is not None:
         gate.charge(principal_of(request), prompt, completion)
+
+
+STREAM_CHARGE_EVERY = 16  # streamed tokens are charged in groups: a Redis round trip per token would cost more than the token
+
+
+def charge_streamed(request: Any, tokens: int) -> None:
+    """Count streamed completion tokens as they go out, in groups of ``STREAM_CHARGE_EVERY``."""
+    state = request.scope.get("state", {})
+    pending = state.get("stream_pending", 0) + tokens
+    if pending >= STREAM_CHARGE_EVERY:
+        charge_tokens(request, completion=pending)
+        pending = 0
+    state["stream_pending"] = pending
+
+
+def settle_completion(request: Any, total: int) -> None:
+    """At the end of a request: charge whatever of its ``total`` completion tokens is not charged yet."""
+    usage = request.scope.get("state", {}).get("usage")
+    charged = usage["completion_tokens"] if usage is not None else 0
+    if total > charged:
+        charge_tokens(request, completion=total - charged)
 
 
 def require_admin(request: Any) -> None:

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import InvalidRequestError, LlamaWrapperError
 from ..types import Usage
 from . import protocol as P
-from .auth import charge_tokens, model_allowed
+from .auth import charge_streamed, charge_tokens, model_allowed, settle_completion
 from .errors import APIError, from_exception, not_ready
 from .logprobs import CompletionLogprobs, chat_logprobs, join
 from .streaming import DONE, ClientGone, EventStream, cancel_all, merged, results_unless_disconnected, sse
@@ -106,7 +106,7 @@ async def _results_or_gone(request: Request, model: str, handles: list[Any]) -> 
 
 def _record(request: Request, model: str, handles: list[Any], usages: list[Usage], reasons: list[Optional[str]]) -> None:
     """A finished request into the key's token budget, the metrics and its trace span."""
-    charge_tokens(request, completion=sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
+    settle_completion(request, sum(u.completion_tokens for u in usages))  # the prompt was charged at admission
     metrics, served = _state(request).metrics, _served(request, model)
     for h, u, r in zip(handles, usages, reasons):
         metrics.observe_request(served, h.metrics, u.prompt_tokens, u.completion_tokens, r)
@@ -205,6 +205,7 @@ async def _chat_events(request: Request, body: P.ChatCompletionRequest, handles:
     reasons: list[Optional[str]] = []
     try:
         async for i, event in merged(handles):
+            charge_streamed(request, len(event.token_ids or ()))
             if event.text or event.logprobs:
                 yield chunk(i, {"content": event.text}, logprobs=chat_logprobs(event.logprobs))
             if getattr(event, "tool_calls", None):
@@ -310,6 +311,7 @@ async def _completion_events(request: Request, body: P.CompletionRequest, handle
     reasons: list[Optional[str]] = []
     try:
         async for i, event in merged(handles):
+            charge_streamed(request, len(event.token_ids or ()))
             if later and i not in echoed:
                 echoed.add(i)
                 prompt_lp = CompletionLogprobs().prompt(first_tokens[i], getattr(handles[i], "prompt_logprobs", None) or [None])
