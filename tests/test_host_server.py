@@ -115,7 +115,7 @@ def test_pins_and_bad_input(server, tiny_model_dir):
         r = _chat(c, "chat@v9")
         assert r.status_code == 404 and "v1 (ready)" in r.json()["error"]["message"]
         r = c.put("/admin/models/chat", json={"source": "no-such-model"})
-        assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"]
+        assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"] and r.json()["error"]["param"] == "source"
         r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir), "sha256": "a" * 64})
         assert r.status_code == 409 and r.json()["error"]["code"] == "sha256_mismatch" and "a" * 64 in r.json()["error"]["message"]
         r = c.put("/admin/models/chat", json={"source": str(tiny_model_dir), "traffic": 2})

@@ -41,7 +41,7 @@ async def put_model(name: str, request: Request) -> Response:
     require_admin(request)
     body = await P.json_object(request)
     options = {k: body.pop(k) for k in _HOST_FIELDS if k in body}
-    result = await run_in_threadpool(_host(request).put, name, body, **options)  # hashes a pinned source
+    result = await _put(_host(request), name, body, **options)
     record_admin_action(request, "model.put", name=name, version=result["version"], source=body.get("source"), **options)
     return JSONResponse(result, status_code=202)
 
@@ -88,6 +88,18 @@ async def delete_adapter(name: str, adapter: str, request: Request) -> Response:
     return await _with_adapters(request, name, adapter, None)
 
 
+async def _put(host: Any, name: str, spec: dict, **options: Any) -> dict:
+    """``host.put`` off the event loop (it hashes a pinned source); an unknown source is a 404
+    naming ``source``, not the request's ``model``."""
+    from ..errors import ModelNotFoundError
+    from .errors import APIError
+
+    try:
+        return await run_in_threadpool(host.put, name, spec, **options)
+    except ModelNotFoundError as exc:
+        raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "source") from exc
+
+
 async def _with_adapters(request: Request, name: str, adapter: str, path: Optional[str]) -> Response:
     from ..errors import ModelNotFoundError
 
@@ -101,7 +113,7 @@ async def _with_adapters(request: Request, name: str, adapter: str, path: Option
     else:
         adapters[adapter] = path
     spec = {**current.to_dict(), "adapters": adapters}
-    result = await run_in_threadpool(host.put, name, spec)
+    result = await _put(host, name, spec)
     record_admin_action(request, "model.adapter." + ("put" if path else "delete"), name=name, adapter=adapter,
                         version=result["version"])
     return JSONResponse(result, status_code=202)
