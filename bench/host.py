@@ -135,7 +135,8 @@ def load_while_serving(llm: Any, load: Callable[[], Any], tokens: int) -> dict[s
 
 def swap(source: str, tokens: int, clients: int = 4) -> dict[str, Any]:
     """Throughput of ``clients`` streams through a ModelHost before and during a hot swap."""
-    from llamawrapper.models.host import ModelHost, default_loader
+    from llamawrapper.models.host import ModelHost
+    from llamawrapper.models.loaders import default_loader
 
     host = ModelHost(default_loader())
     host.put("chat", source, wait=True)

@@ -12,7 +12,8 @@ import pytest
 
 from llamawrapper import InvalidRequestError, ModelNotFoundError
 from llamawrapper.errors import ModelConflictError, ModelHashMismatchError, ModelUnavailableError
-from llamawrapper.models.host import ModelHost, default_loader
+from llamawrapper.models.host import ModelHost
+from llamawrapper.models.loaders import default_loader
 from llamawrapper.models.modelsfile import lock_models_file, read_models_file
 from llamawrapper.models.versions import folder_sha256
 

@@ -22,16 +22,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from ..errors import (InvalidRequestError, ModelConflictError, ModelHashMismatchError, ModelNotFoundError,
                       ModelUnavailableError)
+from .loaders import Loader, close_model, default_loader, memory_bytes
 from .versions import ModelSpec, Version, check_pin
 
 log = logging.getLogger("llamawrapper.host")
-
-Loader = Callable[[ModelSpec], Any]
-
 
 @dataclass
 class Served:
@@ -284,7 +282,7 @@ class ModelHost:
             versions = [v for s in self._names.values() for v in s.versions if v.model is not None]
             self._cv.notify_all()
         for v in versions:
-            _close_model(v.model)
+            close_model(v.model)
             v.model, v.status = None, "unloaded"
 
     # -- internals (called with the lock held) ----------------------------------------------------------
@@ -399,7 +397,7 @@ class ModelHost:
                 return
             model, version.model, version.status = version.model, None, "unloaded"
         log.info("%s %s drained and unloaded", version.name, version.version)
-        _close_model(model)
+        close_model(model)
 
     def _start_load(self, served: Served, version: Version) -> None:
         version.status, version.error = "loading", None
@@ -420,7 +418,7 @@ class ModelHost:
     def _unload_now(self, version: Version, reason: str) -> None:
         model, version.model, version.status = version.model, None, "unloaded"
         log.info("%s %s unloaded (%s)", version.name, version.version, reason)
-        threading.Thread(target=_close_model, args=(model,), name="llamawrapper-unload", daemon=True).start()
+        threading.Thread(target=close_model, args=(model,), name="llamawrapper-unload", daemon=True).start()
 
     def _load(self, served: Served, version: Version) -> None:
         t0 = time.perf_counter()
@@ -431,7 +429,7 @@ class ModelHost:
                 model = self._loader(version.spec)
             sha = getattr(getattr(model, "loaded", None), "manifest", {}).get("source_sha256")
             if version.spec.sha256 and sha and version.sha256 is None and sha != version.spec.sha256:
-                _close_model(model)
+                close_model(model)
                 raise ModelHashMismatchError(version.spec.source, version.spec.sha256, sha)
         except Exception as exc:  # the version fails alone; whatever served before serves on
             with self._cv:
@@ -447,7 +445,7 @@ class ModelHost:
                 drop = False
                 version.model, version.status, version.loaded_at = model, "ready", time.time()
                 version.sha256 = version.sha256 or sha
-                version.memory_bytes = _memory_bytes(model)
+                version.memory_bytes = memory_bytes(model)
                 version.last_used = time.monotonic()
                 self._make_room(version)  # again: versions busy when the load began may be idle now
                 if version is served.active or version is served.canary:
@@ -460,7 +458,7 @@ class ModelHost:
                     served.canary = version
                 self._cv.notify_all()
         if drop:
-            _close_model(model)
+            close_model(model)
             return
         log.info("%s %s ready in %.1f s", version.name, version.version, time.perf_counter() - t0,
                  extra={"model": version.name, "version": version.version, "load_seconds": round(time.perf_counter() - t0, 2)})
@@ -499,47 +497,3 @@ def _sampling(kwargs: dict) -> Any:
     from ..api import SAMPLING_NAMES, sampling_params
 
     return sampling_params(**{k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_NAMES})
-
-
-def _close_model(model: Any) -> None:
-    try:
-        if model is not None and hasattr(model, "close"):
-            model.close()
-    except Exception:
-        log.exception("closing a model failed")
-
-
-def _memory_bytes(model: Any) -> int:
-    inner = getattr(getattr(model, "loaded", None), "model", None) or getattr(model, "module", None)
-    if inner is None or not hasattr(inner, "state_dict"):
-        return 0
-    seen, total = set(), 0
-    for t in inner.state_dict(keep_vars=True).values():
-        if hasattr(t, "untyped_storage"):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-    return total
-
-
-def default_loader(dtype: Optional[str] = None, quantization: Optional[str] = None, engine: Any = None) -> Loader:
-    """Load a version as a task model when ``llamawrapper.tasks`` recognises it, else as a chat
-    model through ``LlamaWrapper.load``."""
-
-    def load(spec: ModelSpec) -> Any:
-        try:
-            from .. import tasks
-        except ImportError:
-            tasks = None
-        if tasks is not None and hasattr(tasks, "load_served"):
-            model = tasks.load_served(spec.location)
-            if model is not None:
-                return model
-        from ..api import LlamaWrapper
-
-        return LlamaWrapper.load(spec.location, dtype=spec.dtype or dtype, engine=engine, progress=False,
-                                 quantization=spec.quantization or quantization, overrides=spec.overrides or None,
-                                 adapters=spec.adapters or None)
-
-    return load

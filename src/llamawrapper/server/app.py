@@ -20,7 +20,8 @@ from .auth import OPEN_PATHS, SecurityMiddleware
 from .errors import APIError, from_exception, validation_error
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
-from ..models.host import ModelHost, default_loader
+from ..models.host import ModelHost
+from ..models.loaders import default_loader
 from .admin_models import router as admin_models_router
 from .admin_keys import router as admin_keys_router
 from .auth import record_admin_action  # noqa: F401  (the audit seam the admin routes use)
