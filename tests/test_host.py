@@ -213,3 +213,21 @@ def test_two_names_put_at_once_both_load(host, tiny_model_dir):
     host.put("b", str(tiny_model_dir))
     assert host.wait(timeout=120) and host.statuses() == {"a": "ready", "b": "ready"}
     assert _answer(host, "a")[1].usage.completion_tokens == 4 and _answer(host, "b")[1].usage.completion_tokens == 4
+
+
+def test_a_failed_reload_answers_unavailable(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    host = ModelHost(default_loader(), keep_alive=0.3)
+    try:
+        host.put("chat", str(folder), wait=True)
+        deadline = time.monotonic() + 10
+        while host.statuses()["chat"] != "unloaded" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (folder / "config.json").write_text("{broken")
+        with pytest.raises(ModelUnavailableError, match="failed to load"):
+            host.acquire("chat")
+    finally:
+        host.close()

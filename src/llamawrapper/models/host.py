@@ -335,6 +335,8 @@ class ModelHost:
             raise _MustWait()
         if version.status == "loading":
             raise _MustWait()
+        if version.status == "failed":  # loading it again (keep-alive, eviction, a pin) failed
+            raise ModelUnavailableError(f"The model '{served.name}' ({version.version}) failed to load: {version.error}")
         if adapter is not None and adapter not in getattr(version.model, "adapters", {}):
             known = ", ".join(sorted(getattr(version.model, "adapters", {}))) or "none"
             raise ModelNotFoundError(f"The model '{model}' does not exist: '{served.name}' has no adapter '{adapter}'. "
@@ -408,7 +410,9 @@ class ModelHost:
     def _make_room(self, loading: Version) -> None:
         if self.max_loaded_models is None:
             return
-        loaded = [v for s in self._names.values() for v in s.versions if v.model is not None and v is not loading]
+        # never the loading version's own name: evicting the version it replaces would make the
+        # requests still going to it load it again, and the two would evict each other
+        loaded = [v for s in self._names.values() for v in s.versions if v.model is not None and v.name != loading.name]
         idle = sorted((v for v in loaded if v.status == "ready" and v.in_flight == 0), key=lambda v: v.last_used)
         while len(loaded) + 1 > self.max_loaded_models and idle:
             victim = idle.pop(0)
