@@ -98,40 +98,46 @@ def read_manifest(folder: Path) -> Optional[dict]:
         return None
 
 
-def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False) -> Path:
-    """Ensure the converted folder for a GGUF source exists and matches the file; return it."""
+def cached_build(source: ModelSource, build: Any, what: str, progress: bool = True, force: bool = False) -> Path:
+    """The cache folder made from ``source``'s file by ``build(tmp, bar) -> manifest fields``:
+    reused while the file's sha256 matches the manifest, else built again under a temporary name
+    and renamed into place (under a file lock, so concurrent callers build it once)."""
     from filelock import FileLock
 
-    gguf_path = source.path
-    assert gguf_path is not None
-    check_gguf_magic(gguf_path)
+    path = source.path
+    assert path is not None
     dest = cache_dir_for(source)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _progress(progress) as bar, FileLock(str(dest) + ".lock"):
-        sha = file_sha256(gguf_path, bar)
+        sha = file_sha256(path, bar)
         manifest = read_manifest(dest)
         if not force and manifest and manifest.get("source_sha256") == sha and (dest / "config.json").is_file():
-            return dest  # a valid conversion: no need to parse the GGUF's metadata again
-        arch = gguf_architecture(gguf_path)
-        if arch not in SUPPORTED_GGUF_ARCHS:
-            raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}.")
+            return dest  # a valid build: nothing of the source is read again
         if manifest and not force:
-            log.warning("cached conversion of %s does not match the source (hash changed); converting again", gguf_path)
+            log.warning("cached %s of %s does not match the source (hash changed); building it again", what, path)
         with atomic_folder(dest) as tmp:
-            _write_conversion(gguf_path, tmp, bar)
-            manifest = {
-                "manifest_version": MANIFEST_VERSION,
-                "name": source.display_name,
-                "source": str(gguf_path),
-                "source_sha256": sha,
-                "source_size": gguf_path.stat().st_size,
-                "architecture": arch,
-                "dtype": "float32",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-            }
+            fields = build(tmp, bar)
+            manifest = {"manifest_version": MANIFEST_VERSION, "name": source.display_name, "source": str(path),
+                        "source_sha256": sha, "source_size": path.stat().st_size, "dtype": "float32",
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+                        **fields}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dest
+
+
+def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False) -> Path:
+    """Ensure the converted folder for a GGUF source exists and matches the file; return it."""
+    assert source.path is not None
+    check_gguf_magic(source.path)
+
+    def build(tmp: Path, bar: Any) -> dict:
+        arch = gguf_architecture(source.path)  # slow: only when converting
+        if arch not in SUPPORTED_GGUF_ARCHS:
+            raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}.")
+        _write_conversion(source.path, tmp, bar)
+        return {"architecture": arch}
+
+    return cached_build(source, build, "conversion", progress, force)
 
 
 def _write_conversion(gguf_path: Path, out: Path, bar: Any) -> None:

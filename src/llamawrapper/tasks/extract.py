@@ -8,40 +8,23 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from ..errors import InvalidModelError
-from ..models.cachefs import atomic_folder
-from ..models.loading import MANIFEST_VERSION, _progress, file_sha256, read_manifest
-from ..models.registry import ModelSource, cache_dir_for
+from ..models.loading import cached_build
+from ..models.registry import ModelSource
 
 log = logging.getLogger("llamawrapper.tasks")
 
 
 def extract_zip(source: ModelSource, progress: bool = True, force: bool = False) -> Path:
     """The cache folder holding ``source``'s zip extracted (extracting it if needed)."""
-    from filelock import FileLock
 
-    zip_path = source.path
-    assert zip_path is not None
-    dest = cache_dir_for(source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _progress(progress) as bar, FileLock(str(dest) + ".lock"):
-        sha = file_sha256(zip_path, bar)
-        manifest = read_manifest(dest)
-        if not force and manifest and manifest.get("source_sha256") == sha and (dest / "config.json").is_file():
-            return dest
-        if manifest and not force:
-            log.warning("cached extraction of %s does not match the zip (hash changed); extracting again", zip_path)
-        with atomic_folder(dest) as tmp:
-            files = _extract(zip_path, tmp)
-            (tmp / "manifest.json").write_text(json.dumps({
-                "manifest_version": MANIFEST_VERSION, "name": source.display_name, "source": str(zip_path),
-                "source_sha256": sha, "source_size": zip_path.stat().st_size, "architecture": _model_type(tmp),
-                "dtype": "float32", "files": files, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }, indent=2))
-    return dest
+    def build(tmp: Path, bar: object) -> dict:
+        files = _extract(source.path, tmp)
+        return {"architecture": _model_type(tmp), "files": files}
+
+    return cached_build(source, build, "extraction", progress, force)
 
 
 def _extract(zip_path: Path, out: Path) -> list[str]:
