@@ -87,16 +87,28 @@ class LlamaWrapper:
         table = model_table(source)
         adapters = adapters if adapters is not None else table.get("adapters")
 
-        def build() -> "LlamaWrapper":
-            loaded = loading.load(registry.resolve(customize.model_source(source)), dtype=dtype or table.get("dtype") or "float32",
-                                  device=device, progress=progress, quantization=quantization or table.get("quantization"),
-                                  overrides=overrides if overrides is not None else table.get("overrides"))
+        def build(in_child: bool) -> "LlamaWrapper":
+            how = dict(source=registry.resolve(customize.model_source(source)), dtype=dtype or table.get("dtype") or "float32",
+                       device=device, progress=progress and not in_child, quantization=quantization or table.get("quantization"),
+                       overrides=overrides if overrides is not None else table.get("overrides"))
+            if in_child:
+                from .engine.executor import get_executor
+                from .models.load_process import get_load_process
+
+                loaded = get_load_process().load(handover=lambda fn: get_executor().call(fn).result(), **how)
+            else:
+                from .models import load_process
+                from .models.load_process import get_load_process
+
+                loaded = loading.load(**how)
+                if load_process.enabled():
+                    get_load_process().remember(loaded)
             rows = adapterlib.attach(loaded.model, adapters, next(loaded.model.parameters()).dtype) if adapters else None
             runner = LlamaRunner(loaded.model)
             runner.row_hook = rows.bind if rows is not None else None
             return cls(loaded, Engine(runner, loaded.tokenizer, _eos_ids(loaded), settings.engine_config()))
 
-        llm = _off_caller_thread(build)
+        llm = _off_caller_thread(build, device)
         llm.adapters = dict(adapters or {})
         customize.apply(llm, source, plugins=plugins, cache=cache, chat_template=chat_template)
         return llm
@@ -292,24 +304,30 @@ class LlamaWrapper:
         self.close()
 
 
-def _off_caller_thread(fn: Callable[[], Any]) -> Any:
-    """Run the heavy part of loading in a short-lived thread and return its result (or raise
-    its error). A thread that runs torch work keeps an OpenMP team for its whole life; a second
-    team beside the executor's made libgomp throttle its waiting and decoding 1.7x slower
-    (18 vs 30 tokens/s single stream, measured), so the caller's thread is kept free of it.
-    While other models are loaded (they may be serving), the loading thread runs torch on one
-    OpenMP thread so it never forms a second team (``engine/threads.py``)."""
+def _off_caller_thread(build: Callable[[bool], Any], device: str = "cpu") -> Any:
+    """Run ``build`` where it cannot slow the models already loaded, and return its result (or
+    raise its error).
+
+    With no other model loaded it runs in a short-lived thread: a thread that runs torch work
+    keeps an OpenMP team for its whole life, and a second team beside the executor's made
+    libgomp throttle its waiting and decoding 1.7x slower (18 vs 30 tokens/s single stream,
+    measured), so the caller's thread is kept free of it. Beside loaded models (they may be
+    serving) the heavy part runs in the low-priority loader process (``models/load_process.py``)
+    and only the hand-over happens here: a load in this process held the GIL and cut a serving
+    model's decoding to 0.22x while it ran (docs/HOST.md)."""
     from .engine.executor import get_executor
     from .engine.threads import limit_current_thread
+    from .models import load_process
 
     box: dict[str, Any] = {}
     beside_others = get_executor().workers > 0
+    in_child = beside_others and str(device) == "cpu" and load_process.enabled()
 
     def run() -> None:
         try:
             if beside_others:
                 limit_current_thread(1)
-            box["value"] = fn()
+            box["value"] = build(in_child)
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 

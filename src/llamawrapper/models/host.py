@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional, Union
 
 from ..errors import (InvalidRequestError, ModelConflictError, ModelHashMismatchError, ModelNotFoundError,
                       ModelUnavailableError)
+from .load_process import start_load_process
 from .loaders import Loader, close_model, default_loader, memory_bytes
 from .versions import ModelSpec, Version, check_pin
 
@@ -464,6 +465,8 @@ class ModelHost:
         if drop:
             close_model(model)
             return
+        if getattr(model, "engine", None) is not None:  # a chat model: later loads happen beside it,
+            start_load_process()  # so get their process ready now
         log.info("%s %s ready in %.1f s", version.name, version.version, time.perf_counter() - t0,
                  extra={"model": version.name, "version": version.version, "load_seconds": round(time.perf_counter() - t0, 2)})
 
