@@ -187,6 +187,8 @@ def _child_main(conn: Any, parent_pid: int) -> None:
         try:
             conn.send(("ok", (data, offsets, size, key)))
             send_handle(conn, fd, parent_pid)
+        except OSError:  # the parent is gone
+            return
         finally:
             os.close(fd)
 
