@@ -91,6 +91,8 @@ class RetryLostReplica:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                # the replica's app and Ray's proxy both echo x-request-id: send each header once
+                message["headers"] = list(dict.fromkeys(tuple(h) for h in message.get("headers", [])))
             await send(message)
 
         try:
