@@ -170,6 +170,9 @@ class RaySettings(BaseSettings):
     max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling: most replicas.")
     target_ongoing_requests: Optional[float] = Field(
         None, gt=0, description="Autoscaling: ongoing requests per replica to aim for (default: half the engine batch).")
+    routing: Literal["pow2", "prefix"] = Field(
+        "pow2", description="How Ray picks a replica: 'pow2' (the less busy of two at random) or 'prefix' (the replica "
+                            "that last saw the prompt's longest prefix, unless it is much busier).")
 
     settings_customise_sources = _with_config_file("ray")
 

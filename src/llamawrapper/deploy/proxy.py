@@ -1,6 +1,7 @@
 """Ray Serve's HTTP proxy, made to keep the single server's promise when a replica dies: a
 request whose replica vanished before it sent a response start (``kill -9``, a lost node) is
-sent again, and Ray routes it to a live replica; after ``attempts`` tries it gets a retriable
+sent again, and Ray routes it to a live replica (each body is read once here, which also
+lets the prefix-aware router see the prompt: ``routing.py``); after ``attempts`` tries it gets a retriable
 503 with ``Retry-After`` (Ray's own proxy would answer a bare 500). A response that had
 started (a stream) cannot be replayed: it ends where the replica died.
 
@@ -34,6 +35,15 @@ def middlewares() -> list:
     return [Middleware(RetryLostReplica, max_body_bytes=ServerSettings().max_body_bytes)]
 
 
+def _with_prefix(scope: Scope, body: bytes) -> Scope:
+    """The prompt's prefix hashes for the prefix-aware router (when Ray is importable here)."""
+    try:
+        from .routing import with_prefix_header
+    except ImportError:
+        return scope
+    return with_prefix_header(scope, body)
+
+
 class RetryLostReplica:
     """Plain ASGI middleware for the proxy (``http_options.middlewares``)."""
 
@@ -50,6 +60,7 @@ class RetryLostReplica:
         body = await self._read_body(receive)
         if body is None:  # the client left while sending
             return
+        scope = _with_prefix(scope, body)
         for attempt in range(self.attempts):
             started = await self._attempt(scope, body, receive, send)
             if started:

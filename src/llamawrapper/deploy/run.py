@@ -32,7 +32,8 @@ def serve_on_ray(settings: ServerSettings, engine: Optional[EngineSettings] = No
                  security: Optional[SecuritySettings] = None, ray_settings: Optional[RaySettings] = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return; errors before anything starts."""
     engine = engine or EngineSettings()
-    plan = make_plan(ray_settings or RaySettings(), engine)
+    ray_settings = ray_settings or RaySettings()
+    plan = make_plan(ray_settings, engine)
     if settings.ssl_certfile or settings.ssl_keyfile:
         raise InvalidRequestError("HTTPS is not served with --ray: terminate TLS in front of Ray Serve's proxy.", param="ssl_certfile")
     from ..server.app import served_entries
@@ -57,7 +58,8 @@ def serve_on_ray(settings: ServerSettings, engine: Optional[EngineSettings] = No
         port = _port(settings)
         serve.start(http_options={"host": settings.host, "port": port})
         try:
-            serve.run(build_app(settings=settings, engine=engine, security=security, plan=plan),
+            serve.run(build_app(settings=settings, engine=engine, security=security, plan=plan,
+                                request_router=ray_settings.routing),
                       name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as exc:  # a replica that cannot start (bad model, failed load)
             raise RayUnavailableError(f"The Ray Serve application did not start: {exc}") from exc

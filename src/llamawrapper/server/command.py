@@ -104,7 +104,8 @@ def serve_command(**flags: Any) -> None:
         first = exc.errors()[0]
         typer.echo(f"error: --{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}", err=True)
         raise typer.Exit(2)
-    scaled = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests") if getattr(ray, n) is not None]
+    scaled = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
+              if getattr(ray, n) is not None] + (["routing"] if ray.routing != "pow2" else [])
     if scaled and not ray.ray:
         typer.echo(f"error: --{scaled[0].replace('_', '-')} needs --ray (replicas are Ray Serve's).", err=True)
         raise typer.Exit(2)
