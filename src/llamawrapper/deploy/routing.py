@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 from collections import OrderedDict
 from typing import Any, List, Optional
@@ -67,9 +68,13 @@ def with_prefix_header(scope: dict, raw: bytes) -> dict:
 
 
 def _hashes_of(request: Optional[PendingRequest]) -> list[str]:
+    """The ``x-lw-prefix`` hashes of a request from Ray's HTTP proxy, whose one argument is the
+    pickled ``StreamingHTTPRequest`` (its ASGI scope holds the headers)."""
     if request is None:
         return []
     for arg in request.args or []:
+        if isinstance(arg, bytes) and PREFIX_HEADER in arg:
+            arg = pickle.loads(arg)  # written by Ray's own proxy in this process, never by a client
         scope = getattr(arg, "asgi_scope", None)
         if isinstance(scope, dict):
             for key, value in scope.get("headers", []):
