@@ -8,7 +8,7 @@
 Every server is a real ``llamawrapper serve`` process on loopback, driven by the official
 ``openai`` client; rounds alternate between systems. Writes JSON (and prints a summary).
 
-    python -m bench.scale --out bench/results/scale.json [--rounds 3] [--prefix-cache-mb 64]
+    python -m bench.scale --out bench/results/scale.json [--blocks 2 --rounds 2] [--prefix-cache-mb 64]
 """
 
 from __future__ import annotations
@@ -115,20 +115,23 @@ def _median_of(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def overhead(log_dir: Path, rounds: int, threads: int, max_tokens: int) -> dict:
-    """Plain server vs the Ray app at one replica, 16 concurrent streaming chats (W2)."""
+def overhead(log_dir: Path, rounds: int, threads: int, max_tokens: int, blocks: int = 2) -> dict:
+    """Plain server vs the Ray app at one replica, 16 concurrent streaming chats (W2), in
+    alternating blocks (plain, ray, plain, ray, ...) so a shared machine's drift hits both."""
     jobs = [w2_messages(i) for i in range(16)]
     systems = {"plain": ["--threads", str(threads)],
                "ray-1-replica": ["--ray", "--replicas", "1", "--threads", str(threads)]}
-    out: dict[str, Any] = {}
-    for name, flags in systems.items():  # one at a time: two servers would share the 2 cores
-        server = Server(name, flags, log_dir).wait_ready()
-        try:
-            asyncio.run(_run(server.url, jobs[:4], 4, 8))  # warm-up: first-call costs, prefix cache
-            out[name] = {"rounds": [asyncio.run(_run(server.url, jobs, 16, max_tokens)) for _ in range(rounds)]}
-            out[name]["median"] = _median_of(out[name]["rounds"])
-        finally:
-            server.stop()
+    out: dict[str, Any] = {name: {"rounds": []} for name in systems}
+    for _ in range(blocks):
+        for name, flags in systems.items():  # one at a time: two servers would share the cores
+            server = Server(name, flags, log_dir).wait_ready()
+            try:
+                asyncio.run(_run(server.url, jobs[:4], 4, 8))  # warm-up: first-call costs, prefix cache
+                out[name]["rounds"] += [asyncio.run(_run(server.url, jobs, 16, max_tokens)) for _ in range(rounds)]
+            finally:
+                server.stop()
+    for name in systems:
+        out[name]["median"] = _median_of(out[name]["rounds"])
     out["ratio_tokens_per_s"] = out["ray-1-replica"]["median"]["tokens_per_s"] / out["plain"]["median"]["tokens_per_s"]
     out["ratio_ttft_median"] = out["ray-1-replica"]["median"]["ttft_median_s"] / out["plain"]["median"]["ttft_median_s"]
     return out
@@ -162,7 +165,8 @@ def routing(log_dir: Path, rounds: int, max_tokens: int, prefix_cache_mb: Option
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/scale.json")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="Measured rounds per block of the overhead comparison.")
+    ap.add_argument("--blocks", type=int, default=2, help="Alternating blocks (plain, ray) of the overhead comparison.")
     ap.add_argument("--threads", type=int, default=2, help="Torch threads of the one-replica comparison (both systems).")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--routing-max-tokens", type=int, default=16)
@@ -175,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = out_path.parent / "scale-logs"
     log_dir.mkdir(exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(), "versions": versions(), "settings": vars(args),
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(), "settings": vars(args),
                               "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])}
     try:
         from importlib import metadata
@@ -184,13 +188,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception:
         report["versions"]["ray"] = None
     if args.only in (None, "overhead"):
-        report["overhead"] = overhead(log_dir, args.rounds, args.threads, args.max_tokens)
+        report["overhead"] = overhead(log_dir, args.rounds, args.threads, args.max_tokens, args.blocks)
         print(json.dumps({k: v for k, v in report["overhead"].items() if k.startswith("ratio")}
                          | {k: v["median"] for k, v in report["overhead"].items() if isinstance(v, dict)}, indent=1))
     if args.only in (None, "routing"):
         report["routing"] = routing(log_dir, args.routing_rounds, args.routing_max_tokens, args.prefix_cache_mb,
                                     args.routing_concurrency)
         print(json.dumps({k: v["median"] for k, v in report["routing"].items()}, indent=1))
+    report["loadavg_at_end"] = list(os.getloadavg())
     out_path.write_text(json.dumps(report, indent=1))
     return 0
 

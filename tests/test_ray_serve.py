@@ -149,6 +149,56 @@ def _pids(server: ServerProcess) -> dict[str, int]:
     return _until_both(info)
 
 
+def test_rollout_replaces_replicas_without_a_failed_request(ray_app, redis_server):
+    """A redeploy with changed settings (here ``max_choices``) through ``build_app``, from a
+    second driver on the same cluster, while two clients keep asking: Ray replaces the
+    replicas one by one (a new one only takes traffic once its model is loaded)."""
+    import ray
+    from ray import serve
+
+    from llamawrapper.config import EngineSettings, RaySettings, SecuritySettings, ServerSettings
+    from llamawrapper.deploy import build_app
+
+    before = _pids(ray_app)
+    client, stop, statuses = _client(ray_app), threading.Event(), []
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            try:
+                raw = _chat(client, extra_headers={"cache-control": "no-cache"})
+                statuses.append((200, raw.headers["x-replica"]))
+            except openai.APIStatusError as exc:
+                statuses.append((exc.status_code, exc.response.text[:200]))
+            except openai.APIConnectionError as exc:
+                statuses.append((0, str(exc)))
+
+    security = SecuritySettings(state_url=redis_server.url, admin_key=ADMIN,
+                                audit_file=str(ray_app.log_path.parent / "audit2.jsonl"))
+    app = build_app(["smollm2"], settings=ServerSettings(max_choices=7), engine=EngineSettings(threads=1),
+                    security=security, ray=RaySettings(replicas=2))
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(2):
+                pool.submit(keep_asking)
+            try:
+                serve.run(app, name="llamawrapper", route_prefix="/", blocking=False)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:  # until only new replicas answer
+                    recent = {r for status, r in statuses[-6:] if status == 200}
+                    if len(statuses) > 6 and recent and not recent & set(before):
+                        break
+                    time.sleep(0.5)
+            finally:
+                stop.set()
+    finally:
+        ray.shutdown()
+    assert statuses and all(status == 200 for status, _ in statuses), [s for s in statuses if s[0] != 200][:5]
+    answered_by = {r for _, r in statuses}
+    assert answered_by & set(before) and answered_by - set(before)  # old replicas, then new ones answered
+    assert not {r for _, r in statuses[-4:]} & set(before)
+
+
 def test_kill_9_of_a_replica_loses_no_request(ray_app):
     before = _pids(ray_app)
     victim_replica, victim_pid = next(iter(before.items()))
