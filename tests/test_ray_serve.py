@@ -62,15 +62,17 @@ def _chat(client: openai.OpenAI, **kw):
                                                             temperature=0, **kw)
 
 
-def _until_both(call, limit: int = 24) -> dict:
-    """Call until two different replicas answered (bounded); {replica: what call returned}."""
+def _until_both(call, limit: int = 12) -> dict:
+    """Call in concurrent pairs until two different replicas answered (bounded; Ray's router
+    sends the second of two requests in flight to the idle replica); {replica: a result}."""
     seen: dict = {}
-    for _ in range(limit):
-        replica, value = call()
-        seen.setdefault(replica, value)
-        if len(seen) == 2:
-            return seen
-    raise AssertionError(f"only replicas {list(seen)} answered {limit} requests")
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(limit):
+            for replica, value in pool.map(lambda _: call(), range(2)):
+                seen.setdefault(replica, value)
+            if len(seen) == 2:
+                return seen
+    raise AssertionError(f"only replicas {list(seen)} answered {2 * limit} requests")
 
 
 def test_answers_streams_probes_and_metrics_from_both_replicas(ray_app):
@@ -111,17 +113,22 @@ def test_rate_limit_holds_across_replicas(ray_app):
     r = _admin(ray_app).post("/admin/keys", json={"name": "shared-limit", "rpm": 5})
     assert r.status_code == 201, r.text
     client = _client(ray_app, r.json()["key"])
-    outcomes: list[tuple[str, int]] = []
-    while len(outcomes) < 8 or len({replica for replica, _ in outcomes}) < 2:
-        assert len(outcomes) < 24, f"one replica answered everything: {outcomes}"
+
+    def one(_):
         try:
             raw = _chat(client, extra_headers={"cache-control": "no-cache"})
-            outcomes.append((raw.headers["x-replica"], 200))
+            return raw.headers["x-replica"], 200
         except openai.RateLimitError as exc:
             assert int(exc.response.headers["retry-after"]) >= 1
-            outcomes.append((exc.response.headers["x-replica"], 429))
+            return exc.response.headers["x-replica"], 429
+
+    outcomes: list[tuple[str, int]] = []
+    with ThreadPoolExecutor(2) as pool:  # pairs in flight: both replicas take part
+        while len(outcomes) < 8 or len({replica for replica, _ in outcomes}) < 2:
+            assert len(outcomes) < 24, f"one replica answered everything: {outcomes}"
+            outcomes += pool.map(one, range(2))
     statuses = [status for _, status in outcomes]
-    assert statuses[:5] == [200] * 5 and set(statuses[5:]) == {429}
+    assert statuses.count(200) == 5 and statuses.count(429) == len(statuses) - 5, outcomes
 
 
 def test_response_cache_is_shared(ray_app):
@@ -134,19 +141,26 @@ def test_response_cache_is_shared(ray_app):
 
     first = call()
     assert first[1][0] == "miss"
-    seen = _until_both(lambda: call())
+    seen = _until_both(call)
     other = next(replica for replica in seen if replica != first[0])
     assert seen[other] == ("hit", first[1][1])  # the other replica answered from the shared cache
 
 
 def _pids(server: ServerProcess) -> dict[str, int]:
-    admin = _admin(server)
-
-    def info():
-        body = admin.get("/replica").json()
-        return body["replica"], body["pid"]
-
-    return _until_both(info)
+    """{replica: pid} of both replicas: ``/replica`` asked while a chat keeps one replica busy
+    (Ray's router then prefers the other)."""
+    admin, client, seen = _admin(server), _client(server), {}
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(12):
+            busy = pool.submit(client.chat.completions.create, model="smollm2", messages=QUESTION, max_tokens=24,
+                               temperature=0, extra_headers={"cache-control": "no-cache"})
+            time.sleep(0.3)
+            body = admin.get("/replica").json()
+            seen[body["replica"]] = body["pid"]
+            busy.result()
+            if len(seen) == 2:
+                return seen
+    raise AssertionError(f"only replicas {list(seen)} answered /replica")
 
 
 def test_rollout_replaces_replicas_without_a_failed_request(ray_app, redis_server):
