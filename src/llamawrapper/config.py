@@ -157,6 +157,26 @@ class SecuritySettings(BaseSettings):
     settings_customise_sources = _with_config_file("security")
 
 
+class RaySettings(BaseSettings):
+    """``llamawrapper serve --ray``: the same server as a Ray Serve application
+    (``llamawrapper.deploy``). Config file table: ``[ray]``; the cluster is ``RAY_ADDRESS``
+    (unset = start a local one)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAWRAPPER_", extra="ignore")
+
+    ray: bool = Field(False, description="Serve through Ray Serve: replicas on a Ray cluster (RAY_ADDRESS, else a local one); needs the 'ray' extra.")
+    replicas: Optional[int] = Field(None, ge=1, description="Fixed number of replicas, each one model host with --threads torch threads (1 unless autoscaling).")
+    min_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling: fewest replicas.")
+    max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling: most replicas.")
+    target_ongoing_requests: Optional[float] = Field(
+        None, gt=0, description="Autoscaling: ongoing requests per replica to aim for (default: half the engine batch).")
+    routing: Literal["pow2", "prefix"] = Field(
+        "pow2", description="How Ray picks a replica: 'pow2' (the less busy of two at random) or 'prefix' (the replica "
+                            "that last saw the prompt's longest prefix, unless it is much busier).")
+
+    settings_customise_sources = _with_config_file("ray")
+
+
 def model_table(name: str) -> dict:
     """The config file's ``[models.NAME]`` table: ``plugins = [...]``, ``[models.NAME.plugin_options.PLUGIN]``,
     ``chat_template = "registered-name"``, ``cache = true|false``; and for loading: ``dtype``,

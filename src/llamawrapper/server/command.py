@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import typer
 from pydantic.fields import FieldInfo
 
-from ..config import EngineSettings, SecuritySettings, ServerSettings
+from ..config import EngineSettings, RaySettings, SecuritySettings, ServerSettings
 from ..errors import LlamaWrapperError
 
 _FLAG_NAMES = {"api_keys": "--api-key"}  # repeatable flags read better in the singular
@@ -58,6 +58,10 @@ def _parameters() -> list[inspect.Parameter]:
     params = [_parameter(n, f, "Server") for n, f in ServerSettings.model_fields.items()]
     params += [_parameter(n, f, "Engine") for n, f in EngineSettings.model_fields.items()]
     params += [_parameter(n, f, "Security") for n, f in SecuritySettings.model_fields.items()]
+    params += [_parameter(n, f, "Ray Serve") for n, f in RaySettings.model_fields.items() if n != "ray"]
+    params.append(inspect.Parameter("ray", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool], default=typer.Option(
+        None, "--ray/--no-ray", help=f"{RaySettings.model_fields['ray'].description} (env LLAMAWRAPPER_RAY)",
+        show_default=False, rich_help_panel="Ray Serve")))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
         None, "--config", help="TOML config file with server and engine tables (env LLAMAWRAPPER_CONFIG).",
         show_default=False)))
@@ -80,6 +84,11 @@ def security_from_flags(flags: dict[str, Any]) -> SecuritySettings:
     return SecuritySettings(**{k: v for k, v in flags.items() if v is not None and k in SecuritySettings.model_fields})
 
 
+def ray_from_flags(flags: dict[str, Any]) -> RaySettings:
+    """``RaySettings`` (``--ray``, ``--replicas``, ...) where flags win over env vars and the config file."""
+    return RaySettings(**{k: v for k, v in flags.items() if v is not None and k in RaySettings.model_fields})
+
+
 def serve_command(**flags: Any) -> None:
     """Serve models over the OpenAI HTTP API (chat, completions, models, tokenize, metrics)."""
     from pydantic import ValidationError
@@ -90,13 +99,24 @@ def serve_command(**flags: Any) -> None:
     try:
         server, engine = settings_from_flags(flags)
         security = security_from_flags(flags)
+        ray = ray_from_flags(flags)
     except ValidationError as exc:
         first = exc.errors()[0]
         typer.echo(f"error: --{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}", err=True)
         raise typer.Exit(2)
-    from .run import serve
-
+    scaled = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
+              if getattr(ray, n) is not None] + (["routing"] if ray.routing != "pow2" else [])
+    if scaled and not ray.ray:
+        typer.echo(f"error: --{scaled[0].replace('_', '-')} needs --ray (replicas are Ray Serve's).", err=True)
+        raise typer.Exit(2)
     try:
+        if ray.ray:
+            from ..deploy import serve_on_ray
+
+            serve_on_ray(server, engine, security, ray)
+            return
+        from .run import serve
+
         serve(server, engine, security)
     except LlamaWrapperError as exc:
         typer.echo(f"error: {exc}", err=True)
