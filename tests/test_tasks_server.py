@@ -140,3 +140,44 @@ def test_32_concurrent_embedding_requests_get_their_own_answers(server, local_mi
     responses = asyncio.run(main())
     got = np.array([r.json()["data"][0]["embedding"] for r in responses])
     np.testing.assert_allclose(got, local_minilm(texts), atol=1e-5)
+
+
+def test_task_metrics_count_requests_inputs_latency_and_batch_sizes(server):
+    """/metrics after real task requests: per served name and version (the labels chat uses),
+    requests by task and outcome, inputs, latency, and the micro-batcher's batch sizes."""
+    def grab():
+        m = server.metrics()
+        get = lambda name, **labels: sum(v for (n, ls), v in m.items()  # noqa: E731
+                                         if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+        return get
+
+    before = grab()
+    with server.client() as c:
+        assert c.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS + ["one more"]}).status_code == 200
+    mid = grab()
+    minilm = {"model": "minilm", "version": "v1"}
+    # one lone request of 5 texts: one forward of 5 on minilm's batcher
+    assert mid("llamawrapper_task_batch_size_count", **minilm) - before("llamawrapper_task_batch_size_count", **minilm) == 1
+    assert mid("llamawrapper_task_batch_size_sum", **minilm) - before("llamawrapper_task_batch_size_sum", **minilm) == 5
+    assert mid("llamawrapper_task_batch_size_bucket", le="4.0", **minilm) == before("llamawrapper_task_batch_size_bucket", le="4.0", **minilm)
+    assert mid("llamawrapper_task_batch_size_bucket", le="8.0", **minilm) - before("llamawrapper_task_batch_size_bucket", le="8.0", **minilm) == 1
+    embed = {**minilm, "task": "embed"}
+    assert mid("llamawrapper_task_requests_total", outcome="ok", **embed) - before("llamawrapper_task_requests_total", outcome="ok", **embed) == 1
+    assert mid("llamawrapper_task_inputs_total", **embed) - before("llamawrapper_task_inputs_total", **embed) == 5
+    assert mid("llamawrapper_task_request_latency_seconds_count", **embed) - before("llamawrapper_task_request_latency_seconds_count", **embed) == 1
+    assert mid("llamawrapper_task_request_latency_seconds_sum", **embed) > before("llamawrapper_task_request_latency_seconds_sum", **embed)
+
+    with server.client() as c:
+        assert c.post("/v1/classify", json={"model": "sentiment", "input": ["a", "b", "c"]}).status_code == 200
+        assert c.post("/v1/embeddings", json={"model": "minilm", "input": "x", "dimensions": 999}).status_code == 400
+        assert c.post("/v1/images/generations", json={"model": "sd", "prompt": "a cat", "n": 2, "size": "64x64",
+                                                      "num_inference_steps": 1}).status_code == 200
+    after = grab()
+    head = {"model": "sentiment", "version": "v1"}
+    assert after("llamawrapper_task_requests_total", task="classify", outcome="ok", **head) - \
+        mid("llamawrapper_task_requests_total", task="classify", outcome="ok", **head) == 1
+    assert after("llamawrapper_task_batch_size_sum", **head) - mid("llamawrapper_task_batch_size_sum", **head) == 3
+    assert after("llamawrapper_task_requests_total", outcome="error", **embed) - mid("llamawrapper_task_requests_total", outcome="error", **embed) == 1
+    images = {"model": "sd", "version": "v1", "task": "images"}
+    assert after("llamawrapper_task_inputs_total", **images) - mid("llamawrapper_task_inputs_total", **images) == 2
+    assert after("llamawrapper_task_requests_total", outcome="ok", **images) - mid("llamawrapper_task_requests_total", outcome="ok", **images) == 1

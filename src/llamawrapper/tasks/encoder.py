@@ -121,6 +121,9 @@ class Encoder(TaskModel):
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         return sum(len(ids) for ids in enc["input_ids"])
 
+    def batchers(self) -> list[Any]:
+        return [self.batcher]
+
     def close(self) -> None:
         self.batcher.close()
 
