@@ -91,6 +91,33 @@ def test_wrong_head_says_what_the_task_needs(tiny_sentiment_dir, tiny_model_dir)
         pipeline("text-to-image")
 
 
+def test_task_models_given_as_chat_models_name_the_pipeline_to_use(tiny_sentiment_dir, tiny_nli_dir, tiny_model_dir):
+    from llamawrapper import UnsupportedModelError
+    from llamawrapper.models import registry
+    from llamawrapper.tasks import NotAChatModelError, refuse_task_model
+
+    with pytest.raises(NotAChatModelError) as info:
+        pipeline("text-generation", model="minilm")
+    assert info.value.task == "feature-extraction" and isinstance(info.value, UnsupportedModelError)
+    assert 'llamawrapper.pipeline("feature-extraction", model="minilm")' in str(info.value)
+    for folder, task in ((tiny_sentiment_dir, "text-classification"), (tiny_nli_dir, "zero-shot-classification")):
+        with pytest.raises(NotAChatModelError, match=f'pipeline\\("{task}"') as info:
+            refuse_task_model(registry.resolve(str(folder)))
+        assert info.value.task == task
+    refuse_task_model(registry.resolve(str(tiny_model_dir)))  # a chat model passes
+    refuse_task_model(registry.resolve("smollm2"))
+
+
+@pytest.mark.xfail(strict=True, reason="needs the chat loader (models/loading.load, owned by the host work) to call "
+                   "tasks.refuse_task_model(source, folder) before its architecture check; drop this mark once it does")
+def test_llamawrapper_load_of_a_task_model_names_the_pipeline():
+    from llamawrapper import LlamaWrapper
+    from llamawrapper.tasks import NotAChatModelError
+
+    with pytest.raises(NotAChatModelError, match='pipeline\\("feature-extraction", model="minilm"\\)'):
+        LlamaWrapper.load("minilm", progress=False)
+
+
 def test_bad_inputs_name_the_parameter(tiny_nli_dir):
     with pipeline("zero-shot-classification", model=str(tiny_nli_dir)) as zs:
         with pytest.raises(InvalidRequestError) as info:
