@@ -11,7 +11,13 @@ import pytest
 
 from llamawrapper import InvalidRequestError, pipeline
 from llamawrapper.tasks import load_served
-from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_encoder_dir, tiny_nli_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_diffusers_dir = tasks_fixtures.tiny_diffusers_dir
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
 
 EXAMPLES = [(f"the {w} was {a}", "good" if a in ("great", "lovely", "superb") else "bad")
             for w in ("film", "meal", "hotel", "phone", "trip") for a in ("great", "lovely", "superb", "awful", "dreadful", "broken")]

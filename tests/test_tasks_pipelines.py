@@ -1,5 +1,6 @@
 """pipeline(): outputs equal transformers.pipeline's and sentence-transformers' on tiny
-random-weight models, the task/model mismatches raise typed errors that say what is needed."""
+random-weight models (and on the real minilm), the task/model mismatches raise typed errors that
+say what is needed, a task model given as a chat model names the pipeline to use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 
 from llamawrapper import InvalidModelError, InvalidRequestError, pipeline
-from tasks_fixtures import minilm_folder, tiny_encoder_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
+tiny_sentiment_dir = tasks_fixtures.tiny_sentiment_dir
 
 TEXTS = ["I love this phone, the battery lasts for days.", "Terrible service.", "ok",
          "The committee will vote on the new budget proposal next week after a long debate in parliament."]
@@ -70,6 +77,19 @@ def test_embeddings_match_sentence_transformers(tiny_encoder_dir):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert sims.shape == (2, 4)
     np.testing.assert_allclose(sims, expected[:2] @ expected.T, atol=1e-5)
+
+
+def test_minilm_embeddings_equal_sentence_transformers_on_the_same_folder(minilm_folder):
+    """The offline default against sentence-transformers reading the same extracted folder (its
+    modules.json: mean pooling, max_seq_length 256, normalization), one call and one text."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = TEXTS + ["a much longer sentence " * 80]  # beyond 256 tokens: both truncate the same way
+    expected = SentenceTransformer(str(minilm_folder), device="cpu").encode(texts, normalize_embeddings=True)
+    with pipeline("feature-extraction") as emb:
+        assert emb.dimensions == 384
+        np.testing.assert_allclose(emb(texts), expected, atol=2e-5)
+        np.testing.assert_allclose(emb(texts[2]), expected[2], atol=2e-5)
 
 
 def test_unknown_task_lists_the_tasks():

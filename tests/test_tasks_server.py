@@ -14,7 +14,13 @@ import pytest
 
 from llamawrapper import pipeline
 from server_helpers import ServerProcess, openai_client
-from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_diffusers_dir = tasks_fixtures.tiny_diffusers_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
+tiny_sentiment_dir = tasks_fixtures.tiny_sentiment_dir
 
 pytestmark = pytest.mark.slow
 KEY = "sk-tasks-test"
@@ -121,6 +127,14 @@ def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_d
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "huge"}, "size"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "63x64"}, "size"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "response_format": "url"}, "response_format"),
+    ("/v1/classify", {"model": "minilm", "input": []}, "input"),
+    ("/v1/classify", {"model": "minilm", "input": ["a", 5]}, "input"),
+    ("/v1/classify", {"model": "minilm", "input": "x", "labels": ["a", "a"]}, "labels"),
+    ("/v1/images/generations", {"model": "chat", "prompt": "a cat"}, "model"),
+    ("/v1/images/generations", {"model": "sd", "prompt": 5}, "prompt"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "n": 11}, "n"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "4096x4096"}, "size"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "num_inference_steps": 0}, "num_inference_steps"),
 ])
 def test_bad_requests_are_400_naming_the_parameter(server, path, body, param):
     with server.client() as c:
