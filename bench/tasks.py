@@ -3,7 +3,7 @@
 
     python -m bench.tasks                 # everything; writes bench/results/tasks-<time>.json (+ tasks-latest.json)
     python -m bench.tasks --quick         # fewer rounds and texts (smoke run)
-    python -m bench.tasks --parts embed   # only some parts: accuracy, embed, http, image (comma-separated)
+    python -m bench.tasks --parts embed   # only some parts: accuracy, embed, http, image, profile (comma-separated)
 
 Accuracy (in this process): sentiment (``pipeline("sentiment-analysis")``, minilm prototypes) on
 bench/data/sentiment.tsv; zero-shot topics (``pipeline("zero-shot-classification")``) on
@@ -17,7 +17,12 @@ two systems in one process would share the cores through two OpenMP teams):
 - embeddings, one text per request: sentence-transformers one ``encode`` per text (a server without
   batching) vs this server with 32 concurrent HTTP clients (micro-batching), and with one client;
 - text-to-image: seconds per denoising step, this library vs plain diffusers on the same tiny
-  random pipeline (built from small configs; no diffusion weights are installable here)."""
+  random pipeline (built from small configs; no diffusion weights are installable here).
+
+``--parts profile`` (not in the default run) profiles the one-text path in one process, calls
+interleaved in random order: ``pipeline`` as it is, the same with the batching window always waited
+(the rule before a lone request went at once), the encoder's forward alone on the executor thread,
+an empty executor round trip, and sentence-transformers ``encode(text)``; milliseconds per text."""
 
 from __future__ import annotations
 
@@ -243,6 +248,46 @@ def speed(texts: list[str], rounds: int, reps: int, tiny_image_folder: Path, min
     return out
 
 
+def one_text_profile(texts: list[str], rounds: int) -> dict:
+    """Milliseconds per one-text call of each variant (see the module docstring), medians of rounds."""
+    from sentence_transformers import SentenceTransformer
+
+    from llamawrapper import pipeline
+    from llamawrapper.engine.executor import get_executor
+    from llamawrapper.models import registry
+    from llamawrapper.tasks.extract import extract_zip
+
+    st = SentenceTransformer(str(extract_zip(registry.resolve("minilm"), progress=False)), device="cpu")
+    emb = pipeline("feature-extraction")
+    ex, batcher = get_executor(), emb.model.batcher
+
+    def window_always(t: str) -> None:
+        batcher._last_arrival = time.monotonic()  # looks like company: waits the window, as every call did before
+        emb(t)
+
+    variants = {"pipeline": emb, "pipeline_window_always_waited": window_always,
+                "forward_on_executor": lambda t: ex.call(lambda: emb.model._forward([t])).result(),
+                "executor_round_trip": lambda t: ex.call(lambda: None).result(),
+                "sentence_transformers": lambda t: st.encode(t, normalize_embeddings=True)}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn(texts[0])
+    rng = random.Random(0)
+    for r in range(rounds):
+        chunk = [texts[(r * 40 + i) % len(texts)] for i in range(40)]
+        for name in rng.sample(list(variants), len(variants)):
+            t0 = time.perf_counter()
+            for t in chunk:
+                variants[name](t)
+            samples[name].append((time.perf_counter() - t0) / len(chunk))
+    emb.close()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"ms_per_text": {k: round(1000 * v, 3) for k, v in med.items()}, "rounds": rounds,
+            "st_over_pipeline": round(med["sentence_transformers"] / med["pipeline"], 3),
+            "st_over_pipeline_window_always": round(med["sentence_transformers"] / med["pipeline_window_always_waited"], 3),
+            "per_round_st_over_pipeline": [round(a / b, 3) for a, b in zip(samples["sentence_transformers"], samples["pipeline"])]}
+
+
 def build_tiny_pipeline(out: Path, tokenizer_folder: Path) -> Path:
     """A Stable Diffusion pipeline from small configs (random weights), as in the tests."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -279,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         texts = texts[:64]
     image_folder = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", minilm)
     rounds = args.rounds or (1 if args.quick else 3)
+    profile = one_text_profile(texts, max(rounds, 2) * 3) if "profile" in parts else None
+    print(json.dumps(profile, indent=2))
     spd = speed(texts, rounds=rounds, reps=1 if args.quick else 3, tiny_image_folder=image_folder,
                 minilm_folder=minilm, parts=parts)
     print(json.dumps({k: v for k, v in spd.items()}, indent=2, default=str))
     doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(time.time() - t0),
-           "machine": _machine(), "accuracy": acc, "speed": spd, "quick": args.quick,
+           "machine": _machine(), "accuracy": acc, "speed": spd, "one_text_profile": profile, "quick": args.quick,
            "parts": sorted(parts), "command": " ".join(["python -m bench.tasks"] + (argv if argv is not None else sys.argv[1:]))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
