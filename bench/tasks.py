@@ -266,7 +266,7 @@ def one_text_profile(texts: list[str], rounds: int) -> dict:
         emb(t)
 
     variants = {"pipeline": emb, "pipeline_window_always_waited": window_always,
-                "forward_on_executor": lambda t: ex.call(lambda: emb.model._forward([t])).result(),
+                "forward_on_executor": lambda t: ex.call(lambda: emb.model._forward(emb.model.token_ids([t]))).result(),
                 "executor_round_trip": lambda t: ex.call(lambda: None).result(),
                 "sentence_transformers": lambda t: st.encode(t, normalize_embeddings=True)}
     samples: dict[str, list[float]] = {k: [] for k in variants}
