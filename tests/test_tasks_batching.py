@@ -55,10 +55,14 @@ def test_big_request_is_cut_into_batches_and_keeps_its_order():
 def test_a_failing_request_leaves_its_batch_mates_unharmed():
     forward = Recorder(poison="bad")
     batcher = MicroBatcher(forward, max_batch=64, window=0.1, name="test")
+    gate = threading.Event()
+    busy = get_executor().call(gate.wait)  # the executor is busy: the three requests queue together
     try:
         good1 = batcher.submit(["one", "two"])
         bad = batcher.submit(["three", "bad"])
         good2 = batcher.submit(["four"])
+        gate.set()
+        busy.result(timeout=10)
         assert good1.result(timeout=10) == ["ONE", "TWO"]
         assert good2.result(timeout=10) == ["FOUR"]
         with pytest.raises(ValueError, match="poisoned"):
@@ -74,3 +78,20 @@ def test_closed_batcher_fails_new_requests():
     with pytest.raises(RuntimeError, match="closed"):
         batcher.run(["x"])
     assert batcher.run([]) == []
+
+
+def test_a_lone_request_goes_at_once_and_a_close_follower_waits_for_company():
+    """The window is waited only by a request that arrives within it of the previous one."""
+    forward = Recorder()
+    batcher = MicroBatcher(forward, max_batch=64, window=3600.0, name="test")  # a window nobody would sit out
+    try:
+        assert batcher.run(["alone"]) == ["ALONE"]  # would hang for an hour if a lone request waited
+        first = batcher.submit(["a"])  # arrives within the window of "alone": waits for company...
+        second = batcher.submit(["b", "c"])
+        assert not batcher.has_work()  # ...as does the second: neither is due, no full batch yet
+        assert batcher.run([f"x{i}" for i in range(61)]) == [f"X{i}" for i in range(61)]  # fills the batch of 64
+        assert first.result(timeout=10) == ["A"] and second.result(timeout=10) == ["B", "C"]
+    finally:
+        batcher.close()
+    assert forward.calls[0] == ["alone"]
+    assert len(forward.calls) == 2 and sorted(forward.calls[1][:3]) == ["a", "b", "c"]

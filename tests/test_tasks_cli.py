@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from llamawrapper import pipeline
-from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_encoder_dir, tiny_sentiment_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_diffusers_dir = tasks_fixtures.tiny_diffusers_dir
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
+tiny_sentiment_dir = tasks_fixtures.tiny_sentiment_dir
 
 
 def cli(*args, timeout=300):

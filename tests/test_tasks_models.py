@@ -1,5 +1,5 @@
 """Classifiers from examples (fit, save, load; parity with scikit-learn), text-to-image (seeded,
-equal to plain diffusers, progress per step, bad sizes), load_served's choices, and the minilm
+equal to plain diffusers, progress per step, bad sizes, chat decoding between its steps), load_served's choices, and the minilm
 zip extracted once into the cache and again when the hash changes."""
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import pytest
 
 from llamawrapper import InvalidRequestError, pipeline
 from llamawrapper.tasks import load_served
-from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_encoder_dir, tiny_nli_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_diffusers_dir = tasks_fixtures.tiny_diffusers_dir
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
 
 EXAMPLES = [(f"the {w} was {a}", "good" if a in ("great", "lovely", "superb") else "bad")
             for w in ("film", "meal", "hotel", "phone", "trip") for a in ("great", "lovely", "superb", "awful", "dreadful", "broken")]
@@ -108,3 +114,45 @@ def test_minilm_is_extracted_once_and_again_when_the_zip_changes(lw_home, caplog
         assert served.task == "embedding" and served.dimensions == 384 and served.name == "minilm"
     finally:
         served.close()
+
+
+def test_chat_keeps_decoding_while_an_image_is_generated(tiny_diffusers_dir, tiny_model_dir):
+    """An image generation runs one denoising step per executor step, so a chat request submitted
+    during it is decoded between its steps and finishes first (one job per generation would hold
+    every chat engine until the image is done). Read from the engine's counters at each image step
+    on the executor thread itself: events, not timings."""
+    import threading
+
+    from llamawrapper import LlamaWrapper
+    from llamawrapper.types import SamplingParams
+
+    llm = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    first_step, chat_queued = threading.Event(), threading.Event()
+    seen: list[tuple[int, int, int]] = []  # (image step, engine decode steps, chat requests finished)
+
+    def on_step(step: int, total: int) -> None:
+        snap = llm.engine.snapshot()
+        seen.append((step, snap["decode_steps"], snap["finished"]))
+        if step == 1:  # hold the executor (and the image) until the chat request is in the engine's queue
+            first_step.set()
+            assert chat_queued.wait(60)
+
+    try:
+        with pipeline("text-to-image", model=str(tiny_diffusers_dir)) as gen:
+            before = llm.engine.snapshot()
+            image = gen.model.generate_future("a red square", num_inference_steps=40, seed=1, width=64, height=64,
+                                              progress=on_step)
+            assert first_step.wait(120)
+            handle = llm.submit(llm.tokenize("Tell me a story"), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            chat_queued.set()
+            text_events = [e for e in handle]
+            assert len(image.result(timeout=300)) == 1
+    finally:
+        llm.close()
+    assert sum(len(e.token_ids) for e in text_events) == 8
+    steps_at = {step: (decodes, finished) for step, decodes, finished in seen}
+    assert len(steps_at) == 40
+    assert steps_at[1][1] == before["finished"]  # the chat request came after the first step...
+    assert steps_at[40][1] == before["finished"] + 1  # ...and was finished before the image's last step
+    finishing = min(step for step, (_, finished) in steps_at.items() if finished > before["finished"])
+    assert finishing < 40 and steps_at[finishing][0] - steps_at[1][0] >= 7  # its decodes ran between image steps

@@ -1,5 +1,6 @@
 """pipeline(): outputs equal transformers.pipeline's and sentence-transformers' on tiny
-random-weight models, the task/model mismatches raise typed errors that say what is needed."""
+random-weight models (and on the real minilm), the task/model mismatches raise typed errors that
+say what is needed, a task model given as a chat model names the pipeline to use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 
 from llamawrapper import InvalidModelError, InvalidRequestError, pipeline
-from tasks_fixtures import minilm_folder, tiny_encoder_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
+tiny_sentiment_dir = tasks_fixtures.tiny_sentiment_dir
 
 TEXTS = ["I love this phone, the battery lasts for days.", "Terrible service.", "ok",
          "The committee will vote on the new budget proposal next week after a long debate in parliament."]
@@ -72,6 +79,19 @@ def test_embeddings_match_sentence_transformers(tiny_encoder_dir):
     np.testing.assert_allclose(sims, expected[:2] @ expected.T, atol=1e-5)
 
 
+def test_minilm_embeddings_equal_sentence_transformers_on_the_same_folder(minilm_folder):
+    """The offline default against sentence-transformers reading the same extracted folder (its
+    modules.json: mean pooling, max_seq_length 256, normalization), one call and one text."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = TEXTS + ["a much longer sentence " * 80]  # beyond 256 tokens: both truncate the same way
+    expected = SentenceTransformer(str(minilm_folder), device="cpu").encode(texts, normalize_embeddings=True)
+    with pipeline("feature-extraction") as emb:
+        assert emb.dimensions == 384
+        np.testing.assert_allclose(emb(texts), expected, atol=2e-5)
+        np.testing.assert_allclose(emb(texts[2]), expected[2], atol=2e-5)
+
+
 def test_unknown_task_lists_the_tasks():
     with pytest.raises(InvalidRequestError) as info:
         pipeline("summarization")
@@ -89,6 +109,33 @@ def test_wrong_head_says_what_the_task_needs(tiny_sentiment_dir, tiny_model_dir)
         pipeline("feature-extraction", model=str(tiny_model_dir))
     with pytest.raises(InvalidRequestError, match="no offline default"):
         pipeline("text-to-image")
+
+
+def test_task_models_given_as_chat_models_name_the_pipeline_to_use(tiny_sentiment_dir, tiny_nli_dir, tiny_model_dir):
+    from llamawrapper import UnsupportedModelError
+    from llamawrapper.models import registry
+    from llamawrapper.tasks import NotAChatModelError, refuse_task_model
+
+    with pytest.raises(NotAChatModelError) as info:
+        pipeline("text-generation", model="minilm")
+    assert info.value.task == "feature-extraction" and isinstance(info.value, UnsupportedModelError)
+    assert 'llamawrapper.pipeline("feature-extraction", model="minilm")' in str(info.value)
+    for folder, task in ((tiny_sentiment_dir, "text-classification"), (tiny_nli_dir, "zero-shot-classification")):
+        with pytest.raises(NotAChatModelError, match=f'pipeline\\("{task}"') as info:
+            refuse_task_model(registry.resolve(str(folder)))
+        assert info.value.task == task
+    refuse_task_model(registry.resolve(str(tiny_model_dir)))  # a chat model passes
+    refuse_task_model(registry.resolve("smollm2"))
+
+
+@pytest.mark.xfail(strict=True, reason="needs the chat loader (models/loading.load, owned by the host work) to call "
+                   "tasks.refuse_task_model(source, folder) before its architecture check; drop this mark once it does")
+def test_llamawrapper_load_of_a_task_model_names_the_pipeline():
+    from llamawrapper import LlamaWrapper
+    from llamawrapper.tasks import NotAChatModelError
+
+    with pytest.raises(NotAChatModelError, match='pipeline\\("feature-extraction", model="minilm"\\)'):
+        LlamaWrapper.load("minilm", progress=False)
 
 
 def test_bad_inputs_name_the_parameter(tiny_nli_dir):

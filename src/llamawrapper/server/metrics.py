@@ -9,7 +9,10 @@
 - engine gauges and counters read from ``Engine.snapshot()`` at scrape time: requests running
   and waiting, KV-cache use (tokens held against ``max_tokens_in_flight``, bytes), prefix-cache
   use, queries and hits (in tokens, as vLLM counts them);
-- HTTP requests by route and status, and their duration.
+- HTTP requests by route and status, and their duration;
+- task models (embeddings, classification, images; ``observe_task``): requests by task and
+  outcome, inputs (texts or images), latency, and the micro-batcher's batch sizes
+  (``batch_observer``, fed from the executor thread after every batched forward).
 
 Every per-model series takes its label values from ``model_labels`` (one place to add a label,
 such as the model version). Each app owns its own ``CollectorRegistry`` (no module globals), so
@@ -27,8 +30,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 MODEL_LABELS = ["model", "version"]
+TASK_LABELS = MODEL_LABELS + ["task"]  # task: embed, classify, zero-shot, images (what the endpoint asked)
 
 
 def model_labels(model: str, version: str = "") -> list[str]:
@@ -115,6 +120,15 @@ class Metrics:
                                MODEL_LABELS + ["finished_reason"], registry=r)
         self.response_cache = Counter("llamawrapper_response_cache_requests", "Response-cache lookups by result (hit, miss).",
                                       MODEL_LABELS + ["result"], registry=r)
+        self.task_requests = Counter("llamawrapper_task_requests", "Task-model requests by task and outcome (ok, error).",
+                                     TASK_LABELS + ["outcome"], registry=r)
+        self.task_inputs = Counter("llamawrapper_task_inputs", "Texts embedded or classified, images generated.",
+                                   TASK_LABELS, registry=r)
+        self.task_latency = Histogram("llamawrapper_task_request_latency_seconds",
+                                      "Time from a task request's arrival at its model to its answer.", TASK_LABELS,
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.task_batch_size = histogram("task_batch_size", "Inputs per batched forward of a task model's micro-batcher.",
+                                         BATCH_BUCKETS)
         r.register(_EngineCollector(engines))
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -151,6 +165,18 @@ class Metrics:
     def observe_cache(self, model: tuple[str, str], status: str | None) -> None:
         if status in ("hit", "miss"):
             self.response_cache.labels(*model_labels(*model), status).inc()
+
+    def observe_task(self, model: tuple[str, str], task: str, seconds: float, inputs: int, ok: bool = True) -> None:
+        """One task request answered (or failed) by ``model`` (served name, version)."""
+        labels = model_labels(*model) + [task]
+        self.task_requests.labels(*labels, "ok" if ok else "error").inc()
+        if ok:
+            self.task_inputs.labels(*labels).inc(inputs)
+            self.task_latency.labels(*labels).observe(seconds)
+
+    def batch_observer(self, model: tuple[str, str]) -> Callable[[int], None]:
+        """What a task model's micro-batcher calls with each forward's batch size."""
+        return self.task_batch_size.labels(*model_labels(*model)).observe
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

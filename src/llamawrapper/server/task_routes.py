@@ -2,15 +2,18 @@
 ``POST /v1/images/generations``. Thin, like the chat routes: pick the model through the host
 (a lease held until the answer is ready), check it can do what the endpoint asks (a 400 naming
 ``model`` otherwise), hand the inputs to the task model and await its future — concurrent
-requests meet in the model's micro-batcher on the executor thread."""
+requests meet in the model's micro-batcher on the executor thread. Each request is counted in
+``/metrics`` under the served name and version that answered (``_task``), and the model's
+micro-batchers report their batch sizes there."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import time
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +49,23 @@ async def _lease(request: Request, model: Optional[str], capability: str, endpoi
     return lease
 
 
+@contextlib.asynccontextmanager
+async def _task(request: Request, model: Optional[str], capability: str, endpoint: str, inputs: int) -> AsyncIterator[Any]:
+    """``_lease``, with the request counted in the metrics (outcome, inputs, latency) under the
+    version that answers, and that version's batch sizes recorded."""
+    lease = await _lease(request, model, capability, endpoint)
+    metrics, served = _state(request).metrics, (lease.name, lease.version)
+    for batcher in lease.model.batchers() if hasattr(lease.model, "batchers") else ():
+        batcher.observe = metrics.batch_observer(served)
+    start, ok = time.perf_counter(), False
+    try:
+        with lease:
+            yield lease
+        ok = True
+    finally:
+        metrics.observe_task(served, capability, time.perf_counter() - start, inputs, ok)
+
+
 # -- embeddings ---------------------------------------------------------------------------------------
 @router.post("/v1/embeddings", response_model=T.EmbeddingList, responses=_ERRORS)
 async def embeddings(body: T.EmbeddingRequest, request: Request) -> Response:
@@ -53,7 +73,7 @@ async def embeddings(body: T.EmbeddingRequest, request: Request) -> Response:
     if isinstance(body.input, list) and body.input and all(isinstance(x, int) or isinstance(x, list) for x in body.input):
         raise InvalidRequestError("Token-id arrays are not accepted as 'input'; send text.", param="input")
     texts, _ = as_texts(body.input, "input")
-    with await _lease(request, body.model, "embed", "/v1/embeddings") as lease:
+    async with _task(request, body.model, "embed", "/v1/embeddings", len(texts)) as lease:
         full = lease.model.dimensions
         dims = full if body.dimensions is None else body.dimensions
         if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= full:
@@ -85,7 +105,7 @@ async def classify(body: T.ClassifyRequest, request: Request) -> Response:
     if template is not None and "{}" not in template:
         raise InvalidRequestError("'hypothesis_template' must contain '{}' where the label goes.", param="hypothesis_template")
     capability = "classify" if labels is None else "zero-shot"
-    with await _lease(request, body.model, capability, "/v1/classify" + (" with labels" if labels else "")) as lease:
+    async with _task(request, body.model, capability, "/v1/classify" + (" with labels" if labels else ""), len(texts)) as lease:
         if labels is None:
             ranked = await asyncio.wrap_future(lease.model.scores_future(texts))
             results = [([d["label"] for d in r], [d["score"] for d in r]) for r in ranked]
@@ -116,7 +136,7 @@ async def images_generations(body: T.ImageRequest, request: Request) -> Response
             raise InvalidRequestError(f"'size' must look like '512x512', got {body.size!r}.", param="size")
         width, height = int(match.group(1)), int(match.group(2))
     model = body.model or _first_image_model(request)
-    with await _lease(request, model, "images", "/v1/images/generations") as lease:
+    async with _task(request, model, "images", "/v1/images/generations", body.n) as lease:
         future = lease.model.generate_future(body.prompt, negative_prompt=body.negative_prompt, n=body.n,
                                              num_inference_steps=body.num_inference_steps,
                                              guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed)

@@ -10,6 +10,7 @@ Modules, one job each: ``pipelines`` (task names, defaults, ``pipeline``, ``load
 ``classifier`` (classification heads and NLI zero-shot), ``examples`` (logistic regression on
 embeddings), ``images`` (diffusers). Importing this package does not import torch."""
 
+from .kinds import NotAChatModelError, refuse_task_model
 from .pipelines import TASKS, load_served, pipeline
 
-__all__ = ["pipeline", "load_served", "TASKS"]
+__all__ = ["pipeline", "load_served", "TASKS", "NotAChatModelError", "refuse_task_model"]

@@ -93,6 +93,10 @@ class TaskModel:
     def close(self) -> None:
         """Release the model (its batcher stops; waiting requests fail)."""
 
+    def batchers(self) -> list[Any]:
+        """The micro-batchers behind this model (the server sets their ``observe`` for /metrics)."""
+        return []
+
     def describe(self) -> dict:
         return {"name": self.name, "task": self.task, "capabilities": sorted(self.capabilities)}
 

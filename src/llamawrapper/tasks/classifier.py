@@ -90,6 +90,9 @@ class SequenceClassifier(TaskModel):
 
         return then(self.pair_batcher.submit(pairs), finish)
 
+    def batchers(self) -> list[Any]:
+        return [self.batcher, self.pair_batcher]
+
     def close(self) -> None:
         self.batcher.close()
         self.pair_batcher.close()

@@ -2,6 +2,11 @@
 the pooling its sentence-transformers config names (mean by default; CLS, max or
 mean-sqrt-len when configured), L2-normalized, computed in micro-batches on the executor.
 
+Texts are tokenized on the caller's thread when they are submitted (one fast-tokenizer call per
+request), so the batcher orders a request's texts by token count, not characters: on the
+benchmark's 320 texts that pads 4,960 tokens instead of 5,856 (sentence-transformers sorts by
+characters), and the executor thread only pads and runs the model.
+
 The encoder also classifies by label similarity (``zero_shot.py``): that is how the default
 ``minilm`` answers sentiment and zero-shot requests."""
 
@@ -66,7 +71,8 @@ class Encoder(TaskModel):
         limit = getattr(self.module.config, "max_position_embeddings", None) or 512
         self.max_length = min(int(max_len or self.tokenizer.model_max_length or limit), int(limit))
         self.dimensions = int(self.module.config.hidden_size)
-        self.batcher = MicroBatcher(self._forward, max_batch=max_batch, window=window, name=f"{name} embeddings")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batcher = MicroBatcher(self._forward, max_batch=max_batch, window=window, name=f"{name} embeddings", size=len)
         self._label_cache: dict[str, Any] = {}
 
     # -- the public calls --------------------------------------------------------------------------
@@ -77,7 +83,7 @@ class Encoder(TaskModel):
         def assemble(rows: list) -> tuple:
             return np.stack([r[0] for r in rows]), [r[1] for r in rows]
 
-        return then(self.batcher.submit(texts), assemble)
+        return then(self.batcher.submit(self.token_ids(texts)), assemble)
 
     def embed(self, inputs: Any) -> Any:
         """Normalized embeddings: one vector for a string, an ``[n, d]`` array for a list."""
@@ -102,7 +108,7 @@ class Encoder(TaskModel):
             labels = np.stack([{**known, **fresh}[h] for h in hypotheses])
             return np.stack([r[0] for r in rows[:len(texts)]]), labels, [r[1] for r in rows[:len(texts)]]
 
-        return then(self.batcher.submit(list(texts) + missing), split)
+        return then(self.batcher.submit(self.token_ids(list(texts) + missing)), split)
 
     def scores_future(self, texts: list[str], function_to_apply: Optional[str] = None) -> Future:
         """Sentiment by prototype similarity (``zero_shot.sentiment_future``)."""
@@ -117,26 +123,40 @@ class Encoder(TaskModel):
 
         return zero_shot_future(self, texts, labels, multi_label, hypothesis_template or DEFAULT_TEMPLATE)
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to ``max_length`` (special tokens included)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
     def count_tokens(self, texts: list[str]) -> int:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         return sum(len(ids) for ids in enc["input_ids"])
+
+    def batchers(self) -> list[Any]:
+        return [self.batcher]
 
     def close(self) -> None:
         self.batcher.close()
 
     # -- the executor thread ------------------------------------------------------------------------
-    def _forward(self, texts: list[str]) -> list[tuple[Any, int]]:
+    def _forward(self, ids: list[list[int]]) -> list[tuple[Any, int]]:
+        """Embed token-id rows: padded to the longest (on the tokenizer's padding side), one forward."""
         import torch
 
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        longest = max(len(row) for row in ids)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        padded, mask = [], []
+        for row in ids:
+            fill = longest - len(row)
+            padded.append([self.pad_id] * fill + row if left else row + [self.pad_id] * fill)
+            mask.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
+        input_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+        attention_mask = torch.tensor(mask, dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            hidden = self.module(**enc).last_hidden_state  # [n, seq, d]
-            pooled = pool(hidden, enc["attention_mask"], self.pooling)
+            hidden = self.module(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [n, seq, d]
+            pooled = pool(hidden, attention_mask, self.pooling)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        counts = enc["attention_mask"].sum(dim=1).tolist()
         vectors = pooled.float().cpu().numpy()
-        return [(vectors[i], int(counts[i])) for i in range(len(texts))]
+        return [(vectors[i], len(row)) for i, row in enumerate(ids)]
 
 
 def pool(hidden: Any, mask: Any, mode: str) -> Any:

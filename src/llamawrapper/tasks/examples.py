@@ -99,6 +99,9 @@ class ExamplesClassifier(TaskModel):
             raise InvalidModelError(f"{folder}/classifier.json is not a classifier saved by LlamaWrapper.")
         return data
 
+    def batchers(self) -> list[Any]:
+        return self.encoder.batchers()
+
     def close(self) -> None:
         self.encoder.close()
 

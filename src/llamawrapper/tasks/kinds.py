@@ -7,7 +7,9 @@
     chat          a causal LM (``LlamaWrapper`` serves it)
     encoder       a sentence-transformers folder or a plain encoder (BERT, RoBERTa, MPNet, ...)
 
-and where a source (alias, folder, hub id) lives on disk."""
+where a source (alias, folder, hub id) lives on disk, and ``refuse_task_model``: the check the
+chat loader runs so that ``LlamaWrapper.load("minilm")`` says to use ``pipeline(...)`` instead of
+"architecture 'bert' is not supported"."""
 
 from __future__ import annotations
 
@@ -15,11 +17,47 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..errors import InvalidModelError
+from ..errors import InvalidModelError, UnsupportedModelError
 from ..models import registry
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
                  "albert", "camembert", "modernbert", "nomic_bert", "e5", "xlm"}
+
+
+# the pipeline task that runs each kind of task model, and what to call it in a message
+PIPELINE_TASK = {"encoder": "feature-extraction", "classifier": "text-classification", "nli": "zero-shot-classification",
+                 "examples": "text-classification", "diffusers": "text-to-image"}
+_WHAT = {"feature-extraction": "a sentence encoder (embeddings)", "text-classification": "a text classifier",
+         "zero-shot-classification": "an NLI (zero-shot) classifier", "text-to-image": "a text-to-image pipeline"}
+_ALSO = {"feature-extraction": ' (it also runs "sentiment-analysis" and "zero-shot-classification")'}
+
+
+class NotAChatModelError(UnsupportedModelError):
+    """A task model (encoder, classifier, diffusers pipeline) given to the chat loader;
+    ``task`` is the ``pipeline`` task that runs it."""
+
+    def __init__(self, name: str, task: str) -> None:
+        super().__init__(f"'{name}' is {_WHAT.get(task, 'a task model')}, not a chat model: load it with "
+                         f'llamawrapper.pipeline("{task}", model="{name}"){_ALSO.get(task, "")}, '
+                         f"or serve it with `llamawrapper serve {name}`.")
+        self.name, self.task = name, task
+
+
+def refuse_task_model(source: "registry.ModelSource", folder: Optional[Path] = None) -> None:
+    """Raise ``NotAChatModelError`` when ``source`` is a task model: a registry alias with a
+    ``task``, or a folder (``source``'s own, or ``folder`` once the loader has it) that
+    ``kind_of`` says is no chat model. Anything else passes (the chat loader judges it)."""
+    if source.alias is not None and source.alias.task:
+        raise NotAChatModelError(source.name, source.alias.task)
+    folder = folder or (source.path if source.kind == "dir" else None)
+    if folder is None:
+        return
+    try:
+        kind = kind_of(folder)
+    except InvalidModelError:
+        return
+    if kind in PIPELINE_TASK:
+        raise NotAChatModelError(source.name, PIPELINE_TASK[kind])
 
 
 def read_json(path: Path) -> dict:

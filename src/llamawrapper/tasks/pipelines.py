@@ -58,7 +58,9 @@ def pipeline(task: str, model: Optional[str] = None, **options: Any) -> Any:
                                   param="model")
     if task == "text-generation":
         from ..api import LlamaWrapper
+        from ..models import registry
 
+        kinds.refuse_task_model(registry.resolve(source))  # an encoder or classifier: say which task runs it
         return LlamaWrapper.load(source, **options)
     examples = options.pop("examples", None)
     folder = kinds.local_folder(source, progress=options.get("progress", False))
