@@ -128,14 +128,19 @@ def test_task_models_given_as_chat_models_name_the_pipeline_to_use(tiny_sentimen
     refuse_task_model(registry.resolve("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the chat loader (models/loading.load, owned by the host work) to call "
-                   "tasks.refuse_task_model(source, folder) before its architecture check; drop this mark once it does")
-def test_llamawrapper_load_of_a_task_model_names_the_pipeline():
+@pytest.mark.parametrize("where", ["this process", "loader process"])
+def test_llamawrapper_load_of_a_task_model_names_the_pipeline(where, tiny_sentiment_dir, tiny_llm, monkeypatch):
+    """Refused by the chat loader wherever it runs (beside ``tiny_llm`` loads go to the loader
+    process unless LLAMAWRAPPER_LOAD_PROCESS=0): the error arrives typed, naming the pipeline."""
     from llamawrapper import LlamaWrapper
     from llamawrapper.tasks import NotAChatModelError
 
+    monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0" if where == "this process" else "1")
     with pytest.raises(NotAChatModelError, match='pipeline\\("feature-extraction", model="minilm"\\)'):
         LlamaWrapper.load("minilm", progress=False)
+    with pytest.raises(NotAChatModelError) as info:
+        LlamaWrapper.load(str(tiny_sentiment_dir), progress=False)
+    assert info.value.task in ("sentiment-analysis", "text-classification")
 
 
 def test_bad_inputs_name_the_parameter(tiny_nli_dir):

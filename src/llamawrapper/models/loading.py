@@ -229,8 +229,12 @@ def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progr
         from ..errors import InvalidRequestError
 
         raise InvalidRequestError(f"Invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
+    from ..tasks.kinds import refuse_task_model
+
     quantization = quant.check_quantization(quantization)
+    refuse_task_model(source)  # a task model (an alias with a task, a classifier folder) names its pipeline
     folder = resolve_folder(source, progress=progress)
+    refuse_task_model(source, folder)
     if not progress:
         import transformers
 

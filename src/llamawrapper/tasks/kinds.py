@@ -42,6 +42,9 @@ class NotAChatModelError(UnsupportedModelError):
                          f"or serve it with `llamawrapper serve {name}`.")
         self.name, self.task = name, task
 
+    def __reduce__(self) -> tuple:  # crosses from the loader process intact
+        return type(self), (self.name, self.task)
+
 
 def refuse_task_model(source: "registry.ModelSource", folder: Optional[Path] = None) -> None:
     """Raise ``NotAChatModelError`` when ``source`` is a task model: a registry alias with a
