@@ -29,7 +29,8 @@ def _serve(*flags: str, env: dict | None = None, timeout: float = 120, block_ray
 def test_plan_from_batch_size_and_flags():
     engine = EngineSettings(max_batch_size=6, max_queue=10, threads=1)
     fixed = make_plan(RaySettings(replicas=3), engine)
-    assert fixed.deployment_options() == {"num_replicas": 3, "max_ongoing_requests": 6, "max_queued_requests": 10}
+    assert fixed.deployment_options() == {"num_replicas": 3, "max_ongoing_requests": 6, "max_queued_requests": 10,
+                                          "backpressure_config": {"status_code": 429, "retry_after_s": 1}}
     assert fixed.cpus_per_replica == 1 and fixed.replicas_at_start == 3
     auto = make_plan(RaySettings(min_replicas=1, max_replicas=4), engine)
     scaling = auto.deployment_options()["autoscaling_config"]

@@ -38,7 +38,9 @@ def ray_app(tmp_path_factory, smollm2_folder, redis_server):
     tmp = tmp_path_factory.mktemp("ray-app")
     env = {"LLAMAWRAPPER_CACHE_ENABLED": "true", "LLAMAWRAPPER_CACHE_URL": redis_server.url.replace("/0", "/1"),
            "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a batch of 4 and a queue of 4: 12 requests fill the app (test_every_replica_full_gets_429)
     server = ServerProcess(["smollm2"], "--ray", "--replicas", "2", "--threads", "1", "--admin-key", ADMIN,
+                           "--max-batch-size", "4", "--max-queue", "4",
                            "--state-url", redis_server.url, "--audit-file", str(tmp / "audit.jsonl"),
                            log_path=tmp / "serve.log", env=env)
     server.api_key = ADMIN
@@ -144,6 +146,54 @@ def test_response_cache_is_shared(ray_app):
     seen = _until_both(call)
     other = next(replica for replica in seen if replica != first[0])
     assert seen[other] == ("hit", first[1][1])  # the other replica answered from the shared cache
+
+
+def test_every_replica_full_gets_429_with_retry_after(ray_app):
+    """16 chats at once on 2 replicas x a batch of 4 plus a queue of 4: the ones that find no
+    room get the single server's 429 (``queue_full``, ``Retry-After``), never Ray's 503."""
+    client = _client(ray_app)
+
+    def one(i: int):
+        try:
+            client.chat.completions.create(model="smollm2", max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": f"Write a poem about {i}."}],
+                                           extra_headers={"cache-control": "no-cache"})
+            return 200, None
+        except openai.RateLimitError as exc:
+            return 429, (exc.response.headers.get("retry-after"), exc.response.json()["error"]["code"])
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    refused = [detail for status, detail in results if status == 429]
+    assert refused and len(refused) < 16, results
+    assert all(int(after) >= 1 and code == "queue_full" for after, code in refused), refused
+
+
+def test_model_admin_calls_reach_every_replica(ray_app, tiny_model_dir):
+    """A new version put through the admin route (Ray gives the call to one replica) is loaded
+    by both; the answer lists each replica's result; then chats from both carry the version."""
+    admin, client = _admin(ray_app), _client(ray_app)
+    r = admin.put("/admin/models/smollm2", json={"source": str(tiny_model_dir)})
+    assert r.status_code == 202, r.text
+    new = r.json()["version"]
+    replicas = r.json()["replicas"]
+    assert r.headers["x-lw-replicas-applied"] == "2/2" and len(replicas) == 2, r.text
+    assert all(v["status"] == 202 and v["body"]["version"] == new for v in replicas.values()), replicas
+
+    def version():
+        raw = _chat(client, extra_headers={"cache-control": "no-cache"})
+        return raw.headers["x-replica"], raw.headers["x-model-version"]
+
+    seen: dict = {}
+    deadline = time.monotonic() + 90
+    with ThreadPoolExecutor(2) as pool:  # the old version answers until the new one is loaded
+        while set(seen) != set(replicas) and time.monotonic() < deadline:
+            seen.update((replica, v) for replica, v in pool.map(lambda _: version(), range(2)) if v == new)
+    assert set(seen) == set(replicas), f"{new} answered only from {list(seen)} of {list(replicas)}"
+
+    r = admin.post("/admin/models/smollm2/rollback")  # another admin call, the same way
+    assert r.status_code == 202 and r.headers["x-lw-replicas-applied"] == "2/2", r.text
+    assert len({v["body"]["version"] for v in r.json()["replicas"].values()}) == 1
 
 
 def _pids(server: ServerProcess) -> dict[str, int]:

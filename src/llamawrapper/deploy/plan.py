@@ -45,8 +45,11 @@ class DeploymentPlan:
 
     def deployment_options(self) -> dict:
         """Keyword arguments of ``serve.deployment`` for the replica count and admission."""
+        # every replica full and the router's queue full: 429 with Retry-After, as the single
+        # server answers a full queue (Ray's default is a bare 503)
         out: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests,
-                               "max_queued_requests": self.max_queued_requests}
+                               "max_queued_requests": self.max_queued_requests,
+                               "backpressure_config": {"status_code": 429, "retry_after_s": 1}}
         if self.autoscaling:
             out["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                          "initial_replicas": self.min_replicas,

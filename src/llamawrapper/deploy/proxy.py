@@ -5,6 +5,11 @@ lets the prefix-aware router see the prompt: ``routing.py``); after ``attempts``
 503 with ``Retry-After`` (Ray's own proxy would answer a bare 500). A response that had
 started (a stream) cannot be replayed: it ends where the replica died.
 
+Ray's own back-pressure answer (every replica full and the router's queue full: a 429 with
+``Retry-After``, from ``plan.py``'s ``backpressure_config``, in plain text) gets the single
+server's OpenAI-shaped ``queue_full`` error body; it is told from a replica's 429 (a rate
+limit) by the missing ``x-replica`` header.
+
 A retried request may be charged twice against a key's limits (the dead replica had counted
 it in the shared store).
 
@@ -42,6 +47,19 @@ def _with_prefix(scope: Scope, body: bytes) -> Scope:
     except ImportError:
         return scope
     return with_prefix_header(scope, body)
+
+
+QUEUE_FULL_BODY = json.dumps({"error": {
+    "message": "Every replica is busy and the queue is full; retry shortly.",
+    "type": "rate_limit_error", "param": None, "code": "queue_full"}}).encode()
+
+
+def _queue_full_start(message: Message) -> Message:
+    headers = [(k, v) for k, v in message["headers"] if k not in (b"content-type", b"content-length")]
+    if not any(k == b"retry-after" for k, _ in headers):
+        headers.append((b"retry-after", b"1"))
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(QUEUE_FULL_BODY)).encode())]
+    return {**message, "headers": headers}
 
 
 class RetryLostReplica:
@@ -98,12 +116,21 @@ class RetryLostReplica:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # then the real channel: a disconnect still cancels the replica's work
 
+        rejected = False
+
         async def watch(message: Message) -> None:
-            nonlocal started
+            nonlocal started, rejected
             if message["type"] == "http.response.start":
                 started = True
                 # the replica's app and Ray's proxy both echo x-request-id: send each header once
                 message["headers"] = list(dict.fromkeys(tuple(h) for h in message.get("headers", [])))
+                if message["status"] == 429 and not any(k == b"x-replica" for k, _ in message["headers"]):
+                    rejected = True
+                    message = _queue_full_start(message)
+            elif rejected and message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # Ray's plain-text body is replaced by ours at its last chunk
+                message = {"type": "http.response.body", "body": QUEUE_FULL_BODY}
             await send(message)
 
         try:

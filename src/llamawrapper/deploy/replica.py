@@ -2,7 +2,8 @@
 built inside the replica's process. Every response names the replica (``x-replica``), every
 ``/metrics`` sample carries a ``replica`` label, ``/replica`` says which process answers, and
 the replica only reports itself started once its models are loaded (so Ray sends it no traffic
-before, and a rollout never swaps a loaded replica for a loading one)."""
+before, and a rollout never swaps a loaded replica for a loading one); model admin calls reach
+every replica (``fanout.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import EngineSettings, SecuritySettings, ServerSettings
+from .fanout import AdminFanout, apply_here, handle_broadcast
 
 log = logging.getLogger("llamawrapper.deploy")
 REPLICA_HEADER = "x-replica"
@@ -109,6 +111,14 @@ class LlamaWrapperReplica:
         app.state.replica = replica
         app.include_router(_router)
         label_metrics(state.metrics, replica)
+        context = serve.get_replica_context()
+        app.add_middleware(AdminFanout, replica=replica,
+                           broadcast=handle_broadcast(context.app_name, context.deployment))
         app.add_middleware(ReplicaMiddleware, replica=replica, host=state.host)
+        self._app, self._replica = app, replica
         log.info("replica %s built (pid %d)", replica, os.getpid())
         return app
+
+    async def admin_apply(self, request: dict) -> dict:
+        """A model admin call fanned out by the replica that received it (``fanout.py``)."""
+        return await apply_here(self._app, self._replica, request)
