@@ -138,7 +138,7 @@ def _has_open(pid: int, path: Path) -> bool:
 
 @pytest.mark.slow
 def test_an_unguarded_script_loading_two_models_runs_once(tiny_model_dir, tmp_path):
-    """The child is started with ``python -m``, so a user's script without a ``__main__``
+    """The child is started with ``python -c``, so a user's script without a ``__main__``
     guard is not run again inside it."""
     script = tmp_path / "two_models.py"
     script.write_text(textwrap.dedent(f"""

@@ -246,7 +246,7 @@ class LoadProcess:
         self._tokenizers: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     def _ensure(self) -> None:
-        """Start the child with ``python -m`` (not multiprocessing's spawn, which would re-run
+        """Start the child with ``python -c`` (not multiprocessing's spawn, which would re-run
         the user's unguarded ``__main__`` script in the child)."""
         import socket
         import subprocess
@@ -261,7 +261,8 @@ class LoadProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "llamawrapper.models.load_process", str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-c", "from llamawrapper.models.load_process import child_entry; child_entry()",
+                 str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -364,10 +365,9 @@ def get_load_process() -> LoadProcess:
 
 
 
-if __name__ == "__main__":  # the child: python -m llamawrapper.models.load_process FD PARENT_PID
+def child_entry() -> None:
+    """``python -c "...child_entry()" FD PARENT_PID``: the loader process's entry point."""
     import sys
     from multiprocessing.connection import Connection
 
-    from llamawrapper.models import load_process  # pickles must name the module, not __main__
-
-    load_process._child_main(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    _child_main(Connection(int(sys.argv[1])), int(sys.argv[2]))
