@@ -81,3 +81,15 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
         peft_model.save_pretrained(folder)
         out[name] = folder
     return out
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on loopback for one test module (skipped where none is installed)."""
+    from security_helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    if server.binary is None:
+        pytest.skip("redis-server is not installed")
+    yield server.start()
+    server.stop()

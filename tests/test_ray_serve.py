@@ -16,21 +16,11 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'llamawrapper[ray]')")
 
-from security_helpers import RedisServer  # noqa: E402
 from server_helpers import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ADMIN = "admin-secret-for-the-ray-tests"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    if server.binary is None:
-        pytest.skip("redis-server is not installed")
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -59,15 +59,6 @@ def _chat(client: openai.OpenAI, model: str = "tiny", **kw):
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    if server.binary is None:
-        pytest.skip("redis-server is not installed")
-    yield server.start()
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_model_dir, redis_server):
     """Two server processes sharing one Redis for keys and limits, each serving tiny and tiny2;
     the first writes prompt text (redacted) to its audit log."""
