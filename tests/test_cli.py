@@ -100,9 +100,11 @@ def test_ctrl_c_stops_the_answer_not_the_session():
     import signal
     import time
 
+    # as from a terminal: SIGINT handled, even when this run inherited it ignored (a background job)
     proc = subprocess.Popen([EXE, "chat", "smollm2", "--max-tokens", "2000", "--temperature", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "NO_COLOR": "1"})
+                            env={**os.environ, "NO_COLOR": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("Write a very long essay about the history of Rome.\n")
         proc.stdin.flush()
