@@ -154,3 +154,19 @@ def test_an_unguarded_script_loading_two_models_runs_once(tiny_model_dir, tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("script body ran") == 1
     assert "same: True" in out.stdout
+
+
+def test_a_reused_tokenizer_is_the_one_loaded_not_a_later_change(tiny_llm, tiny_model_dir):
+    """A model's own tokenizer may be changed after loading (a plugin's chat template): a later
+    load of the same files gets the tokenizer as loaded."""
+    first = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    original = first.tokenizer.chat_template
+    first.tokenizer.chat_template = "{{ 'changed after loading' }}"
+    second = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    try:
+        assert _mapped_from_memfd(second.loaded.model)
+        assert second.tokenizer.chat_template == original
+        assert second.tokenizer("blue sky")["input_ids"] == first.tokenizer("blue sky")["input_ids"]
+    finally:
+        first.close()
+        second.close()

@@ -30,6 +30,7 @@ log = logging.getLogger("llamawrapper.loading")
 
 ALIGN = 64  # the packed int4/int8 kernels need aligned rows: every storage starts on 64 bytes
 NICE = 10  # the child's default CPU priority (LLAMAWRAPPER_LOAD_NICE): see docs/HOST.md
+HELD_TOKENIZERS = 4  # tokenizers kept for reuse by later loads (their Rust backends stay in memory)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -238,12 +239,14 @@ class LoadProcess:
     """The parent's side: one child, one load at a time."""
 
     def __init__(self) -> None:
-        import weakref
+        from collections import OrderedDict
 
         self._lock = threading.Lock()
         self._proc: Any = None
         self._conn: Any = None
-        self._tokenizers: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        # key -> a snapshot taken at load time (a model's own tokenizer may be changed later,
+        # e.g. a plugin's chat template); the most recent few
+        self._tokenizers: "OrderedDict[str, Any]" = OrderedDict()
 
     def _ensure(self) -> None:
         """Start the child with ``python -c`` (not multiprocessing's spawn, which would re-run
@@ -287,7 +290,7 @@ class LoadProcess:
 
         with self._lock:
             self._ensure()
-            held = dict(self._tokenizers.items())  # strong references until the hand-over is done
+            held = dict(self._tokenizers)
             try:
                 self._conn.send(("load", kwargs, set(held), dict(os.environ)))
                 status, payload = self._conn.recv()
@@ -307,12 +310,20 @@ class LoadProcess:
             except OSError:
                 pass
             raise
-        self._tokenizers[key] = loaded.tokenizer
+        self._hold(key, loaded.tokenizer)
         return loaded
 
     def remember(self, loaded: Any) -> None:
         """Offer a model loaded in this process for tokenizer reuse by later loads."""
-        self._tokenizers[tokenizer_key(loaded.folder, loaded.tokenizer)] = loaded.tokenizer
+        self._hold(tokenizer_key(loaded.folder, loaded.tokenizer), loaded.tokenizer)
+
+    def _hold(self, key: str, tokenizer: Any) -> None:
+        import copy
+
+        self._tokenizers[key] = copy.copy(tokenizer)  # as loaded, before any change to the model's own
+        self._tokenizers.move_to_end(key)
+        while len(self._tokenizers) > HELD_TOKENIZERS:
+            self._tokenizers.popitem(last=False)
 
     def _stop_locked(self) -> None:
         proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
