@@ -97,3 +97,15 @@ def build_tiny_diffusers(out: Path, tokenizer_folder: Path) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
+
+
+def assert_same_image(x, y) -> None:
+    """The same generation, up to float rounding: the executor's torch thread count may differ
+    from the caller's (or another process's), which sums in another order and can move a pixel
+    by a level or two. A different seed or prompt changes the image wholesale."""
+    import numpy as np
+
+    a, b = np.asarray(x, dtype=np.int16), np.asarray(y, dtype=np.int16)
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert diff.max() <= 3 and diff.mean() <= 0.5, (int(diff.max()), float(diff.mean()))

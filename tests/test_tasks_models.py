@@ -75,7 +75,7 @@ def test_text_to_image_is_seeded_reports_steps_and_equals_plain_diffusers(tiny_d
     plain = DiffusionPipeline.from_pretrained(str(tiny_diffusers_dir), dtype=torch.float32)
     plain.set_progress_bar_config(disable=True)
     ref = plain("a blue circle", num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(5)).images[0]
-    assert np.array_equal(np.asarray(a[0]), np.asarray(ref))
+    tasks_fixtures.assert_same_image(a[0], ref)
 
 
 def test_load_served_takes_task_models_and_leaves_chat_models(tiny_encoder_dir, tiny_nli_dir, tiny_diffusers_dir, tiny_model_dir):

@@ -108,7 +108,7 @@ def test_openai_images_generate_is_seeded_and_matches_the_library(client, tiny_d
     assert image.size == (64, 64) and image.format == "PNG"
     with pipeline("text-to-image", model=str(tiny_diffusers_dir)) as gen:
         local = gen("a red square", num_images=2, num_inference_steps=2, seed=7, width=64, height=64, progress=False)
-    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(local[0].convert("RGB")))
+    tasks_fixtures.assert_same_image(image.convert("RGB"), local[0].convert("RGB"))
 
 
 @pytest.mark.parametrize("path,body,param", [
