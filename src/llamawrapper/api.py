@@ -91,18 +91,15 @@ class LlamaWrapper:
             how = dict(source=registry.resolve(customize.model_source(source)), dtype=dtype or table.get("dtype") or "float32",
                        device=device, progress=progress and not in_child, quantization=quantization or table.get("quantization"),
                        overrides=overrides if overrides is not None else table.get("overrides"))
+            from .engine.executor import get_executor
+            from .models import load_process
+
             if in_child:
-                from .engine.executor import get_executor
-                from .models.load_process import get_load_process
-
-                loaded = get_load_process().load(handover=lambda fn: get_executor().call(fn).result(), **how)
+                loaded = load_process.get_load_process().load(handover=lambda fn: get_executor().call(fn).result(), **how)
             else:
-                from .models import load_process
-                from .models.load_process import get_load_process
-
                 loaded = loading.load(**how)
                 if load_process.enabled():
-                    get_load_process().remember(loaded)
+                    load_process.get_load_process().remember(loaded)
             rows = adapterlib.attach(loaded.model, adapters, next(loaded.model.parameters()).dtype) if adapters else None
             runner = LlamaRunner(loaded.model)
             runner.row_hook = rows.bind if rows is not None else None

@@ -247,6 +247,7 @@ class LoadProcess:
         # key -> a snapshot taken at load time (a model's own tokenizer may be changed later,
         # e.g. a plugin's chat template); the most recent few
         self._tokenizers: "OrderedDict[str, Any]" = OrderedDict()
+        self._unhashed: list[tuple[Any, Any]] = []  # (folder, snapshot) loaded in this process
 
     def _ensure(self) -> None:
         """Start the child with ``python -c`` (not multiprocessing's spawn, which would re-run
@@ -290,6 +291,9 @@ class LoadProcess:
 
         with self._lock:
             self._ensure()
+            for folder, tokenizer in self._unhashed:
+                self._hold(tokenizer_key(folder, tokenizer), tokenizer)
+            self._unhashed.clear()
             held = dict(self._tokenizers)
             try:
                 self._conn.send(("load", kwargs, set(held), dict(os.environ)))
@@ -314,8 +318,13 @@ class LoadProcess:
         return loaded
 
     def remember(self, loaded: Any) -> None:
-        """Offer a model loaded in this process for tokenizer reuse by later loads."""
-        self._hold(tokenizer_key(loaded.folder, loaded.tokenizer), loaded.tokenizer)
+        """Offer a model loaded in this process for tokenizer reuse by later loads. Its files
+        are hashed only when a load actually goes to the child (most processes never do)."""
+        import copy
+
+        with self._lock:
+            self._unhashed.append((loaded.folder, copy.copy(loaded.tokenizer)))
+            del self._unhashed[:-HELD_TOKENIZERS]
 
     def _hold(self, key: str, tokenizer: Any) -> None:
         import copy
