@@ -84,7 +84,7 @@ def test_bfloat16_load(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_conversion_cache_is_reused_and_detects_changed_source(lw_home, tmp_path):
+def test_conversion_cache_is_reused_and_detects_changed_source(lw_home, tmp_path, monkeypatch):
     gguf = tmp_path / "copy.gguf"
     shutil.copy(registry.ALIASES["smollm2"].locate(), gguf)
     src = registry.resolve(str(gguf))
@@ -95,11 +95,21 @@ def test_conversion_cache_is_reused_and_detects_changed_source(lw_home, tmp_path
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert loading.convert_gguf(src, progress=False) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted again
-    # change the source's bytes (same size): the hash differs, so it is converted again
+    # change the source's bytes (same size): the hash differs, so it is converted again. The
+    # second conversion's writer links the first one's files (a real conversion was proven above;
+    # this half is about the cache noticing the change, and a second one would cost half a minute)
     with open(gguf, "r+b") as f:
         f.seek(os.path.getsize(gguf) - 16)
         f.write(b"\x00" * 16)
+    written = []
+
+    def link_first(path, out, bar):
+        written.append(path)
+        shutil.copytree(folder, out, copy_function=os.link, dirs_exist_ok=True)
+
+    monkeypatch.setattr(loading, "_write_conversion", link_first)
     folder2 = loading.convert_gguf(src, progress=False)
+    assert written == [gguf]
     assert json.loads((folder2 / "manifest.json").read_text())["source_sha256"] != manifest["source_sha256"]
     assert registry.cached_models()[0]["source_sha256"] == loading.file_sha256(gguf)
 

@@ -101,14 +101,16 @@ def test_bitsandbytes_path_on_cuda(tiny_model_dir):
 
 @pytest.mark.slow
 def test_quality_gate_on_smollm2():
-    """int8 perplexity within +3% of fp32, int4 within +15%; fixed questions still right."""
+    """int8 perplexity within +3% of fp32, int4 within +15%; fixed questions still right. On the
+    text's first 2,048 tokens (three 1,024-token windows): the whole text takes a minute more and
+    moves the ratios by well under the limits (``llamawrapper eval-ppl`` scores all of it)."""
     from llamawrapper.models.evaluation import PPL_LIMITS, evaluate
 
     reports = {}
     for mode in (None, "int8", "int4"):
         llm = LlamaWrapper.load("smollm2", quantization=mode, progress=False)
         try:
-            reports[mode] = evaluate(llm)
+            reports[mode] = evaluate(llm, tokens=2048)
         finally:
             llm.close()
     base = reports[None]
@@ -124,9 +126,10 @@ def test_cli_eval_ppl_and_models_verbose(tiny_model_dir, lw_home):
 
     from llamawrapper.cli import app
 
-    res = CliRunner().invoke(app, ["eval-ppl", str(tiny_model_dir), "--no-questions", "--json", "--quantization", "int8"])
+    res = CliRunner().invoke(app, ["eval-ppl", str(tiny_model_dir), "--no-questions", "--json", "--quantization", "int8",
+                                      "--tokens", "2001"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["quantization"] == "int8" and report["tokens"] > 2000 and report["perplexity"] > 1
+    assert report["quantization"] == "int8" and report["tokens"] == 2001 and report["perplexity"] > 1
     res = CliRunner().invoke(app, ["run", str(tiny_model_dir), "hi", "--override", "nope=1", "-q"])
     assert res.exit_code == 1 and "nope" in res.output

@@ -139,23 +139,27 @@ def test_response_cache_is_shared(ray_app):
 
 
 def test_every_replica_full_gets_429_with_retry_after(ray_app):
-    """16 chats at once on 2 replicas x a batch of 4 plus a queue of 4: the ones that find no
-    room get the single server's 429 (``queue_full``, ``Retry-After``), never Ray's 503."""
+    """32 chats released together on 2 replicas x a batch of 4 plus a queue of 4 (room for 12):
+    the ones that find no room get the single server's 429 (``queue_full``, ``Retry-After``),
+    never Ray's 503. The answers are long enough (32 tokens on one thread) that the first
+    twelve still hold their places when the last ones arrive."""
     client = _client(ray_app)
+    start = threading.Barrier(32)
 
     def one(i: int):
+        start.wait(timeout=60)
         try:
-            client.chat.completions.create(model="smollm2", max_tokens=6, temperature=0,
+            client.chat.completions.create(model="smollm2", max_tokens=32, temperature=0,
                                            messages=[{"role": "user", "content": f"Write a poem about {i}."}],
                                            extra_headers={"cache-control": "no-cache"})
             return 200, None
         except openai.RateLimitError as exc:
             return 429, (exc.response.headers.get("retry-after"), exc.response.json()["error"]["code"])
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(16)))
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
     refused = [detail for status, detail in results if status == 429]
-    assert refused and len(refused) < 16, results
+    assert refused and len(refused) < 32, results
     assert all(int(after) >= 1 and code == "queue_full" for after, code in refused), refused
 
 

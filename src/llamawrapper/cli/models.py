@@ -119,6 +119,7 @@ def eval_ppl(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf f
              dtype: Optional[str] = Dtype, quantization: Optional[str] = Quantization,
              override: Optional[List[str]] = Override,
              questions: bool = typer.Option(True, help="Also answer the fixed question set greedily."),
+             tokens: Optional[int] = typer.Option(None, min=2, help="Score only the text's first N tokens (quicker, coarser)."),
              as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """Perplexity on the shipped evaluation text (and the fixed questions): the quality gate for
     quantization and config overrides."""
@@ -126,7 +127,7 @@ def eval_ppl(model: str = typer.Argument("smollm2", help="Alias, folder, .gguf f
 
     try:
         llm, _ = load_model(model, dtype, True, quantization, override)
-        report = evaluate(llm, questions=questions)
+        report = evaluate(llm, questions=questions, tokens=tokens)
     except LlamaWrapperError as exc:
         fail(exc)
     if as_json:

@@ -81,9 +81,12 @@ def answer_questions(llm: Any, max_tokens: int = 24) -> list[dict[str, Any]]:
     return out
 
 
-def evaluate(llm: Any, questions: bool = True) -> EvalReport:
-    """Perplexity of ``data/eval.txt`` and (optionally) the fixed questions for a loaded ``LlamaWrapper``."""
-    ids = llm.tokenize(eval_text(), add_special_tokens=False)
+def evaluate(llm: Any, questions: bool = True, tokens: int | None = None) -> EvalReport:
+    """Perplexity of ``data/eval.txt`` (its first ``tokens`` tokens if given: a quicker, coarser
+    gate) and (optionally) the fixed questions for a loaded ``LlamaWrapper``."""
+    if tokens is not None and tokens < 2:
+        raise ValueError("tokens must be at least 2 (the first token is never scored)")
+    ids = llm.tokenize(eval_text(), add_special_tokens=False)[:tokens]
     llm.engine.runner.bind_rows([""])  # the base model, not an adapter
     t = time.perf_counter()
     ppl = perplexity(llm.loaded.model, ids)
