@@ -13,9 +13,7 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from .api import LlamaWrapper
 from .config import EngineSettings
-from .engine import EngineConfig, RequestHandle
 from .errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -33,9 +31,23 @@ from .errors import (
     RequestCancelledError,
     UnsupportedModelError,
 )
-from .models.host import ModelHost
 from .types import Result, SamplingParams, StreamEvent, Usage
-from .tasks import pipeline
+
+# The names below pull in torch and transformers (seconds): imported on first use, so that a
+# command that needs neither (``llamawrapper keys list``, ``admin``, ``--help``) starts at once.
+_LAZY = {"LlamaWrapper": ".api", "ModelHost": ".models.host", "pipeline": ".tasks",
+         "EngineConfig": ".engine", "RequestHandle": ".engine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'llamawrapper' has no attribute {name!r}")
+
 
 __all__ = [
     "LlamaWrapper", "ModelHost", "pipeline", "EngineSettings", "EngineConfig", "RequestHandle", "Result", "SamplingParams",
