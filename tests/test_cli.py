@@ -23,6 +23,21 @@ def test_help_lists_commands():
         assert cmd in res.stdout
 
 
+def test_commands_that_need_no_model_do_not_load_torch(tmp_path):
+    """``keys``, ``admin`` and ``--help`` answer without importing torch or transformers (seconds);
+    the package's public names still import on first use."""
+    code = ("import sys, runpy; sys.argv = ['llamawrapper', 'keys', 'list', '--json']\n"
+            "try:\n    runpy.run_module('llamawrapper.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+            "import llamawrapper\n"
+            "print(heavy, llamawrapper.LlamaWrapper.__name__, 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LLAMAWRAPPER_HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[] LlamaWrapper True", res.stdout
+
+
 def test_run_json_prints_result(tiny_model_dir):
     res = cli("run", str(tiny_model_dir), "hello", "--json", "--temperature", "0", "--max-tokens", "5")
     assert res.returncode == 0, res.stderr
