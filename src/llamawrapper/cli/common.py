@@ -95,6 +95,9 @@ def sampling_options(max_tokens, temperature, top_p, top_k, repetition_penalty, 
                logit_bias=pairs(logit_bias, "--logit-bias") or None)
     if logprobs or top_logprobs:
         out.update(logprobs=True, top_logprobs=top_logprobs or 0)
+    from ..types import SamplingParams
+
+    SamplingParams(**{k: v for k, v in out.items() if v is not None})  # a bad flag is refused now, not after seconds of loading the model
     return out
 
 
