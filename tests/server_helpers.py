@@ -127,6 +127,93 @@ def wait_until(condition, futures=(), timeout: float = 60, poll: float = 0.05) -
         time.sleep(poll)
 
 
+def vanishing_streams(client, n: int, wave: int, while_streaming):
+    """Open ``n`` chat streams through the ``openai`` ``client`` in waves of ``wave`` (each wave
+    waits until its streams have their first words: an engine queue takes a burst faster than
+    the engine moves it into its batch), call ``while_streaming()`` once all are streaming, then
+    close every connection (the clients vanish mid-answer). Returns each stream's ``x-replica``
+    header (None without one), what ``while_streaming`` returned, and the monotonic time when
+    the last connection was closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    streaming = threading.Barrier(n + 1, timeout=300)
+    vanish = threading.Event()
+    replicas: list = []
+
+    def stream(i: int) -> None:
+        raw = client.chat.completions.with_raw_response.create(
+            model="smollm2", stream=True, max_tokens=400, temperature=0.8,
+            messages=[{"role": "user", "content": f"Write a long story about a lighthouse keeper, part {i}."}])
+        chunks = raw.parse()
+        try:
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    break
+            replicas.append(raw.headers.get("x-replica"))
+            streaming.wait()
+            vanish.wait(300)
+        finally:
+            chunks.close()
+
+    with ThreadPoolExecutor(n) as pool:
+        futures: list = []
+        try:
+            for first in range(0, n, wave):
+                futures += [pool.submit(stream, i) for i in range(first, min(first + wave, n))]
+                wait_until(lambda: len(replicas) == len(futures), futures, timeout=300)
+            streaming.wait()
+            measured = while_streaming()
+        finally:
+            vanish.set()
+        for f in futures:
+            f.result(timeout=30)
+    return replicas, measured, time.monotonic()
+
+
+def redis_outage(redis, clients: list, *, down: float = 5.0, while_down=None, recovered_by=None) -> dict:
+    """``clients`` (pairs of a name and a function making one request and returning (status,
+    detail)) ask in a loop, one thread each, while ``redis`` is stopped for ``down`` seconds
+    (after 3 s of asking) and started again; ``while_down()`` runs 1 s into the outage. Asking
+    goes on until ``recovered_by`` (a client's name) got a 200 after the restart (at most 30 s).
+    Returns the log ``[(time sent, name, status, detail)]``, the times Redis went down and came
+    back, when ``recovered_by`` was answered again (seconds after the restart), and what
+    ``while_down`` returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log: list = []
+    stop = threading.Event()
+
+    def ask(name: str, call) -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            status, detail = call()
+            log.append((sent, name, status, detail))
+            if status != 200:
+                stop.wait(0.2)
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(ask, name, call) for name, call in clients]
+        try:
+            time.sleep(3)
+            went_down = time.monotonic()
+            redis.stop()
+            time.sleep(1.0)
+            during = while_down() if while_down is not None else None
+            time.sleep(max(down - (time.monotonic() - went_down), 0))
+            came_back = time.monotonic()
+            redis.start()
+            answered = lambda: [t for t, name, status, _ in log if t > came_back and name == recovered_by and status == 200]  # noqa: E731
+            wait_until(lambda: answered(), futures, timeout=30)
+        finally:
+            stop.set()
+            if redis.proc is None:
+                redis.start()
+        for f in futures:
+            f.result(timeout=120)
+    return {"log": log, "down": went_down, "up": came_back, "recovered": min(answered()) - came_back,
+            "during": during}
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Resident memory of these processes and all their children (0 for one that is gone)."""
     import psutil

@@ -27,7 +27,7 @@ import httpx
 import openai
 import pytest
 
-from server_helpers import ServerProcess, describe_soak, soak, wait_until
+from server_helpers import ServerProcess, describe_soak, redis_outage, soak, vanishing_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ADMIN = "admin-secret-for-the-reliability-tests"
@@ -149,43 +149,14 @@ def test_soak_64_clients_for_60_s(served):
 
 
 def test_vanishing_streams_free_their_slots_within_a_second(served):
+    """20 streams being answered together; once each has its first words the clients close
+    their connections: the engine reports no request running or waiting within a second, all
+    20 counted as cancelled, and the next request is answered."""
     server = served.server
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=served.key(), max_retries=0, timeout=120)
     cancelled_before = server.metric("llamawrapper_engine_requests_cancelled_total", model="smollm2")
-    streaming = threading.Barrier(20 + 1, timeout=300)
-    vanish = threading.Event()
-    seen: list[str] = []
-
-    def stream(i: int) -> None:
-        chunks = client.chat.completions.create(
-            model="smollm2", stream=True, max_tokens=400, temperature=0.8,
-            messages=[{"role": "user", "content": f"Write a long story about a lighthouse keeper, part {i}."}])
-        try:
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    seen.append(chunk.choices[0].delta.content)
-                    break
-            streaming.wait()
-            vanish.wait(300)
-        finally:
-            chunks.close()  # the client goes away mid-answer
-
-    with ThreadPoolExecutor(20) as pool:
-        futures = []
-        try:
-            # in waves of 8: the queue (16) takes requests faster than the engine moves them into
-            # its batch, so 20 at once could get 429s
-            for first in range(0, 20, 8):
-                futures += [pool.submit(stream, i) for i in range(first, min(first + 8, 20))]
-                wait_until(lambda: len(seen) == len(futures), futures, timeout=300)
-            streaming.wait()
-            busy = _engine(server)
-            step = _step_seconds(server)
-        finally:
-            vanish.set()
-        for f in futures:
-            f.result(timeout=30)
-    gone = time.monotonic()
+    # in waves of 8: the queue (16) takes requests faster than the engine moves them into its batch
+    streams, (busy, step), gone = vanishing_streams(client, 20, 8, lambda: (_engine(server), _step_seconds(server)))
     while _engine(server) != (0, 0):
         assert time.monotonic() - gone < 5, f"slots still held 5 s after the clients left: {_engine(server)}"
         time.sleep(0.02)
@@ -196,7 +167,7 @@ def test_vanishing_streams_free_their_slots_within_a_second(served):
     # within a second; a step is not interrupted, so on a machine so busy that one step of the
     # batch takes longer, within the step in progress (twice the measured mean, for its spread)
     assert freed <= max(1.0, 2 * step), f"slots freed only after {freed:.2f} s (steps of {step:.2f} s)"
-    assert len(seen) == 20
+    assert len(streams) == 20
     assert server.metric("llamawrapper_engine_requests_cancelled_total", model="smollm2") - cancelled_before == 20
     answer = client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert answer.choices[0].finish_reason in ("stop", "length")
@@ -209,47 +180,28 @@ def test_redis_stopped_mid_load_fails_closed_then_recovers(served):
     (no shared state) is answered throughout; the limited key is answered again once Redis is back."""
     server, redis = served.server, served.redis
     limited = served.key(rpm=100000, tpm=10000000)
-    log: list[tuple[float, str, int, str]] = []
-    stop = threading.Event()
 
-    def ask(who: str, key: str) -> None:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
-            while not stop.is_set():
-                sent = time.monotonic()
-                r = http.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 4, "temperature": 0.8,
-                                                            "messages": [{"role": "user", "content": "Say hello."}]})
-                detail = ""
-                if r.status_code != 200:
-                    detail = f"{r.json()['error']['code']} retry-after={r.headers.get('retry-after')}"
-                log.append((sent, who, r.status_code, detail))
-                if r.status_code != 200:
-                    stop.wait(0.2)
+    def asker(key: str):
+        http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(ask, who, key) for who, key in [("limited", limited)] * 3 + [("admin", ADMIN)] * 3]
-        time.sleep(3)
-        down = time.monotonic()
-        redis.stop()
-        time.sleep(5)
-        up = time.monotonic()
-        redis.start()
-        deadline = up + 20
-        while not any(t > up and who == "limited" and status == 200 for t, who, status, _ in log):
-            assert time.monotonic() < deadline, "the limited key was not answered again 20 s after Redis came back"
-            time.sleep(0.1)
-        recovered = min(t for t, who, status, _ in log if t > up and who == "limited" and status == 200) - up
-        time.sleep(2)
-        stop.set()
-        for f in futures:
-            f.result(timeout=120)
+        def ask() -> tuple[int, str]:
+            r = http.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 4, "temperature": 0.8,
+                                                        "messages": [{"role": "user", "content": "Say hello."}]})
+            return r.status_code, "" if r.status_code == 200 else \
+                f"{r.json()['error']['code']} retry-after={r.headers.get('retry-after')}"
+        return ask
+
+    outage = redis_outage(redis, [("limited", asker(limited))] * 3 + [("admin", asker(ADMIN))] * 3,
+                          recovered_by="limited")
+    log, down, up = outage["log"], outage["down"], outage["up"]
     unexpected = [e for e in log if (e[1], e[2], e[3]) not in {("limited", 200, ""), ("admin", 200, ""),
                                                                ("limited", 503, "state_unavailable retry-after=1")}]
     assert not unexpected, unexpected[:10]
     while_down = [status for t, who, status, _ in log if who == "limited" and down + 1.0 < t < up - 1.0]
     before = [status for t, who, status, _ in log if who == "limited" and t < down]
     print(f"\nRedis down 5 s: {len(log)} requests; limited key {before.count(200)}x200 before, "
-          f"{while_down.count(503)}x503 of {len(while_down)} while down, answered again {recovered:.2f} s after restart; "
-          f"admin key {sum(who == 'admin' for _, who, _, _ in log)}x200")
+          f"{while_down.count(503)}x503 of {len(while_down)} while down, answered again {outage['recovered']:.2f} s "
+          f"after restart; admin key {sum(who == 'admin' for _, who, _, _ in log)}x200")
     assert before and set(before) == {200}
     assert while_down and set(while_down) == {503}  # fails closed while Redis is away
     assert any(who == "admin" and down + 1.0 < t < up - 1.0 for t, who, _, _ in log)  # the rest is still served
