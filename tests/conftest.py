@@ -93,3 +93,32 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server is not installed")
     yield server.start()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def restartable_redis(tmp_path_factory):
+    """A real redis-server whose data survives ``stop()`` and ``start()`` on the same port (an
+    append-only file): for tests that stop Redis mid-load and expect keys back afterwards."""
+    from security_helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-aof"), persist=True)
+    if server.binary is None:
+        pytest.skip("redis-server is not installed")
+    yield server.start()
+    server.stop()
+
+
+# Tests written before the reliability suite that are part of it (`pytest -m reliability`
+# runs them too); the suite's own tests carry the marker in their modules.
+RELIABILITY_ALSO = (
+    "test_server_lifecycle.py::test_burst_beyond_queue_gets_429_never_5xx",
+    "test_server_lifecycle.py::test_sigterm_drains_in_flight_then_exits_0",
+    "test_response_cache.py::test_sqlite_survives_a_killed_writer",
+    "test_security_server.py::test_redis_down_fails_closed_and_recovers",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in RELIABILITY_ALSO:
+            item.add_marker(pytest.mark.reliability)

@@ -1,6 +1,8 @@
 """``llamawrapper serve --ray`` on a real local Ray cluster: two replicas of smollm2 with one
 thread each, keys, limits and the response cache in a real Redis, driven through the official
-``openai`` client. One app for the module (its start is most of the cost)."""
+``openai`` client. One app for the module (its start is most of the cost); the tests run in
+file order, the rollout replaces the app's replicas and the SIGTERM test stops it. The tests
+marked ``reliability`` are the Ray half of the reliability suite (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import httpx
 import openai
@@ -16,26 +19,34 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'llamawrapper[ray]')")
 
-from server_helpers import ServerProcess  # noqa: E402
+from server_helpers import ServerProcess, describe_soak, redis_outage, soak, vanishing_streams, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
+reliability = pytest.mark.reliability
 ADMIN = "admin-secret-for-the-ray-tests"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def ray_app(tmp_path_factory, smollm2_folder, redis_server):
+def ray_app(tmp_path_factory, smollm2_folder, restartable_redis):
     tmp = tmp_path_factory.mktemp("ray-app")
-    env = {"LLAMAWRAPPER_CACHE_ENABLED": "true", "LLAMAWRAPPER_CACHE_URL": redis_server.url.replace("/0", "/1"),
-           "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
-    # a batch of 4 and a queue of 4: 12 requests fill the app (test_every_replica_full_gets_429)
+    env = {"LLAMAWRAPPER_CACHE_ENABLED": "true", "LLAMAWRAPPER_CACHE_URL": restartable_redis.url.replace("/0", "/1"),
+           "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
+           "LLAMAWRAPPER_PREFIX_CACHE_MB": "16"}  # full by the end of the soak's warm-up
+    # a batch of 12 and a queue of 4: 20 streams are all answered at once with room left on each
+    # replica for /metrics (test_vanishing_streams_free_their_slots: Ray counts every request
+    # against max_ongoing_requests); 48 requests at once overfill it (test_every_replica_full_gets_429)
     server = ServerProcess(["smollm2"], "--ray", "--replicas", "2", "--threads", "1", "--admin-key", ADMIN,
-                           "--max-batch-size", "4", "--max-queue", "4",
-                           "--state-url", redis_server.url, "--audit-file", str(tmp / "audit.jsonl"),
+                           "--max-batch-size", "12", "--max-queue", "4",
+                           "--state-url", restartable_redis.url, "--audit-file", str(tmp / "audit.jsonl"),
                            log_path=tmp / "serve.log", env=env)
     server.api_key = ADMIN
     try:
-        server.wait_ready(timeout=240)
+        server.wait_ready(timeout=240)  # one replica is ready...
+        admin, deadline = _admin(server), time.monotonic() + 240
+        while len({admin.get("/replica").json()["replica"] for _ in range(8)}) < 2:  # ...and the other one too
+            assert time.monotonic() < deadline, "the second replica did not start"
+            time.sleep(0.5)
         yield server
     finally:
         server.terminate(timeout=120)
@@ -138,13 +149,14 @@ def test_response_cache_is_shared(ray_app):
     assert seen[other] == ("hit", first[1][1])  # the other replica answered from the shared cache
 
 
+@reliability
 def test_every_replica_full_gets_429_with_retry_after(ray_app):
-    """32 chats released together on 2 replicas x a batch of 4 plus a queue of 4 (room for 12):
-    the ones that find no room get the single server's 429 (``queue_full``, ``Retry-After``),
-    never Ray's 503. The answers are long enough (32 tokens on one thread) that the first
-    twelve still hold their places when the last ones arrive."""
+    """48 chats released together (12x the queue) on 2 replicas x a batch of 12 plus a queue of
+    4 (room for 28): the ones that find no room get the single server's 429 (``queue_full``,
+    ``Retry-After``), never Ray's 503. The answers are long enough (32 tokens on one thread)
+    that the first ones still hold their places when the last ones arrive."""
     client = _client(ray_app)
-    start = threading.Barrier(32)
+    start = threading.Barrier(48)
 
     def one(i: int):
         start.wait(timeout=60)
@@ -156,10 +168,10 @@ def test_every_replica_full_gets_429_with_retry_after(ray_app):
         except openai.RateLimitError as exc:
             return 429, (exc.response.headers.get("retry-after"), exc.response.json()["error"]["code"])
 
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, range(32)))
+    with ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(one, range(48)))
     refused = [detail for status, detail in results if status == 429]
-    assert refused and len(refused) < 32, results
+    assert refused and len(refused) < 48, results
     assert all(int(after) >= 1 and code == "queue_full" for after, code in refused), refused
 
 
@@ -190,6 +202,119 @@ def test_model_admin_calls_reach_every_replica(ray_app, tiny_model_dir):
     assert len({v["body"]["version"] for v in r.json()["replicas"].values()}) == 1
 
 
+# -- the reliability suite on the Ray app (before the rollout: these use the module's settings) --------
+@reliability
+def test_soak_64_clients_for_30_s(ray_app):
+    """The single server's soak (tests/test_reliability.py) on the two replicas, for 30 s instead
+    of 60 (CI time; the first 15 s are the warm-up): only 200 and 429 with Retry-After, no
+    request left unanswered, the replicas' resident memory within 5 % of its size after warm-up."""
+    pids = list(_pids(ray_app).values())
+    result = soak(ray_app.url, {"Authorization": f"Bearer {ADMIN}"}, lambda: pids, clients=64, seconds=30, warmup=15)
+    print("\nsoak, Ray app:", describe_soak(result))
+    assert not result["unexpected"] and not result["hung"], result["unexpected"][:10]
+    assert set(result["statuses"]) <= {200, 429} and result["statuses"].get(200, 0) >= 24, result["statuses"]
+    wave = result["first_wave"]  # 64 released together against room for 28
+    assert len(wave) == 64 and set(wave) == {200, 429}, wave
+    assert result["rss_end"] <= 1.05 * result["rss_warm"], describe_soak(result)
+
+
+def _engines(admin: httpx.Client, rounds: int = 1, steps: Optional[dict] = None) -> dict[str, tuple[float, float]]:
+    """{replica: (requests in its decode batch, requests waiting)} from the replicas' /metrics
+    that answered ``rounds`` pairs of concurrent scrapes; ``steps`` gets {replica: (time, decode
+    steps so far)}."""
+    steps = {} if steps is None else steps
+    def scrape(_):
+        r = admin.get("/metrics")
+        values = {"llamawrapper_running_batch_size": 0.0, "llamawrapper_queue_depth": 0.0}
+        for line in r.text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in values and 'model="smollm2"' in line:
+                values[name] += float(line.rsplit(" ", 1)[1])
+            if name == "llamawrapper_engine_decode_steps_total" and 'model="smollm2"' in line:
+                steps[r.headers["x-replica"]] = (time.monotonic(), float(line.rsplit(" ", 1)[1]))
+        return r.headers["x-replica"], tuple(values.values())
+
+    seen: dict = {}
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(rounds):
+            seen.update(pool.map(scrape, range(2)))
+    return seen
+
+
+@reliability
+def test_vanishing_streams_free_their_slots_within_a_second(ray_app):
+    """20 streams on the two replicas (a batch of 12 each); once each has its first words the
+    clients close their connections: Ray's proxy cancels the replicas' requests and every
+    replica's engine reports its slots free within a second."""
+    client, admin = _client(ray_app), _admin(ray_app)
+
+    def while_streaming():
+        first, last = {}, {}
+        busy = _engines(admin, rounds=4, steps=first)
+        time.sleep(2)
+        while set(last) != set(first):
+            _engines(admin, steps=last)
+        return busy, max((last[r][0] - first[r][0]) / max(last[r][1] - first[r][1], 1) for r in first)
+
+    # in waves of 4: a replica's engine queue (4) takes requests faster than its batch does
+    replicas, (busy, step), gone = vanishing_streams(client, 20, 4, while_streaming)
+    freed: dict[str, float] = {}
+    while set(freed) != set(replicas):
+        assert time.monotonic() - gone < 10, f"slots still held 10 s after the clients left: {_engines(admin)}"
+        for replica, engine in _engines(admin).items():
+            if engine == (0, 0):
+                freed.setdefault(replica, time.monotonic() - gone)
+    print(f"\n20 vanished streams on {len(set(replicas))} replicas (batches {busy}): slots free after "
+          + ", ".join(f"{t:.2f} s" for t in freed.values()) + f" (a decode step took up to {step:.2f} s)")
+    assert len(replicas) == 20 and sum(running for running, _ in busy.values()) == 20, busy
+    # as on the single server: within a second, or within the step in progress when steps are longer
+    assert max(freed.values()) <= max(1.0, 2 * step), (freed, step)
+
+
+@reliability
+def test_redis_stopped_mid_load_skips_the_cache_fails_closed_and_recovers(ray_app, restartable_redis):
+    """Redis (keys, limits and the shared response cache) stopped for 5 s while clients ask:
+    the limited key gets 503 ``state_unavailable`` (fails closed), the bootstrap admin key is
+    answered, without the cache (an answer cached before comes back ``x-cache: miss``, computed
+    again); once Redis is back the limited key is answered and the cached answer is a hit again."""
+    r = _admin(ray_app).post("/admin/keys", json={"name": "redis-down", "rpm": 100000})
+    assert r.status_code == 201, r.text
+    limited, admin_client = _client(ray_app, r.json()["key"]), _client(ray_app)
+    cached = [{"role": "user", "content": f"Name a fruit ({time.time()})."}]
+
+    def cached_answer() -> tuple[str, str]:
+        raw = admin_client.chat.completions.with_raw_response.create(model="smollm2", messages=cached, max_tokens=6,
+                                                                      temperature=0)
+        return raw.headers.get("x-cache"), raw.parse().choices[0].message.content
+
+    first = cached_answer()
+    assert first[0] == "miss" and cached_answer() == ("hit", first[1])
+
+    def asker(client: openai.OpenAI):
+        def ask():
+            try:
+                client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, temperature=0.8)
+                return 200, ""
+            except openai.APIStatusError as exc:
+                return exc.status_code, f"{exc.response.json()['error']['code']} retry-after={exc.response.headers.get('retry-after')}"
+        return ask
+
+    outage = redis_outage(restartable_redis, [("limited", asker(limited))] * 2 + [("admin", asker(admin_client))] * 2,
+                          while_down=cached_answer, recovered_by="limited")
+    log, down, up, during, recovered = (outage[k] for k in ("log", "down", "up", "during", "recovered"))
+    after = cached_answer()
+    unexpected = [e for e in log if e[2] != 200 and (e[1], e[2], e[3]) != ("limited", 503, "state_unavailable retry-after=1")]
+    assert not unexpected, unexpected[:10]
+    while_down = [status for t, who, status, _ in log if who == "limited" and down + 1.0 < t < up - 1.0]
+    print(f"\nRedis down on the Ray app: {len(log)} requests; limited key {len(while_down)} while down "
+          f"({sum(s != 200 for s in while_down)} refused), answered again {recovered:.2f} s after restart; "
+          f"cached answer while down {during[0]}, after {after[0]}")
+    assert while_down and all(s != 200 for s in while_down)  # fails closed
+    assert any(who == "admin" and down + 1.0 < t < up for t, who, _, _ in log)  # the rest is served
+    assert during == ("miss", first[1])  # no 500: the cache was skipped
+    assert after == ("hit", first[1])  # and is used again
+
+
 def _pids(server: ServerProcess) -> dict[str, int]:
     """{replica: pid} of both replicas: ``/replica`` asked while a chat keeps one replica busy
     (Ray's router then prefers the other)."""
@@ -207,7 +332,7 @@ def _pids(server: ServerProcess) -> dict[str, int]:
     raise AssertionError(f"only replicas {list(seen)} answered /replica")
 
 
-def test_rollout_replaces_replicas_without_a_failed_request(ray_app, redis_server):
+def test_rollout_replaces_replicas_without_a_failed_request(ray_app, restartable_redis, monkeypatch):
     """A redeploy with changed settings (here ``max_choices``) through ``build_app``, from a
     second driver on the same cluster, while two clients keep asking: Ray replaces the
     replicas one by one (a new one only takes traffic once its model is loaded)."""
@@ -230,7 +355,11 @@ def test_rollout_replaces_replicas_without_a_failed_request(ray_app, redis_serve
             except openai.APIConnectionError as exc:
                 statuses.append((0, str(exc)))
 
-    security = SecuritySettings(state_url=redis_server.url, admin_key=ADMIN,
+    # the new replicas keep the shared response cache (build_app forwards this process's
+    # LLAMAWRAPPER_* variables to them, as serve --ray forwards its own)
+    monkeypatch.setenv("LLAMAWRAPPER_CACHE_ENABLED", "true")
+    monkeypatch.setenv("LLAMAWRAPPER_CACHE_URL", restartable_redis.url.replace("/0", "/1"))
+    security = SecuritySettings(state_url=restartable_redis.url, admin_key=ADMIN,
                                 audit_file=str(ray_app.log_path.parent / "audit2.jsonl"))
     app = build_app(["smollm2"], settings=ServerSettings(max_choices=7), engine=EngineSettings(threads=1),
                     security=security, ray=RaySettings(replicas=2))
@@ -257,21 +386,57 @@ def test_rollout_replaces_replicas_without_a_failed_request(ray_app, redis_serve
     assert not {r for _, r in statuses[-4:]} & set(before)
 
 
-def test_kill_9_of_a_replica_loses_no_request(ray_app):
+def _put_tiny(admin: httpx.Client, client: openai.OpenAI, source: str) -> str:
+    """A version of the model ``tiny`` put through the admin route (both replicas apply it and
+    the call is in the admin log), ready on both replicas; its version name."""
+    r = admin.put("/admin/models/tiny", json={"source": source})
+    assert r.status_code == 202 and r.headers["x-lw-replicas-applied"] == "2/2", r.text
+    assert r.headers["x-lw-admin-log"].isdigit(), r.headers  # recorded for replicas started later
+    version = r.json()["version"]
+
+    def answer():
+        try:
+            raw = client.chat.completions.with_raw_response.create(model="tiny", messages=QUESTION, max_tokens=4)
+            return raw.headers["x-replica"], raw.headers["x-model-version"]
+        except openai.InternalServerError as exc:  # 503 while the version loads
+            assert exc.response.json()["error"]["code"] == "model_unavailable", exc.response.text
+            return exc.response.headers["x-replica"], "loading"
+
+    deadline = time.monotonic() + 120
+    while set(_until_both(answer).values()) != {version}:
+        assert time.monotonic() < deadline, f"{version} of tiny not served by both replicas"
+        time.sleep(0.5)
+    return version
+
+
+@reliability
+def test_kill_9_of_a_replica_loses_no_request(ray_app, tiny_model_dir):
+    """A replica killed with 6 greedy chats in flight (answers being written to the shared
+    response cache): none is lost, and asked again afterwards each answer given comes from the
+    cache unchanged. Before, two model admin calls put two versions of a second model (``tiny``)
+    on the running replicas; the replica Ray starts in place of the killed one replays them
+    from the admin log before it takes traffic, so it serves ``tiny`` at the same version as
+    the surviving replica."""
+    admin, client = _admin(ray_app), _client(ray_app)
+    _put_tiny(admin, client, str(tiny_model_dir))
+    tiny_version = _put_tiny(admin, client, str(tiny_model_dir))
     before = _pids(ray_app)
     victim_replica, victim_pid = next(iter(before.items()))
-    client = _client(ray_app)
     started = threading.Event()
+
+    def story(i: int):
+        return client.chat.completions.with_raw_response.create(
+            model="smollm2", messages=[{"role": "user", "content": f"Tell me story number {i}."}], max_tokens=40,
+            temperature=0)
 
     def one(i: int):
         started.set()
         try:
-            raw = client.chat.completions.with_raw_response.create(
-                model="smollm2", messages=[{"role": "user", "content": f"Tell me story number {i}."}], max_tokens=40,
-                temperature=0)
-            return 200, raw.headers["x-replica"], raw.parse().choices[0].finish_reason
+            raw = story(i)
+            answer = raw.parse().choices[0]
+            return 200, raw.headers["x-replica"], answer.finish_reason, answer.message.content
         except openai.APIStatusError as exc:
-            return exc.status_code, exc.response.headers.get("retry-after"), None
+            return exc.status_code, exc.response.headers.get("retry-after"), None, None
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(one, i) for i in range(6)]
@@ -279,38 +444,65 @@ def test_kill_9_of_a_replica_loses_no_request(ray_app):
         time.sleep(1.5)  # requests are on both replicas, none finished (40 tokens at one thread)
         os.kill(victim_pid, signal.SIGKILL)
         results = [f.result(timeout=150) for f in futures]  # never a hang
-    for status, detail, reason in results:
+    for status, detail, reason, _ in results:
         assert (status == 200 and detail != victim_replica and reason in ("stop", "length")) or \
                (status == 503 and detail is not None), results
-    assert sum(status == 200 for status, _, _ in results) >= 1
+    answers = {i: text for i, (status, _, _, text) in enumerate(results) if status == 200}
+    assert answers
     # Ray replaces the replica: a new one (new name, new process) answers again
-    admin, deadline = _admin(ray_app), time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline, replacement = time.monotonic() + 120, None
+    while replacement is None:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
         body = admin.get("/replica").json()
         if body["replica"] not in before and body["pid"] not in before.values():
-            return
+            replacement = body["replica"]
         time.sleep(0.5)
-    raise AssertionError("the killed replica was not replaced")
+    # ...and it serves what the admin calls made of the others, not only the command line's models
+    def tiny():  # no 503 "loading" either: the replacement takes traffic once it has replayed the log
+        try:
+            raw = client.chat.completions.with_raw_response.create(model="tiny", messages=QUESTION, max_tokens=4)
+            return raw.headers["x-replica"], (200, raw.headers["x-model-version"])
+        except openai.APIStatusError as exc:
+            return exc.response.headers.get("x-replica"), (exc.status_code, exc.response.text[:200])
+
+    served = _until_both(tiny)
+    assert served[replacement] == (200, tiny_version), served
+    assert set(served.values()) == {(200, tiny_version)}, served
+    # the cache after the kill: every answer given is served from it, unchanged
+    with ThreadPoolExecutor(6) as pool:
+        again = list(pool.map(story, range(6)))
+    hits = {i: raw.parse().choices[0].message.content for i, raw in enumerate(again) if raw.headers.get("x-cache") == "hit"}
+    assert set(answers) <= set(hits) and all(hits[i] == text for i, text in answers.items()), (answers, hits)
 
 
+@reliability
 def test_sigterm_drains_streams_and_exits_0(ray_app):
+    """SIGTERM to ``serve --ray`` with 16 streams in flight: every stream runs to its finish
+    reason, the process exits 0 and the local cluster is gone."""
     client = _client(ray_app)
-    first_chunk = threading.Barrier(3 + 1, timeout=60)
+    streaming, sent = [], threading.Event()
 
     def stream(i: int):
         chunks = client.chat.completions.create(model="smollm2", stream=True, max_tokens=24, temperature=0,
                                                 messages=[{"role": "user", "content": f"Count to ten, take {i}."}])
         reasons = []
-        for n, chunk in enumerate(chunks):
-            if n == 1:
-                first_chunk.wait()
-            reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        with chunks:  # closed on the way out, also when the test fails
+            for n, chunk in enumerate(chunks):
+                if n == 1:
+                    streaming.append(i)
+                    sent.wait(300)  # the rest of the answer waits in the socket until SIGTERM is sent
+                reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
         return reasons
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(stream, i) for i in range(3)]
-        first_chunk.wait()
-        ray_app.proc.send_signal(signal.SIGTERM)
+    with ThreadPoolExecutor(16) as pool:
+        futures = []
+        try:
+            for first in range(0, 16, 4):  # in waves (the replicas' engine queues hold 4 each)
+                futures += [pool.submit(stream, i) for i in range(first, first + 4)]
+                wait_until(lambda: len(streaming) == len(futures), futures, timeout=300)
+            ray_app.proc.send_signal(signal.SIGTERM)
+        finally:
+            sent.set()
         reasons = [f.result(timeout=120) for f in futures]
     assert all(len(r) == 1 and r[0] in ("stop", "length") for r in reasons), reasons  # every stream ran to its end
     assert ray_app.proc.wait(120) == 0, ray_app.log()[-3000:]

@@ -4,6 +4,7 @@ replica, with the replica count, admission and CPUs from a ``DeploymentPlan``.""
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any, Optional, Sequence
 
 from ..config import EngineSettings, RaySettings, SecuritySettings, ServerSettings
@@ -28,7 +29,8 @@ def build_app(models: Optional[Sequence[str]] = None, *, settings: Optional[Serv
     FastAPI app as ``llamawrapper serve``, for ``serve.run(...)``. Settings left out are read as
     the CLI reads them (env vars, config file). ``request_router``: ``"prefix"`` routes requests
     that share a prompt prefix to the same replica (``llamawrapper.deploy.routing``); default is
-    Ray Serve's power-of-two-choices."""
+    Ray Serve's power-of-two-choices. Each call names a new deployment id: the admin log of
+    model admin calls that replicas started later replay (``adminlog.py``) starts empty."""
     serve = require_ray()
     if settings is None:
         settings = ServerSettings(**({"models": list(models)} if models else {}))
@@ -52,4 +54,4 @@ def build_app(models: Optional[Sequence[str]] = None, *, settings: Optional[Serv
         ray_actor_options={"num_cpus": plan.cpus_per_replica, "runtime_env": {"env_vars": forwarded_env()}},
         graceful_shutdown_timeout_s=max(settings.drain_timeout, 1.0), graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5, health_check_timeout_s=30, **options)
-    return deployment.bind(settings, engine, security)
+    return deployment.bind(settings, engine, security, uuid.uuid4().hex[:12])

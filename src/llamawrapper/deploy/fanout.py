@@ -9,18 +9,25 @@ response: ``"replicas": {id: {"status", "body"}}`` and ``x-lw-replicas-applied: 
 
 Versions are named by each host in order (``v2``, ``v3``...), so replicas that saw the same
 calls name them alike. A replica that starts later (Ray's replacement of a dead one, an
-autoscaled one, a redeploy) starts from the deployment's settings, not from these calls."""
+autoscaled one) learns the calls from the deployment's admin log in Redis (``adminlog.py``, with
+a Redis ``--state-url``): the replica that answered a call appends it there before replaying it,
+and says where in ``x-lw-admin-log`` (the entry's index, or ``unavailable``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Awaitable, Callable, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import StateUnavailableError
+from .adminlog import AdminLog, call_of
+
 log = logging.getLogger("llamawrapper.deploy")
 APPLIED_HEADER = b"x-lw-replicas-applied"
+LOG_HEADER = b"x-lw-admin-log"
 FANOUT_SCOPE_KEY = "llamawrapper.fanout_origin"   # set on a replayed call: never fanned out again
 _METHODS = ("PUT", "DELETE", "POST")
 _PREFIX = "/admin/models/"
@@ -76,10 +83,11 @@ def _json(raw: bytes) -> Any:
 class AdminFanout:
     """ASGI middleware: a successful model admin call is replayed on every other replica."""
 
-    def __init__(self, app: ASGIApp, replica: str, broadcast: Broadcast) -> None:
+    def __init__(self, app: ASGIApp, replica: str, broadcast: Broadcast, admin_log: Optional[AdminLog] = None) -> None:
         self.app = app
         self.replica = replica
         self.broadcast = broadcast
+        self.admin_log = admin_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not fans_out(scope):
@@ -95,6 +103,7 @@ class AdminFanout:
                        "headers": [(k.decode(), v.decode()) for k, v in scope.get("headers", [])
                                    if k.lower() not in _DROPPED_HEADERS],
                        "body": body}
+            logged = await self._record(scope, body, request)
             replicas = {self.replica: {"status": status, "body": _json(raw)}}
             replicas.update(await self._others(request))
             ok = sum(200 <= r["status"] < 300 for r in replicas.values())
@@ -104,11 +113,32 @@ class AdminFanout:
                 raw = json.dumps(out).encode()
             headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", APPLIED_HEADER)]
             headers += [(b"content-length", str(len(raw)).encode()), (APPLIED_HEADER, f"{ok}/{len(replicas)}".encode())]
+            if logged is not None:
+                headers.append((LOG_HEADER, logged.encode()))
             if ok < len(replicas):
                 log.warning("admin %s %s applied on %d of %d replicas: %s", scope["method"], scope["path"], ok,
                             len(replicas), replicas)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
+
+    async def _record(self, scope: Scope, body: bytes, request: dict) -> Optional[str]:
+        """Append the call to the admin log (its index goes with the fan-out); what to say in
+        ``x-lw-admin-log``, None without a log."""
+        if self.admin_log is None:
+            return None
+        try:
+            call = call_of(scope["method"], scope["path"], body)
+        except ValueError:  # the app took the body, so this does not happen; never fail the call for it
+            call = None
+        if call is None:
+            return None
+        try:
+            request["log_index"] = await asyncio.to_thread(self.admin_log.append, call)
+        except StateUnavailableError as exc:
+            log.warning("admin %s %s not recorded in the admin log (replicas started later miss it): %s",
+                        scope["method"], scope["path"], exc)
+            return "unavailable"
+        return str(request["log_index"])
 
     async def _others(self, request: dict) -> dict:
         """{replica: {"status", "body"}} from every other running replica (502 for one whose
@@ -138,11 +168,15 @@ async def _read_body(receive: Receive) -> Optional[bytes]:
             return b"".join(chunks)
 
 
-async def apply_here(app: ASGIApp, replica: str, request: dict) -> dict:
+async def apply_here(app: ASGIApp, replica: str, request: dict, replayed: int = 0) -> dict:
     """The replica's side of a fanned-out call (``LlamaWrapperReplica.admin_apply``); the
-    replica that received the call skips it (it has answered already)."""
+    replica that received the call skips it (it has answered already), and so does a replica
+    that applied it from the admin log at its start (``replayed``: how many entries it did)."""
     if request["origin"] == replica:
         return {"replica": replica, "status": 0, "body": None}
+    if 0 < request.get("log_index", 0) <= replayed:
+        return {"replica": replica, "status": 200, "body": {"skipped": f"applied at start from admin log entry "
+                                                                       f"{request['log_index']}"}}
     status, _, raw = await call_app(app, replay_scope(request), request["body"])
     return {"replica": replica, "status": status, "body": _json(raw)}
 

@@ -3,20 +3,21 @@ built inside the replica's process. Every response names the replica (``x-replic
 ``/metrics`` sample carries a ``replica`` label, ``/replica`` says which process answers, and
 the replica only reports itself started once its models are loaded (so Ray sends it no traffic
 before, and a rollout never swaps a loaded replica for a loading one); model admin calls reach
-every replica (``fanout.py``)."""
+every replica (``fanout.py``), replicas started later included (``adminlog.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 from fastapi import APIRouter, Request
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import EngineSettings, SecuritySettings, ServerSettings
+from .adminlog import open_admin_log
 from .fanout import AdminFanout, apply_here, handle_broadcast
 
 log = logging.getLogger("llamawrapper.deploy")
@@ -45,11 +46,13 @@ class ReplicaMiddleware:
     the host has loaded every model, and turns a failed load into a failed startup (Ray then
     retries the replica instead of routing to a replica that can only answer 503)."""
 
-    def __init__(self, app: ASGIApp, replica: str, host: Any, load_timeout: float = 1800) -> None:
+    def __init__(self, app: ASGIApp, replica: str, host: Any, load_timeout: float = 1800,
+                 after_load: Optional[Callable[[], Any]] = None) -> None:
         self.app = app
         self.header = (REPLICA_HEADER.encode(), replica.encode())
         self.host = host
         self.load_timeout = load_timeout
+        self.after_load = after_load  # the admin log's replay: before startup completes too
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -72,6 +75,11 @@ class ReplicaMiddleware:
                 loaded = await asyncio.to_thread(self.host.wait, None, None, self.load_timeout)
                 if not loaded:
                     message = {"type": "lifespan.startup.failed", "message": f"models not loaded: {self.host.statuses()}"}
+                elif self.after_load is not None:
+                    try:
+                        await asyncio.to_thread(self.after_load)
+                    except Exception as exc:  # Redis away: Ray retries the replica rather than start it stale
+                        message = {"type": "lifespan.startup.failed", "message": f"admin log not replayed: {exc}"}
             await send(message)
 
         return send_when_loaded
@@ -99,8 +107,10 @@ def label_metrics(metrics: Any, replica: str) -> None:
 class LlamaWrapperReplica:
     """The Ray Serve deployment class: its ASGI app is built in the replica, after ``__init__``."""
 
-    def __init__(self, settings: ServerSettings, engine: EngineSettings, security: SecuritySettings) -> None:
+    def __init__(self, settings: ServerSettings, engine: EngineSettings, security: SecuritySettings,
+                 deployment_id: Optional[str] = None) -> None:
         self._settings, self._engine, self._security = settings, engine, security
+        self._deployment_id = deployment_id  # names the admin log (``adminlog.py``); one per build_app
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from ..server.app import create_app
@@ -112,13 +122,16 @@ class LlamaWrapperReplica:
         app.include_router(_router)
         label_metrics(state.metrics, replica)
         context = serve.get_replica_context()
-        app.add_middleware(AdminFanout, replica=replica,
+        admin_log = open_admin_log(self._security.state_url, self._deployment_id)
+        app.add_middleware(AdminFanout, replica=replica, admin_log=admin_log,
                            broadcast=handle_broadcast(context.app_name, context.deployment))
-        app.add_middleware(ReplicaMiddleware, replica=replica, host=state.host)
-        self._app, self._replica = app, replica
+        app.add_middleware(ReplicaMiddleware, replica=replica, host=state.host,
+                           after_load=(lambda: admin_log.replay(state.host)) if admin_log is not None else None)
+        self._app, self._replica, self._admin_log = app, replica, admin_log
         log.info("replica %s built (pid %d)", replica, os.getpid())
         return app
 
     async def admin_apply(self, request: dict) -> dict:
         """A model admin call fanned out by the replica that received it (``fanout.py``)."""
-        return await apply_here(self._app, self._replica, request)
+        return await apply_here(self._app, self._replica, request,
+                                replayed=self._admin_log.replayed if self._admin_log is not None else 0)

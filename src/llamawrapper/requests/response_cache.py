@@ -9,6 +9,9 @@ sampling parameter and the output constraint (grammar, tools). Value: the engine
 Backends: SQLite under the cache folder (WAL journal; each put is one transaction, so a killed
 process leaves either the old or the new row, never a torn one) and Redis for
 ``redis://`` URLs. Both honour a TTL and a size bound (entries and bytes; oldest use evicted).
+A Redis that cannot be reached (stopped, 2 s without an answer) does not fail the request: the
+lookup is skipped (the request runs on the engine, ``x-cache: miss``) and so is the store,
+until Redis answers again (counted in ``stats()["skipped"]``, logged once per outage).
 
 Encryption at rest: with an encryption key (``llamawrapper.security.crypto``) every value is
 sealed with AES-GCM, its cache key as associated data; the store keeps an encrypted marker, so
@@ -19,8 +22,10 @@ dropped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -28,10 +33,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, StateUnavailableError
 from ..types import SamplingParams, StreamEvent, Usage
 
 KEY_VERSION = 1
+log = logging.getLogger("llamawrapper.cache")
 
 
 def is_deterministic(params: SamplingParams) -> bool:
@@ -145,6 +151,18 @@ class SQLiteCache:
             self._db.close()
 
 
+def _redis_reachable(method: Any) -> Any:
+    """For ``RedisCache``'s methods: Redis errors become ``StateUnavailableError`` (``ResponseCache``
+    then skips the cache for that request)."""
+    @functools.wraps(method)
+    def call(self: "RedisCache", *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except self._errors as exc:
+            raise StateUnavailableError(f"The response cache (Redis) is unreachable: {exc}") from None
+    return call
+
+
 class RedisCache:
     """Entries as Redis strings with an expiry; a sorted set by last use bounds their number."""
 
@@ -154,15 +172,19 @@ class RedisCache:
         except ImportError as exc:
             raise InvalidRequestError("cache_url=redis://... needs the 'redis' package (pip install redis).", param="cache_url") from exc
         self.ttl, self.max_entries, self.prefix = ttl, max_entries, prefix
-        self._r = redis.Redis.from_url(url)
+        self._r = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=5)
         self._index = prefix + "index"
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
 
+    @_redis_reachable
     def get_meta(self, name: str) -> Optional[bytes]:
         return self._r.get(self.prefix + "meta:" + name)
 
+    @_redis_reachable
     def put_meta(self, name: str, value: bytes) -> None:
         self._r.set(self.prefix + "meta:" + name, value)
 
+    @_redis_reachable
     def get(self, key: str) -> Optional[bytes]:
         value = self._r.get(self.prefix + key)
         if value is None:
@@ -171,6 +193,7 @@ class RedisCache:
         self._r.zadd(self._index, {key: time.time()})
         return value
 
+    @_redis_reachable
     def put(self, key: str, value: bytes) -> None:
         ttl_ms = int(self.ttl * 1000) if self.ttl else None
         pipe = self._r.pipeline()
@@ -184,12 +207,14 @@ class RedisCache:
                 self._r.delete(*[self.prefix + k.decode() for k in old])
                 self._r.zrem(self._index, *old)
 
+    @_redis_reachable
     def clear(self) -> None:
         keys = [self.prefix + k.decode() for k in self._r.zrange(self._index, 0, -1)]
         if keys:
             self._r.delete(*keys)
         self._r.delete(self._index)
 
+    @_redis_reachable
     def __len__(self) -> int:
         return int(self._r.zcard(self._index))
 
@@ -220,6 +245,8 @@ class ResponseCache:
         self.hits = 0
         self.misses = 0
         self.stores = 0
+        self.skipped = 0  # lookups and stores skipped while the backend (Redis) was unreachable
+        self._unreachable = False
         new_marker = check_marker(backend.get_meta("encryption"), cipher, where)
         if new_marker is not None:
             if len(backend):
@@ -236,8 +263,24 @@ class ResponseCache:
         except EncryptionKeyError:
             return None  # changed or foreign bytes: a miss, never wrong data
 
+    def _skip(self, exc: StateUnavailableError) -> None:
+        self.skipped += 1
+        if not self._unreachable:
+            self._unreachable = True
+            log.warning("response cache skipped until its backend answers again: %s", exc)
+
+    def _reached(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("response cache reachable again (%d lookups and stores skipped so far)", self.skipped)
+
     def lookup(self, key: str) -> Optional[list[StreamEvent]]:
-        blob = self.backend.get(key)
+        try:
+            blob = self.backend.get(key)
+        except StateUnavailableError as exc:
+            self._skip(exc)
+            return None
+        self._reached()
         blob = None if blob is None else self._open(key, blob)
         if blob is None:
             self.misses += 1
@@ -248,11 +291,16 @@ class ResponseCache:
     def store(self, key: str, events: list[StreamEvent]) -> None:
         if events and events[-1].finish_reason in ("stop", "length"):
             blob = encode_events(events)
-            self.backend.put(key, blob if self.cipher is None else self.cipher.encrypt(blob, key.encode()))
+            try:
+                self.backend.put(key, blob if self.cipher is None else self.cipher.encrypt(blob, key.encode()))
+            except StateUnavailableError as exc:
+                self._skip(exc)
+                return
+            self._reached()
             self.stores += 1
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "stores": self.stores}
+        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "skipped": self.skipped}
 
     def close(self) -> None:
         self.backend.close()
