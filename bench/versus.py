@@ -465,11 +465,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("tokens/s")
 
-    labels, values, colors = [], [], []
-    if cpp.get("status") == "ok":
-        labels.append("llama.cpp tg")
-        values.append(_get(cpp, "tg", "tokens_per_s"))
-        colors.append("tab:red")
+    labels, values, colors = ["llama.cpp tg" if cpp.get("status") == "ok" else "llama.cpp\nunavailable"], [_get(cpp, "tg", "tokens_per_s")], ["tab:red"]
     for v, r in eng.items():
         labels.append(v)
         values.append(_get(r, "workloads", "decode", "decode_tokens_per_s") if r.get("status") == "ok" else None)
@@ -483,11 +479,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
             colors.append(("tab:red" if name == "llama-server" else "tab:blue") if wave == "warm" else
                           ("lightsalmon" if name == "llama-server" else "lightsteelblue"))
     bars(axes[1], labels, values, colors, f"W2 over HTTP: {http.get('requests')} chats x {http.get('max_tokens')} tokens (aggregate)")
-    labels, values, colors = [], [], []
-    if cpp.get("status") == "ok":
-        labels.append("llama.cpp pp")
-        values.append(_get(cpp, "pp", "tokens_per_s"))
-        colors.append("tab:red")
+    labels, values, colors = ["llama.cpp pp" if cpp.get("status") == "ok" else "llama.cpp\nunavailable"], [_get(cpp, "pp", "tokens_per_s")], ["tab:red"]
     for v, r in eng.items():
         labels.append(v)
         values.append(_get(r, "workloads", "prefill", "tokens_per_s") if r.get("status") == "ok" else None)
