@@ -108,27 +108,39 @@ def _median(xs: list[float]) -> Optional[float]:
 
 # -- llama-bench ------------------------------------------------------------------------------------
 def llama_bench_stage(gguf: Optional[Path], why: str, threads: int, n_gen: int, n_prompt: int, reps: int) -> dict[str, Any]:
+    """llama-bench tg (``-p 0 -n n_gen``) and pp (``-p n_prompt -n 0``), or why llama.cpp is unavailable."""
     ok, where = llamacpp.available()
     if not ok:
         return {"status": "unavailable", "reason": where}
     if gguf is None:
         return {"status": "unavailable", "reason": why}
     out: dict[str, Any] = {"status": "ok", "binaries": where, "version": llamacpp.version(), "build": llamacpp.build_info()}
-    for name, (p, n, r) in {"tg": (0, n_gen, reps), "pp": (n_prompt, 0, max(1, min(reps, 3)))}.items():
-        load0 = _load()
-        try:
-            rec = llamacpp.run_llama_bench(gguf, n_prompt=p, n_gen=n, threads=threads, repetitions=r)[0]
-        except Exception as exc:  # reported, never replaced by a guess
-            out[name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-            continue
-        samples = rec.get("samples_ts") or [rec.get("avg_ts")]
-        out[name] = {"test": f"{name}{p or n}", "n_prompt": p, "n_gen": n, "threads": rec.get("n_threads"),
-                     "repetitions": r, "samples_ts": samples, "tokens_per_s": statistics.median(samples),
-                     "avg_ts": rec.get("avg_ts"), "stddev_ts": rec.get("stddev_ts"), "type_k": rec.get("type_k"),
-                     "model_type": rec.get("model_type"), "cpu_info": rec.get("cpu_info"), "backends": rec.get("backends"),
-                     "build_commit": rec.get("build_commit"), "command": rec.get("command"),
-                     "loadavg_before": load0, "loadavg_after": _load()}
+    out["tg"] = llama_bench_one(gguf, "tg", 0, n_gen, reps, threads)
+    out["pp"] = llama_bench_one(gguf, "pp", n_prompt, 0, max(1, min(reps, 3)), threads)
     return out
+
+
+def llama_bench_one(gguf: Path, name: str, n_prompt: int, n_gen: int, reps: int, threads: int) -> dict[str, Any]:
+    load0 = _load()
+    try:
+        rec = llamacpp.run_llama_bench(gguf, n_prompt=n_prompt, n_gen=n_gen, threads=threads, repetitions=reps)[0]
+    except Exception as exc:  # reported, never replaced by a guess
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    samples = rec.get("samples_ts") or [rec.get("avg_ts")]
+    return {"test": f"{name}{n_prompt or n_gen}", "n_prompt": n_prompt, "n_gen": n_gen, "threads": rec.get("n_threads"),
+            "repetitions": reps, "samples_ts": samples, "tokens_per_s": statistics.median(samples),
+            "avg_ts": rec.get("avg_ts"), "stddev_ts": rec.get("stddev_ts"), "type_k": rec.get("type_k"),
+            "model_type": rec.get("model_type"), "cpu_info": rec.get("cpu_info"), "backends": rec.get("backends"),
+            "build_commit": rec.get("build_commit"), "command": rec.get("command"),
+            "loadavg_before": load0, "loadavg_after": _load()}
+
+
+def tg_reference(cpp: dict) -> Optional[float]:
+    """llama.cpp's tg figure the ratios use: the mean of the run's start and end measurements
+    (A-B-A around the engine and HTTP stages), or the start one alone."""
+    xs = [_get(cpp, k, "tokens_per_s") for k in ("tg", "tg_end")]
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 # -- engine variants (one process each, through bench.run / bench.worker) ---------------------------
@@ -354,7 +366,7 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
     def pre(v: str) -> Optional[float]:
         return _get(eng, v, "workloads", "prefill", "tokens_per_s") if ok(v) else None
 
-    tg = _get(cpp, "tg", "tokens_per_s")
+    tg = tg_reference(cpp)
     base = next((k for k in eng if k.startswith("fp32@")), None)
     rows: list[dict[str, Any]] = []
 
@@ -397,6 +409,11 @@ def _f(v: Any, fmt: str = "{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def _l1(x: Optional[list[float]]) -> str:
+    """The 1-minute load average of a ``_load()`` triple."""
+    return "–" if not x else f"{x[0]:.1f}"
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     eng, cpp, http = doc.get("engine") or {}, doc.get("llamacpp") or {}, doc.get("http") or {}
@@ -406,14 +423,20 @@ def markdown(doc: dict) -> str:
              f"Model: {doc['model']} — GGUF {doc.get('gguf') or '–'} ({doc.get('gguf_type') or '–'}); threads {doc['threads']}.", ""]
     lines += ["W1 single stream and prefill (tokens/s; decode = (n-1)/(last-first token), llama.cpp = llama-bench median)", "",
               f"| system | W1 decode ({doc['settings']['w1_new_tokens']} new) | W1 end-to-end | prefill {doc['settings']['prefill_tokens']} tokens | "
-              "TTFT uncached / cached prefix (s) | W2 in-process tok/s | load avg (before → after) |",
+              "TTFT uncached / cached prefix (s) | W2 in-process tok/s | 1-min load avg (before → after) |",
               "|---|---|---|---|---|---|---|"]
     if cpp.get("status") == "ok":
-        tg, pp = cpp.get("tg") or {}, cpp.get("pp") or {}
-        lines.append(f"| llama.cpp ({tg.get('test', 'tg')}, {pp.get('test', 'pp')}) | {_f(tg.get('tokens_per_s'))} | – | "
-                     f"{_f(pp.get('tokens_per_s'))} | – | – | {tg.get('loadavg_before')} → {pp.get('loadavg_after')} |")
+        tg, pp, end = cpp.get("tg") or {}, cpp.get("pp") or {}, cpp.get("tg_end") or {}
+        both = f" (start {_f(tg.get('tokens_per_s'))}, end {_f(end.get('tokens_per_s'))})" if end else ""
+        lines.append(f"| llama.cpp llama-bench ({tg.get('test', 'tg')}, {pp.get('test', 'pp')}) | {_f(tg_reference(cpp))}{both} | – | "
+                     f"{_f(pp.get('tokens_per_s'))} | – | – | {_l1(tg.get('loadavg_before'))} → {_l1((end or pp).get('loadavg_after'))} |")
+        for k in ("tg", "pp", "tg_end"):
+            if (cpp.get(k) or {}).get("status") == "error":
+                lines.append(f"| llama.cpp {k} | error: {cpp[k]['reason'][:150]} ||||||")
+    elif cpp:
+        lines.append(f"| llama.cpp | {cpp.get('status')}: {cpp.get('reason', '')[:150]} ||||||")
     else:
-        lines.append(f"| llama.cpp | unavailable: {cpp.get('reason', '')[:150]} ||||||")
+        lines.append("| llama.cpp | not run (--stages) ||||||")
     for v, r in eng.items():
         if r.get("status") != "ok":
             lines.append(f"| engine {v} | {r.get('status')}: {str(r.get('reason', ''))[:150]} ||||||")
@@ -422,7 +445,7 @@ def markdown(doc: dict) -> str:
         d, p, t, w2 = w.get("decode") or {}, w.get("prefill") or {}, w.get("ttft") or {}, w.get("w2") or {}
         lines.append(f"| engine {v} | {_f(d.get('decode_tokens_per_s'))} | {_f(d.get('tokens_per_s'))} | {_f(p.get('tokens_per_s'))} | "
                      f"{_f(t.get('uncached_ttft_p50_s'), '{:.3f}')} / {_f(t.get('cached_ttft_p50_s'), '{:.3f}')} | "
-                     f"{_f(w2.get('tokens_per_s'))} | {r.get('loadavg_before')} → {r.get('loadavg_after')} |")
+                     f"{_f(w2.get('tokens_per_s'))} | {_l1(r.get('loadavg_before'))} → {_l1(r.get('loadavg_after'))} |")
     if http:
         lines += ["", f"W2 over HTTP: {http['requests']} concurrent streaming chats, shared system prompt, {http['max_tokens']} new tokens each "
                   f"(median of {http['rounds']} rounds; cached = cached prompt tokens / prompt tokens)", "",
@@ -465,7 +488,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("tokens/s")
 
-    labels, values, colors = ["llama.cpp tg" if cpp.get("status") == "ok" else "llama.cpp\nunavailable"], [_get(cpp, "tg", "tokens_per_s")], ["tab:red"]
+    labels, values, colors = ["llama.cpp tg" if cpp.get("status") == "ok" else "llama.cpp\nunavailable"], [tg_reference(cpp)], ["tab:red"]
     for v, r in eng.items():
         labels.append(v)
         values.append(_get(r, "workloads", "decode", "decode_tokens_per_s") if r.get("status") == "ok" else None)
@@ -566,7 +589,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": settings.to_dict(), "notes": [
             "greedy; W1/prefill engine variants each in their own process (bench.worker), one at a time",
             "W1 engine figure = decode tokens/s (n-1)/(last-first token) after a 46-token chat prompt, median of decode_repeats; "
-            "llama.cpp = llama-bench tg (no prompt), median of its repetitions",
+            "llama.cpp = llama-bench tg (no prompt), median of its repetitions, measured at the start and at the end of the run; "
+            "ratios use the mean of the two",
             "W2 over HTTP: same openai client code for both servers; logit_bias -100 on end-of-generation tokens so each answer "
             "has exactly max_tokens tokens (checked from usage); cold = first wave after start (+1 short unrelated warm-up "
             "request), warm = second wave (other questions, same system prompt)",
@@ -590,6 +614,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             log_dir.mkdir(exist_ok=True)
             doc["http"] = http_stage(args.model, gguf, why, http_variants, args.threads, args.requests, args.max_tokens,
                                      args.rounds, log_dir)
+    if "llamacpp" in stages and doc["llamacpp"].get("status") == "ok" and stages & {"engine", "http"}:
+        print("== llama.cpp llama-bench tg again (end of run)", file=sys.stderr, flush=True)
+        doc["llamacpp"]["tg_end"] = llama_bench_one(Path(doc["gguf"]), "tg", 0, settings.w1_new_tokens, args.llama_bench_reps,
+                                                    args.threads)
     doc["duration_s"] = time.time() - started
     doc["machine"]["loadavg_at_end"] = _load()
     js, png, table = write(doc, out_dir, stamp)
