@@ -150,3 +150,16 @@ def test_llamacpp_helpers_without_binaries(tmp_path, monkeypatch):
     with pytest.raises(llamacpp.LlamaCppUnavailable):
         llamacpp.binaries()
     assert llamacpp.main(["status"]) == 1
+
+
+def test_llamacpp_build_names_missing_toolchain(tmp_path, monkeypatch):
+    """Without cmake or compilers on PATH the build stops at once with a clear error (no download)."""
+    from bench import llamacpp
+
+    monkeypatch.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(tmp_path / "tools"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(llamacpp.LlamaCppUnavailable, match="cmake"):
+        llamacpp.build()
+    assert not (tmp_path / "tools" / "downloads").exists()
