@@ -46,6 +46,9 @@ SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.16"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6"
+# the llama.cpp commit vendored by that sdist (its .git/index: ``git ls-files -s vendor/llama.cpp``); the
+# extracted tree has no git metadata, so the binaries themselves report "build: unknown (0)"
+LLAMACPP_COMMIT = "4227c9be4268ac844921b90f31595f81236bd317"
 TARGETS = ("llama-bench", "llama-server")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -207,21 +210,22 @@ def build(force: bool = False, jobs: int = JOBS, log: Any = sys.stdout) -> dict[
     found = binaries()
     info = {"sdist": SDIST_FILE, "sha256": SDIST_SHA256, "cmake_flags": list(CMAKE_FLAGS), "targets": list(TARGETS),
             "jobs": jobs, "nice": NICE, "build_seconds": time.time() - started,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": version(found["llama-bench"])}
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": version(found["llama-server"])}
     (build_dir() / "llamawrapper-build.json").write_text(json.dumps(info, indent=1))
     print(f"built {', '.join(TARGETS)} in {info['build_seconds'] / 60:.1f} min: {found['llama-bench'].parent}", file=log, flush=True)
     return found
 
 
-def version(binary: Optional[Path] = None) -> Optional[str]:
-    """``llama-bench --version``'s first line (build number and commit), if it runs."""
-    binary = binary or binaries()["llama-bench"]
+def version(binary: Optional[Path] = None) -> str:
+    """Which llama.cpp this is: the vendored commit, and the compiler ``llama-server --version`` names."""
+    text = f"llama.cpp {LLAMACPP_COMMIT[:10]} (vendor/llama.cpp of {SDIST_PACKAGE} {SDIST_VERSION})"
     try:
+        binary = binary or binaries()["llama-server"]
         proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = (proc.stdout + proc.stderr).strip().splitlines()
-    return text[0] if text else None
+        built = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("built with")]
+        return text + (f", {built[0]}" if built else "")
+    except (OSError, subprocess.TimeoutExpired, LlamaCppUnavailable):
+        return text
 
 
 # -- llama-bench ------------------------------------------------------------------------------------
