@@ -232,8 +232,10 @@ async def _stream_one(client: Any, model: str, messages: list[dict], max_tokens:
     cached = None
     if usage is not None and getattr(usage, "prompt_tokens_details", None) is not None:
         cached = usage.prompt_tokens_details.cached_tokens
-    if cached is None and timings:
+    if cached is None and timings:  # llama-server: prompt_n = prompt tokens it evaluated, the rest came from the slot
         cached = timings.get("cache_n")
+        if cached is None and timings.get("prompt_n") is not None and usage is not None:
+            cached = usage.prompt_tokens - timings["prompt_n"]
     return {"ttft_s": ttft if ttft is not None else end, "latency_s": end, "completion_tokens": usage.completion_tokens if usage else None,
             "prompt_tokens": usage.prompt_tokens if usage else None, "cached_tokens": cached, "finish_reason": finish,
             "text_chunks": pieces}
