@@ -232,12 +232,18 @@ def version(binary: Optional[Path] = None) -> str:
 def run_llama_bench(gguf: Path, n_prompt: int = 0, n_gen: int = 128, threads: int = 2, repetitions: int = 5,
                     extra: tuple[str, ...] = (), timeout: float = 900.0) -> list[dict[str, Any]]:
     """``llama-bench -m GGUF -p N_PROMPT -n N_GEN -t THREADS -r REPETITIONS -o json``: its records
-    (one per test; ``avg_ts``/``stddev_ts`` are tokens/s over the repetitions, ``samples_ts`` each one)."""
+    (one per test; ``avg_ts``/``stddev_ts`` are tokens/s over the repetitions, ``samples_ts`` each one;
+    ``process_cpu_s``: the CPU time of the whole llama-bench process)."""
     cmd = [str(binaries()["llama-bench"]), "-m", str(gguf), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
            "-r", str(repetitions), "-o", "json", *extra]
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = proc.stdout
     start = out.find("[")
     if start < 0:
@@ -245,6 +251,7 @@ def run_llama_bench(gguf: Path, n_prompt: int = 0, n_gen: int = 128, threads: in
     records = json.loads(out[start:])
     for r in records:
         r["command"] = " ".join(cmd)
+        r["process_cpu_s"] = cpu_s  # the whole llama-bench process (load, warm-up and every test)
     return records
 
 

@@ -127,6 +127,7 @@ def test_versus_writes_json_table_and_plot(versus_run):
     assert mine["status"] == "ok"
     for wave in ("cold", "warm"):  # logit_bias on EOS: every answer has exactly max_tokens tokens
         assert mine[wave]["all_max_tokens"] and mine[wave]["tokens_per_s"] > 0
+        assert mine[wave]["tokens_per_server_cpu_s"] > 0  # the server process's own CPU time
     names = {r["name"] for r in doc["ratios"]}
     assert "W1 int4 / llama.cpp tg128" in names and "TTFT cached ~300-token prefix / uncached, fp32" in names
 
