@@ -75,6 +75,9 @@ class Worker:
         except Unavailable as exc:
             return {**out, "status": "unavailable", "reason": str(exc)}
         out["load_s"] = now() - t
+        import llamawrapper
+
+        out["library"] = str(Path(llamawrapper.__file__).parent)  # which checkout was measured (bench.versus --baseline)
         out["rss_before_load_mb"] = rss0 / MB
         out["rss_after_load_mb"] = rss_bytes() / MB
         out["threads"] = default_threads(s)
