@@ -23,7 +23,7 @@ from typing import Any
 from . import report
 from .metrics import machine, versions
 from .workloads import BenchSettings
-from .worker import ALL_WORKLOADS
+from .worker import ALL_WORKLOADS, EXTRA_WORKLOADS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SYSTEMS = "engine,hf_sequential,hf_padded,llamacpp"
@@ -32,7 +32,8 @@ DEFAULT_SYSTEMS = "engine,hf_sequential,hf_padded,llamacpp"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description="LlamaWrapper's engine against plain transformers and llama.cpp.")
     ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                    help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (prefix and rss run on engines only)")
+                    help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (prefix and rss run on engines only); "
+                         f"also {','.join(EXTRA_WORKLOADS)} (not in the default set; see bench.worker)")
     ap.add_argument("--systems", default=DEFAULT_SYSTEMS,
                     help="comma-separated: engine, hf_sequential, hf_padded, llamacpp; engine variants take load options, "
                          "e.g. engine:quantization=int8 or engine:dtype=bfloat16 or engine:prefix_cache_mb=64")
@@ -63,13 +64,17 @@ def make_settings(quick: bool, overrides: list[str]) -> BenchSettings:
     return settings
 
 
-def run_system(spec: str, args: argparse.Namespace, settings: BenchSettings) -> dict[str, Any]:
-    """One system in a fresh process; its JSON result (or why it failed)."""
+def run_system(spec: str, args: argparse.Namespace, settings: BenchSettings, library_src: Path | None = None) -> dict[str, Any]:
+    """One system in a fresh process; its JSON result (or why it failed). ``library_src``: import
+    ``llamawrapper`` from this folder instead (an older commit's ``src``, as ``bench.versus --baseline`` does)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench.worker", "--system", spec, "--model", args.model, "--workloads", args.workloads,
                "--settings", json.dumps(settings.to_dict()), "--out", str(out)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+        if library_src is not None:
+            path = [str(ROOT), str(library_src)]  # only bench/ from this checkout; the library from library_src
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path).rstrip(os.pathsep),
                "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
         t = time.time()
         try:
@@ -97,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render(Path(args.render))
     settings = make_settings(args.quick, args.set)
-    unknown = set(args.workloads.split(",")) - set(ALL_WORKLOADS)
+    unknown = set(args.workloads.split(",")) - set(ALL_WORKLOADS) - set(EXTRA_WORKLOADS)
     if unknown:
-        raise SystemExit(f"unknown workload {sorted(unknown)[0]!r}; known: {', '.join(ALL_WORKLOADS)}")
+        raise SystemExit(f"unknown workload {sorted(unknown)[0]!r}; known: {', '.join(ALL_WORKLOADS + EXTRA_WORKLOADS)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()

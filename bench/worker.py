@@ -8,6 +8,12 @@ answers), and for the engine only ``prefix`` (TTFT with a cached vs uncached ~30
 W2 with staggered arrivals, W2 with the system prompt already cached, cache budget vs peak) and
 ``rss`` (resident memory over many short requests). The engine's prefix cache and llama.cpp's
 remembered prompt are cleared before each workload, so each one starts cold.
+
+Outside the default set (``EXTRA_WORKLOADS``, used by ``bench.versus``): ``decode`` (W1 repeated,
+medians of end-to-end and decode-only tokens/s), ``prefill`` (a prompt of exactly
+``prefill_tokens`` tokens, one new token: prompt tokens / TTFT, median of repeats, cache cleared
+before each) and, engine only, ``ttft`` (the cached vs uncached pairs of ``prefix`` without its
+W2 variants).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from .metrics import MB, RssSampler, now, rss_bytes, summarize
 from .systems import Unavailable, build, default_threads, parse_options
 
 ALL_WORKLOADS = ("w1", "w2", "sweep", "w3", "prefix", "rss")
-ENGINE_ONLY = ("prefix", "rss")
+EXTRA_WORKLOADS = ("decode", "prefill", "ttft")  # not run by default; bench.versus asks for them
+ENGINE_ONLY = ("prefix", "rss", "ttft")
 
 
 def resolve_model(model: str) -> tuple[Path, Path | None]:
@@ -68,6 +75,9 @@ class Worker:
         except Unavailable as exc:
             return {**out, "status": "unavailable", "reason": str(exc)}
         out["load_s"] = now() - t
+        import llamawrapper
+
+        out["library"] = str(Path(llamawrapper.__file__).parent)  # which checkout was measured (bench.versus --baseline)
         out["rss_before_load_mb"] = rss0 / MB
         out["rss_after_load_mb"] = rss_bytes() / MB
         out["threads"] = default_threads(s)
@@ -155,8 +165,42 @@ class Worker:
             turns.append({"turn": turn + 1, "prompt_tokens": len(prompt), "ttft_s": recs[0].ttft_s, "latency_s": recs[0].latency_s})
         return summarize(records, wall, turns=turns, new_tokens=self.settings.w3_new_tokens)
 
-    def workload_prefix(self, done: dict) -> dict[str, Any]:
-        """TTFT of a request whose ~300-token system prompt is cached vs the same request cold."""
+    def workload_decode(self, done: dict) -> dict[str, Any]:
+        """W1 ``decode_repeats`` times: medians of end-to-end tokens/s (prefill included, as ``w1``)
+        and of decode tokens/s, (n - 1) / (last token - first token), which is what llama-bench's
+        tg test times (it decodes from an empty context, with no prompt)."""
+        s = self.settings
+        prompt = wl.w1_prompt(self.tokenizer)
+        runs = []
+        for _ in range(s.decode_repeats):
+            self.before_workload()
+            records, outputs, wall = self.system.run([prompt], s.w1_new_tokens)
+            r = records[0]
+            span = r.latency_s - r.ttft_s
+            runs.append({"tokens": r.new_tokens, "wall_s": wall, "ttft_s": r.ttft_s, "tokens_per_s": r.new_tokens / wall,
+                         "decode_tokens_per_s": (r.new_tokens - 1) / span if r.new_tokens > 1 and span > 0 else None})
+        decode = [x["decode_tokens_per_s"] for x in runs if x["decode_tokens_per_s"]]
+        return {"prompt_tokens": len(prompt), "new_tokens": s.w1_new_tokens, "repeats": runs,
+                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+                "decode_tokens_per_s": statistics.median(decode) if decode else None,
+                "ttft_p50_s": statistics.median(x["ttft_s"] for x in runs), "token_ids": outputs[0]}
+
+    def workload_prefill(self, done: dict) -> dict[str, Any]:
+        """A prompt of exactly ``prefill_tokens`` tokens and one new token: prompt tokens / TTFT
+        (median of ``prefill_repeats``; the prefix cache is cleared before each)."""
+        s = self.settings
+        prompt = wl.long_prompt(self.tokenizer, s.prefill_tokens)
+        ttfts = []
+        for _ in range(s.prefill_repeats):
+            self.before_workload()
+            records, _, _ = self.system.run([prompt], 1)
+            ttfts.append(records[0].ttft_s)
+        ttft = statistics.median(ttfts)
+        return {"prompt_tokens": len(prompt), "ttft_s": ttfts, "ttft_p50_s": ttft, "tokens_per_s": len(prompt) / ttft}
+
+    def prefix_pairs(self) -> dict[str, Any]:
+        """TTFT of a request whose ~300-token system prompt is cached vs the same kind of request
+        cold (another question), ``ttft_repeats`` pairs, medians."""
         s, eng = self.settings, self.system
         pairs = []
         prompts = wl.w2_prompts(self.tokenizer, 2 * s.ttft_repeats)
@@ -169,6 +213,17 @@ class Worker:
         system_tokens = len(wl.chat_ids(self.tokenizer, [{"role": "system", "content": wl.SYSTEM_PROMPT}]))
         unc = statistics.median(p["uncached_ttft_s"] for p in pairs)
         cac = statistics.median(p["cached_ttft_s"] for p in pairs)
+        return {"prompt_tokens_mean": statistics.mean(len(p) for p in prompts), "shared_prefix_tokens": system_tokens,
+                "pairs": pairs, "uncached_ttft_p50_s": unc, "cached_ttft_p50_s": cac,
+                "cached_over_uncached": cac / unc if unc else None}
+
+    def workload_ttft(self, done: dict) -> dict[str, Any]:
+        return self.prefix_pairs()
+
+    def workload_prefix(self, done: dict) -> dict[str, Any]:
+        """TTFT of a request whose ~300-token system prompt is cached vs the same request cold."""
+        s, eng = self.settings, self.system
+        pairs = self.prefix_pairs()
         self.say("w2 with staggered arrivals")
         eng.clear_prefix_cache()
         n = s.w2_requests
@@ -180,12 +235,7 @@ class Worker:
         warm_w2 = self.concurrent(n, s.w2_new_tokens, offset=n)
         snap = self.engine_snapshot()
         return {
-            "prompt_tokens_mean": statistics.mean(len(p) for p in prompts),
-            "shared_prefix_tokens": system_tokens,
-            "pairs": pairs,
-            "uncached_ttft_p50_s": unc,
-            "cached_ttft_p50_s": cac,
-            "cached_over_uncached": cac / unc if unc else None,
+            **pairs,
             "w2_staggered": staggered,
             "w2_system_prompt_cached": warm_w2,
             "cache_budget_bytes": snap["prefix_cache_budget_bytes"],

@@ -96,11 +96,16 @@ class BenchSettings:
     peer_time_budget_s: float = 90.0
     threads: int = 0  # torch threads; 0 = one per core
     warmup: bool = True
+    # workloads outside the default set (bench.versus, issue 14): W1 repeated (medians), a long prefill
+    decode_repeats: int = 3  # ``decode``: W1 this many times; decode tokens/s = (n-1) / (last - first token)
+    prefill_tokens: int = 1000  # ``prefill``: a prompt of exactly this many tokens, 1 new token
+    prefill_repeats: int = 3
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls(w1_new_tokens=32, w2_requests=4, w2_new_tokens=16, sweep=[1, 4], w3_turns=2, w3_new_tokens=16,
-                   ttft_repeats=2, rss_requests=48, rss_new_tokens=4, peer_max_requests=4, peer_time_budget_s=30.0)
+                   ttft_repeats=2, rss_requests=48, rss_new_tokens=4, peer_max_requests=4, peer_time_budget_s=30.0,
+                   decode_repeats=1, prefill_tokens=200, prefill_repeats=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,3 +139,18 @@ def w1_prompt(tokenizer: Any) -> list[int]:
 def rss_prompts(tokenizer: Any, n: int) -> list[list[int]]:
     """Short distinct prompts (the index makes each one unique) for the memory-flatness run."""
     return [chat_ids(tokenizer, [{"role": "user", "content": f"{SHORT_PROMPTS[i % len(SHORT_PROMPTS)]} (#{i})"}]) for i in range(n)]
+
+
+def long_prompt(tokenizer: Any, n: int) -> list[int]:
+    """Exactly ``n`` token ids: a chat whose user turn carries the support rules and every question
+    (repeated as needed), cut to ``n`` tokens; for prefill throughput (its end is not a turn end)."""
+    parts = [SYSTEM_PROMPT, *QUESTIONS]
+    content: list[str] = []
+    ids: list[int] = []
+    i = 0
+    while len(ids) < n:
+        content.append(parts[i % len(parts)])
+        i += 1
+        ids = chat_ids(tokenizer, [{"role": "user", "content": " ".join(content)}])
+    return ids[:n]
+

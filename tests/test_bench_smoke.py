@@ -90,3 +90,77 @@ def test_host_bench_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
     names = {row["name"] for row in doc["ratios"]}
     assert "two busy, aggregate / one alone" in names and (tmp_path / "host.png").is_file()
     assert doc["machine"]["cpu_flags"] is not None
+
+
+@pytest.fixture(scope="module")
+def versus_run(tiny_model_dir, tmp_path_factory):
+    """``python -m bench.versus --quick`` on the tiny model, with llama.cpp's tools folder empty."""
+    from bench.versus import main as versus_main
+
+    out = tmp_path_factory.mktemp("versus")
+    empty = tmp_path_factory.mktemp("no-llamacpp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(empty))
+        code = versus_main(["--model", str(tiny_model_dir), "--quick", "--variants", "fp32", "--http-variants", "fp32",
+                            "--engine-workloads", "decode,prefill,ttft", "--set", "w1_new_tokens=4", "--set", "prefill_tokens=64",
+                            "--set", "ttft_repeats=1", "--set", "warmup=false", "--requests", "2", "--max-tokens", "3",
+                            "--out", str(out)])
+    assert code == 0
+    return json.loads((out / "versus-latest.json").read_text()), out
+
+
+def test_versus_writes_json_table_and_plot(versus_run):
+    doc, out = versus_run
+    for key in ("command", "machine", "versions", "settings", "llamacpp", "engine", "http", "ratios", "duration_s"):
+        assert key in doc
+    assert isinstance(doc["machine"]["cpu_flags"], list)
+    table = (out / "versus-latest.md").read_text()
+    assert table.startswith("Machine: ") and "CPU flags" in table and "| ratio (issue 14) |" in table
+    assert (out / "versus-latest.png").read_bytes()[:4] == b"\x89PNG"
+    fp32 = doc["engine"]["fp32"]
+    assert fp32["status"] == "ok"
+    w = fp32["workloads"]
+    assert w["decode"]["new_tokens"] == 4 and w["decode"]["decode_tokens_per_s"] > 0
+    assert w["prefill"]["prompt_tokens"] == 64 and w["prefill"]["tokens_per_s"] > 0
+    assert 0 < w["ttft"]["cached_over_uncached"]
+    mine = doc["http"]["systems"]["llamawrapper-fp32"]
+    assert mine["status"] == "ok"
+    for wave in ("cold", "warm"):  # logit_bias on EOS: every answer has exactly max_tokens tokens
+        assert mine[wave]["all_max_tokens"] and mine[wave]["tokens_per_s"] > 0
+        assert mine[wave]["tokens_per_server_cpu_s"] > 0  # the server process's own CPU time
+    names = {r["name"] for r in doc["ratios"]}
+    assert "W1 int4 / llama.cpp tg128" in names and "TTFT cached ~300-token prefix / uncached, fp32" in names
+
+
+def test_versus_reports_llamacpp_unavailable_not_faked(versus_run):
+    doc, _ = versus_run
+    assert doc["llamacpp"]["status"] == "unavailable" and "not built" in doc["llamacpp"]["reason"]
+    assert "tg" not in doc["llamacpp"] and "pp" not in doc["llamacpp"]
+    server = doc["http"]["systems"]["llama-server"]
+    assert server["status"] == "unavailable" and not server["rounds"]
+    peer_rows = [r for r in doc["ratios"] if "llama.cpp" in r["name"] or "llama-server" in r["name"]]
+    assert peer_rows and all(r["value"] is None and r["met"] is None for r in peer_rows)
+
+
+def test_llamacpp_helpers_without_binaries(tmp_path, monkeypatch):
+    from bench import llamacpp
+
+    monkeypatch.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(tmp_path))
+    ok, why = llamacpp.available()
+    assert not ok and "python -m bench.llamacpp build" in why
+    with pytest.raises(llamacpp.LlamaCppUnavailable):
+        llamacpp.binaries()
+    assert llamacpp.main(["status"]) == 1
+
+
+def test_llamacpp_build_names_missing_toolchain(tmp_path, monkeypatch):
+    """Without cmake or compilers on PATH the build stops at once with a clear error (no download)."""
+    from bench import llamacpp
+
+    monkeypatch.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(tmp_path / "tools"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(llamacpp.LlamaCppUnavailable, match="cmake"):
+        llamacpp.build()
+    assert not (tmp_path / "tools" / "downloads").exists()
