@@ -100,6 +100,27 @@ def test_fused_engine_greedy_alone_in_batch_and_seeded_sampling(tiny_llm):
     assert out[True] == out[False]
 
 
+def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
+    from llamawrapper.engine.runner import native_bf16
+
+    assert not LlamaRunner(tiny_models["fp32"]).attention_fp32  # nothing to do for a float32 model
+    model = tiny_models["int4"]  # bfloat16 activations
+    assert LlamaRunner(model).attention_fp32 == (not native_bf16())
+    ids = torch.randint(10, 40000, (19,), generator=torch.Generator().manual_seed(4)).tolist()
+    a = prefill_logits(LlamaRunner(model, attention_fp32=True), ids)
+    b = prefill_logits(LlamaRunner(model, attention_fp32=False), ids)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # bf16 rounding apart, the same attention
+    tok = tiny_llm.tokenizer
+    eng = Engine(LlamaRunner(model, attention_fp32=True), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        prompts = [ids, ids[:7], ids[3:]]
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        assert [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]] == alone
+    finally:
+        eng.shutdown()
+
+
 def test_engine_settings_reach_the_runner(tiny_model_dir):
     from llamawrapper import LlamaWrapper
 

@@ -58,6 +58,8 @@ class EngineSettings(BaseSettings):
     threads: int = Field(0, ge=0, description="Torch threads; 0 = one per core.")
     fuse_projections: bool = Field(
         True, description="Run each layer's q/k/v and gate/up projections as one matmul each (same results; off = separate).")
+    attention_fp32: Optional[bool] = Field(
+        None, description="Attention of bfloat16/float16 (and int8/int4) models in float32; unset = wherever the CPU lacks native bf16.")
 
     settings_customise_sources = _with_config_file("engine")
 
