@@ -121,12 +121,44 @@ def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
         eng.shutdown()
 
 
+def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
+    """The compiled decode layer (dynamo guards; the "eager" backend keeps this test fast — the
+    graphs and guards are the backend's input, the same for inductor) compiles once for batch 1
+    and once for larger batches, then serves prompts of other lengths and batches of other sizes
+    without compiling again; its greedy ids equal the uncompiled runner's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    torch._dynamo.reset()
+    counters.clear()
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(7)
+    waves = [[11], [30, 4], [9, 52, 23]]  # prompt lengths per wave of requests
+    prompts = [[torch.randint(10, 40000, (n,), generator=gen).tolist() for n in wave] for wave in waves]
+    out = {}
+    for compiled in (False, "eager"):
+        eng = Engine(LlamaRunner(model, compile=compiled), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+        try:
+            out[compiled] = [[h.result().token_ids for h in [eng.submit(x, p) for x in wave]] for wave in prompts]
+            if compiled:
+                frames = counters["stats"]["unique_graphs"]
+                assert 1 <= frames <= 2, dict(counters["stats"])  # batch 1 is specialised by dynamo; the rest share one
+                more = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (3, 70, 25, 14)]
+                [h.result() for h in [eng.submit(x, p) for x in more]]
+                eng.submit(more[1], p).result()  # alone again, longer
+                assert counters["stats"]["unique_graphs"] == frames
+        finally:
+            eng.shutdown()
+    assert out["eager"] == out[False]
+
+
 def test_engine_settings_reach_the_runner(tiny_model_dir):
     from llamawrapper import LlamaWrapper
 
     llm = LlamaWrapper.load(str(tiny_model_dir), engine={"fuse_projections": False}, progress=False)
     try:
-        assert all(f is None for f in llm.engine.runner.fused)
+        assert all(f is None for f in llm.engine.runner.fused) and llm.engine.runner.compiled is None
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()

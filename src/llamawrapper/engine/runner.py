@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
 from .fusion import fuse_linears
+from .kv_cache import _DecodeWriter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -79,10 +80,36 @@ def native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
+def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor,
+                  kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                  length: int, attn32: bool) -> torch.Tensor:
+    """One fused layer of a decode step (T = 1), writing its k/v into the slot cache: the unit
+    ``compile`` hands to ``torch.compile`` (one graph serves every layer)."""
+    B = h.shape[0]
+    KVH, D = kc.shape[1], kc.shape[3]
+    H = fused.qkv.out_features // D - 2 * KVH
+    x = layer.input_layernorm(h)
+    y = fused.qkv(x).view(B, 1, H + 2 * KVH, D)
+    qk = _rotate(y[:, :, : H + KVH], cos4, sin4)
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+    v = y[:, :, H + KVH :].transpose(1, 2)
+    kc[rows, :, pos] = k[:, :, 0]
+    vc[rows, :, pos] = v[:, :, 0]
+    keys, values = kc[:, :, :length], vc[:, :, :length]
+    if attn32:
+        o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True).to(h.dtype)
+    else:
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
+    gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+    return h + layer.mlp.down_proj(fused.act(gate) * up)
+
+
 class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
-    def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None,
+                 compile: bool | str = False) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -116,6 +143,11 @@ class LlamaRunner:
         if attention_fp32 is None:
             attention_fp32 = not native_bf16()
         self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
+        # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
+        # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
+        backend = compile if isinstance(compile, str) else "inductor"
+        self.compiled: Optional[Callable[..., torch.Tensor]] = (
+            torch.compile(_decode_layer, dynamic=True, backend=backend) if compile else None)
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -146,8 +178,15 @@ class LlamaRunner:
         cos, sin = self.rotary(h, positions)
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
+        compiled = self.compiled if T == 1 and isinstance(kv, _DecodeWriter) else None
         for i, layer in enumerate(self.layers):
             attn, fused = layer.self_attn, self.fused[i]
+            if compiled is not None and fused is not None and fused.qkv is not None and fused.gate_up is not None:
+                # the cache's first B slots (views: writes land in the cache), so its slot count
+                # (1 until a second sequence comes) never specialises a graph of its own
+                h = compiled(layer, fused, h, cos4, sin4, kv.cache.k[i][:B], kv.cache.v[i][:B], kv.rows, kv.positions,
+                             mask, kv.length, self.attention_fp32)
+                continue
             x = layer.input_layernorm(h)
             if fused is not None and fused.qkv is not None:
                 y = fused.qkv(x).view(B, T, H + 2 * KVH, D)
