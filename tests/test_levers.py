@@ -153,9 +153,10 @@ def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
     assert out["eager"] == out[False]
 
 
-def test_engine_settings_reach_the_runner(tiny_model_dir):
+def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
     from llamawrapper import LlamaWrapper
 
+    monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0")  # load here: a loader process costs seconds to start
     llm = LlamaWrapper.load(str(tiny_model_dir), engine={"fuse_projections": False}, progress=False)
     try:
         assert all(f is None for f in llm.engine.runner.fused) and llm.engine.runner.compiled is None
