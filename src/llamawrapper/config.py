@@ -56,6 +56,12 @@ class EngineSettings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="Most prompt tokens prefilled per engine step.")
     prefix_cache_mb: float = Field(256.0, ge=0, description="Byte budget of the prefix (KV) cache, in MiB.")
     threads: int = Field(0, ge=0, description="Torch threads; 0 = one per core.")
+    fuse_projections: bool = Field(
+        True, description="Run each layer's q/k/v and gate/up projections as one matmul each (same results; off = separate).")
+    attention_fp32: Optional[bool] = Field(
+        None, description="Attention of bfloat16/float16 (and int8/int4) models in float32; unset = wherever the CPU lacks native bf16.")
+    compile_decode: bool = Field(
+        False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
 
     settings_customise_sources = _with_config_file("engine")
 

@@ -5,16 +5,27 @@ Owning the forward (instead of calling ``model(...)``) lets the engine keep a pr
 slot-indexed KV cache, run one batched decode step over sequences of different lengths, and
 compute logits only for the positions it samples from. Quantized or LoRA-wrapped ``Linear``
 modules work unchanged because every projection is called as a module.
+
+With ``fuse`` (the default) a layer whose q/k/v (and gate/up) projections are plain, int8 or int4
+Linears runs them as one matmul each (``fusion.py``) and rotates q and k in one pass; a layer
+with a LoRA-wrapped projection keeps the unfused path.
+
+Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``; by default wherever
+the CPU has no native bf16 instructions): measured on an AVX2 machine, torch's bf16 SDPA kernel
+is 3-7x slower than casting q, k and v to float32 and back, at every batch and context length.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import weakref
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
+from .fusion import fuse_linears
+from .kv_cache import _DecodeWriter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -26,10 +37,79 @@ class KVView(Protocol):
         ...
 
 
+# fused modules per decoder layer, built once per loaded model and shared by every runner on it:
+# layer -> (parts fused, fused module); reused only while the layer still holds those parts
+_FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, Optional[torch.nn.Module]]]]" = weakref.WeakKeyDictionary()
+
+
+def _fused(layer: torch.nn.Module, key: str, parts: tuple) -> Optional[torch.nn.Module]:
+    cache = _FUSED.setdefault(layer, {})
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(parts) and all(a is b for a, b in zip(hit[0], parts)):
+        return hit[1]
+    fused = fuse_linears(parts)
+    cache[key] = (parts, fused)
+    return fused
+
+
+class _Fused:
+    """One layer's fused projections (None where the layer keeps separate ones)."""
+
+    __slots__ = ("qkv", "gate_up", "act")
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fused(layer, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
+        parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj"))
+        ok = None not in parts and hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn")
+        self.gate_up = _fused(layer, "gate_up", parts) if ok else None
+        self.act = mlp.act_fn if ok else None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' ``apply_rotary_pos_emb`` computes it, on [B, T, heads, D] with
+    cos/sin [B, T, 1, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor,
+                  kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                  length: int, attn32: bool) -> torch.Tensor:
+    """One fused layer of a decode step (T = 1), writing its k/v into the slot cache: the unit
+    ``compile`` hands to ``torch.compile`` (one graph serves every layer)."""
+    B = h.shape[0]
+    KVH, D = kc.shape[1], kc.shape[3]
+    H = fused.qkv.out_features // D - 2 * KVH
+    x = layer.input_layernorm(h)
+    y = fused.qkv(x).view(B, 1, H + 2 * KVH, D)
+    qk = _rotate(y[:, :, : H + KVH], cos4, sin4)
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+    v = y[:, :, H + KVH :].transpose(1, 2)
+    kc[rows, :, pos] = k[:, :, 0]
+    vc[rows, :, pos] = v[:, :, 0]
+    keys, values = kc[:, :, :length], vc[:, :, :length]
+    if attn32:
+        o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True).to(h.dtype)
+    else:
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
+    gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+    return h + layer.mlp.down_proj(fused.act(gate) * up)
+
+
 class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None,
+                 compile: bool | str = False) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,6 +139,15 @@ class LlamaRunner:
         self._apply_rope = apply_rotary_pos_emb
         # called with each row's request namespace before every forward (per-row LoRA adapters)
         self.row_hook: Callable[[list[str]], None] | None = None
+        self.fused: list[Optional[_Fused]] = [_Fused(layer) if fuse else None for layer in self.layers]
+        if attention_fp32 is None:
+            attention_fp32 = not native_bf16()
+        self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
+        # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
+        # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
+        backend = compile if isinstance(compile, str) else "inductor"
+        self.compiled: Optional[Callable[..., torch.Tensor]] = (
+            torch.compile(_decode_layer, dynamic=True, backend=backend) if compile else None)
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -87,17 +176,41 @@ class LlamaRunner:
         B, T = tokens.shape
         h = self.embed(tokens)  # [B, T, hidden]
         cos, sin = self.rotary(h, positions)
+        cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
+        H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
+        compiled = self.compiled if T == 1 and isinstance(kv, _DecodeWriter) else None
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, fused = layer.self_attn, self.fused[i]
+            if compiled is not None and fused is not None and fused.qkv is not None and fused.gate_up is not None:
+                # the cache's first B slots (views: writes land in the cache), so its slot count
+                # (1 until a second sequence comes) never specialises a graph of its own
+                h = compiled(layer, fused, h, cos4, sin4, kv.cache.k[i][:B], kv.cache.v[i][:B], kv.rows, kv.positions,
+                             mask, kv.length, self.attention_fp32)
+                continue
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._apply_rope(q, k, cos, sin)
+            if fused is not None and fused.qkv is not None:
+                y = fused.qkv(x).view(B, T, H + 2 * KVH, D)
+                qk = _rotate(y[:, :, : H + KVH], cos4, sin4)  # q and k rotated in one pass
+                q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+                v = y[:, :, H + KVH :].transpose(1, 2)
+            else:
+                q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+                k = attn.k_proj(x).view(B, T, KVH, D).transpose(1, 2)
+                v = attn.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
+                q, k = self._apply_rope(q, k, cos, sin)
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if self.attention_fp32:
+                o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                                   enable_gqa=True).to(h.dtype)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+            x = layer.post_attention_layernorm(h)
+            if fused is not None and fused.gate_up is not None:
+                gate, up = fused.gate_up(x).chunk(2, dim=-1)
+                h = h + layer.mlp.down_proj(fused.act(gate) * up)
+            else:
+                h = h + layer.mlp(x)
         if every:
             pass
         elif last is None:

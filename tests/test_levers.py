@@ -1,0 +1,165 @@
+"""Decode-step levers (issue 14) on the tiny random-weight Llama: every new path gives the
+results of the path it replaces — fused projections bit for bit, greedy text alone and in a
+batch, seeded sampling — and LoRA-wrapped layers fall back to the unfused path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llamawrapper import SamplingParams
+from llamawrapper.engine import Engine, EngineConfig, LlamaRunner
+from llamawrapper.engine.kv_cache import SequenceKV
+from llamawrapper.models import quantization as quant
+
+
+def prefill_logits(runner: LlamaRunner, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    kv = SequenceKV(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, capacity=n)
+    mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+    runner.bind_rows([""])
+    return runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv.chunk(0, n), mask, every=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_llm):
+    """The tiny model in fp32 and quantized copies (in memory), each with a fresh runner pair."""
+    models = {"fp32": copy.deepcopy(tiny_llm.loaded.model)}
+    for mode in ("int8", "int4"):
+        models[mode] = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), mode).eval()
+    return models
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+def test_fused_projections_match_unfused_bit_for_bit(tiny_models, mode):
+    model = tiny_models[mode]
+    ids = torch.randint(10, 40000, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    plain = LlamaRunner(model, fuse=False)
+    before = prefill_logits(plain, ids)
+    fused = LlamaRunner(model, fuse=True)
+    assert all(f.gate_up is not None for f in fused.fused)
+    if mode != "int4":  # int4 packs output channels in CPU-specific blocks: fused only where they line up
+        assert all(f.qkv is not None for f in fused.fused)
+    assert torch.equal(prefill_logits(fused, ids), before)
+    assert torch.equal(prefill_logits(plain, ids), before)  # the model's own modules now read views: unchanged
+    with torch.inference_mode():  # and transformers' forward on the same modules still works
+        hf = model(torch.tensor([ids])).logits[0].float()
+    tol = 1e-3 if mode == "fp32" else 2e-2  # bf16 models: the runner attends in float32, transformers in bf16
+    assert (hf - before[0]).abs().max() < tol * before.abs().max()
+
+
+def test_fusion_is_built_once_per_model(tiny_models):
+    a, b = LlamaRunner(tiny_models["fp32"]), LlamaRunner(tiny_models["fp32"])
+    assert all(x.qkv is y.qkv and x.gate_up is y.gate_up for x, y in zip(a.fused, b.fused))
+
+
+def test_lora_wrapped_layers_keep_the_unfused_path(tiny_llm, adapter_dirs):
+    from llamawrapper.models import adapters as adapterlib
+
+    model, tok = copy.deepcopy(tiny_llm.loaded.model), tiny_llm.tokenizer
+    rows = adapterlib.attach(model, {"sql": str(adapter_dirs["sql"])}, torch.float32)
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ids = tok("Hello there, how are you?")["input_ids"]
+    out = {}
+    for fuse in (True, False):
+        runner = LlamaRunner(model, fuse=fuse)
+        runner.row_hook = rows.bind
+        if fuse:
+            assert all(f.qkv is None for f in runner.fused)  # q_proj and v_proj carry the adapter
+            assert all(f.gate_up is not None for f in runner.fused)  # the MLP has none: still fused
+        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+        try:
+            hs = [eng.submit(ids, p), eng.submit(ids, p, namespace=adapterlib.namespace_for("sql"))]
+            out[fuse] = [h.result().token_ids for h in hs]
+        finally:
+            eng.shutdown()
+    assert out[True] == out[False] and out[True][0] != out[True][1]
+
+
+def test_fused_engine_greedy_alone_in_batch_and_seeded_sampling(tiny_llm):
+    """Fused vs unfused runner on one model: greedy ids equal alone and inside a batch, and a
+    seeded sampled answer is the same through both."""
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 17, 33, 9)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)
+    out = {}
+    for fuse in (False, True):
+        eng = Engine(LlamaRunner(model, fuse=fuse), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+        try:
+            alone = [eng.submit(p, greedy).result().token_ids for p in prompts]
+            batch = [h.result().token_ids for h in [eng.submit(p, greedy) for p in prompts]]
+            seeded = eng.submit(prompts[1], sampled).result().token_ids
+        finally:
+            eng.shutdown()
+        assert alone == batch
+        out[fuse] = (alone, seeded)
+    assert out[True] == out[False]
+
+
+def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
+    from llamawrapper.engine.runner import native_bf16
+
+    assert not LlamaRunner(tiny_models["fp32"]).attention_fp32  # nothing to do for a float32 model
+    model = tiny_models["int4"]  # bfloat16 activations
+    assert LlamaRunner(model).attention_fp32 == (not native_bf16())
+    ids = torch.randint(10, 40000, (19,), generator=torch.Generator().manual_seed(4)).tolist()
+    a = prefill_logits(LlamaRunner(model, attention_fp32=True), ids)
+    b = prefill_logits(LlamaRunner(model, attention_fp32=False), ids)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # bf16 rounding apart, the same attention
+    tok = tiny_llm.tokenizer
+    eng = Engine(LlamaRunner(model, attention_fp32=True), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        prompts = [ids, ids[:7], ids[3:]]
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        assert [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]] == alone
+    finally:
+        eng.shutdown()
+
+
+def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
+    """The compiled decode layer (dynamo guards; the "eager" backend keeps this test fast — the
+    graphs and guards are the backend's input, the same for inductor) compiles once for batch 1
+    and once for larger batches, then serves prompts of other lengths and batches of other sizes
+    without compiling again; its greedy ids equal the uncompiled runner's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    torch._dynamo.reset()
+    counters.clear()
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(7)
+    waves = [[11], [30, 4], [9, 52, 23]]  # prompt lengths per wave of requests
+    prompts = [[torch.randint(10, 40000, (n,), generator=gen).tolist() for n in wave] for wave in waves]
+    out = {}
+    for compiled in (False, "eager"):
+        eng = Engine(LlamaRunner(model, compile=compiled), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+        try:
+            out[compiled] = [[h.result().token_ids for h in [eng.submit(x, p) for x in wave]] for wave in prompts]
+            if compiled:
+                frames = counters["stats"]["unique_graphs"]
+                assert 1 <= frames <= 2, dict(counters["stats"])  # batch 1 is specialised by dynamo; the rest share one
+                more = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (3, 70, 25, 14)]
+                [h.result() for h in [eng.submit(x, p) for x in more]]
+                eng.submit(more[1], p).result()  # alone again, longer
+                assert counters["stats"]["unique_graphs"] == frames
+        finally:
+            eng.shutdown()
+    assert out["eager"] == out[False]
+
+
+def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
+    from llamawrapper import LlamaWrapper
+
+    monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0")  # load here: a loader process costs seconds to start
+    llm = LlamaWrapper.load(str(tiny_model_dir), engine={"fuse_projections": False}, progress=False)
+    try:
+        assert all(f is None for f in llm.engine.runner.fused) and llm.engine.runner.compiled is None
+        assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    finally:
+        llm.close()
