@@ -27,6 +27,32 @@ from ..models.quantization import Int4Linear, Int8Linear
 log = logging.getLogger("llamawrapper.engine")
 
 
+def _cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat(tensors, dim)``, except when the tensors already are consecutive slices of one
+    tensor along ``dim`` (parts fused before, e.g. by the loader process, then mapped back as
+    views of one storage): then that tensor, as a view, so the weights are not copied twice."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    if all(t.untyped_storage().data_ptr() == storage.data_ptr() and t.dtype == first.dtype for t in tensors):
+        strides, acc = [], 1
+        for size in reversed(shape):
+            strides.insert(0, acc)
+            acc *= size
+        end = (first.storage_offset() + acc) * first.element_size()
+        if end <= storage.nbytes():
+            whole = first.new_empty(0).set_(storage, first.storage_offset(), shape, strides)
+            start, same = 0, True
+            for t in tensors:
+                piece = whole.narrow(dim, start, t.shape[dim])
+                start += t.shape[dim]
+                same = same and piece.data_ptr() == t.data_ptr() and piece.stride() == t.stride() and piece.shape == t.shape
+            if same:
+                return whole
+    return torch.cat(list(tensors), dim)
+
+
 def _same(parts: Sequence[nn.Module], attr: str) -> bool:
     return len({getattr(p, attr) for p in parts}) == 1
 
@@ -49,19 +75,19 @@ def fuse_linears(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
         if kind is nn.Linear:
             if not _same([p.weight for p in parts], "dtype"):
                 return None
-            w = torch.cat([p.weight for p in parts])
+            w = _cat([p.weight for p in parts])
             fused = nn.Linear(w.shape[1], w.shape[0], bias=bias, device="meta", dtype=w.dtype)
             fused.weight = nn.Parameter(w, requires_grad=False)
             if bias:
-                fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+                fused.bias = nn.Parameter(_cat([p.bias for p in parts]), requires_grad=False)
             _repoint(parts, fused, ("weight", "bias"), param=True)
             return fused
         if kind is Int8Linear:
             fused = Int8Linear(parts[0].in_features, sum(p.out_features for p in parts), bias)
-            fused.weight = torch.cat([p.weight for p in parts])
-            fused.scales = torch.cat([p.scales for p in parts])
+            fused.weight = _cat([p.weight for p in parts])
+            fused.scales = _cat([p.scales for p in parts])
             if bias:
-                fused.bias = torch.cat([p.bias for p in parts])
+                fused.bias = _cat([p.bias for p in parts])
             if not _agrees(parts, fused):
                 return None
             _repoint(parts, fused, ("weight", "scales", "bias"))
@@ -70,10 +96,10 @@ def fuse_linears(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
             if not _same(parts, "group_size"):
                 return None
             fused = Int4Linear(parts[0].in_features, sum(p.out_features for p in parts), bias, parts[0].group_size)
-            fused.weight = torch.cat([p.weight for p in parts])
-            fused.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+            fused.weight = _cat([p.weight for p in parts])
+            fused.scales_and_zeros = _cat([p.scales_and_zeros for p in parts], dim=1)
             if bias:
-                fused.bias = torch.cat([p.bias for p in parts])
+                fused.bias = _cat([p.bias for p in parts])
             if not _agrees(parts, fused):
                 return None
             _repoint(parts, fused, ("weight", "bias"))  # scales_and_zeros: a column slice, kept as is

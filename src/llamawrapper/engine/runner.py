@@ -66,6 +66,20 @@ class _Fused:
         self.act = mlp.act_fn if ok else None
 
 
+def prefuse(model: torch.nn.Module) -> None:
+    """Fuse every decoder layer's projections now (the loader process does, before it hands the
+    model over): the parts become views of the fused weights, so they travel as one storage and
+    the parent's runner fuses them again as views, without a second copy. A model without the
+    Llama layout is left as it is."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES or layers is None:
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in layers:
+            if hasattr(layer, "self_attn"):
+                _Fused(layer)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as transformers' ``apply_rotary_pos_emb`` computes it, on [B, T, heads, D] with
     cos/sin [B, T, 1, D]."""

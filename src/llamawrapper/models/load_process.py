@@ -157,6 +157,7 @@ def _child_main(conn: Any, parent_pid: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from ..engine.runner import prefuse
     from . import loading
 
     # what every load needs, imported once now rather than during the first load
@@ -177,6 +178,7 @@ def _child_main(conn: Any, parent_pid: int) -> None:
         os.environ.update(env)
         try:
             loaded = loading.load(**kwargs)
+            prefuse(loaded.model)  # fused here, the parent's runner finds the parts as views of one weight
             key = tokenizer_key(loaded.folder, loaded.tokenizer)
             data, offsets, size, fd = pack(loaded, {id(loaded.tokenizer): key} if key in held else None)
             del loaded
