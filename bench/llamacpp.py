@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -41,6 +40,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from .served import free_port
 
 SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.16"
@@ -256,12 +257,6 @@ def run_llama_bench(gguf: Path, n_prompt: int = 0, n_gen: int = 128, threads: in
 
 
 # -- llama-server -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaServer:
     """``llama-server`` on 127.0.0.1 (a free port), as a context manager:
 

@@ -17,22 +17,15 @@ import argparse
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from .served import ServeProcess
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(folder: str) -> tuple[dict[int, list[float]], dict[int, float]]:
@@ -60,25 +53,16 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.lm_eval_path:
         env["PYTHONPATH"] = args.lm_eval_path + os.pathsep + env.get("PYTHONPATH", "")
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llamawrapper.cli", "serve", "smollm2", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = tempfile.mkdtemp(prefix="lm-eval-")
+    server = ServeProcess(["smollm2"], Path(tmp) / "server.log")
+    port = server.port
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        server.wait_ready(300)
         served_s = _lm_eval("local-completions", f"model=smollm2,base_url=http://127.0.0.1:{port}/v1/completions,"
                             f"tokenizer_backend=huggingface,tokenizer={folder},num_concurrent=1,max_retries=1",
                             f"{tmp}/server", env)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
     hf_s = _lm_eval("hf", f"pretrained={folder},dtype=float32", f"{tmp}/hf", {**env, "OMP_NUM_THREADS": "2"})
     (served, served_acc), (hf, hf_acc) = _samples(f"{tmp}/server"), _samples(f"{tmp}/hf")
     diffs = [abs(a - b) for k in served for a, b in zip(served[k], hf[k])]

@@ -17,63 +17,26 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import httpx
 
 from .metrics import machine, versions
+from .served import ServeProcess
 from .workloads import QUESTIONS, SYSTEM_PROMPT, w2_messages
 
 DESKS = ["Lyon", "Grenoble", "Annecy", "Chambery", "Geneva", "Turin", "Bern", "Nice"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
 
 
-class Server:
-    """One ``llamawrapper serve`` process (plain or ``--ray``)."""
-
-    def __init__(self, name: str, flags: list[str], log_dir: Path) -> None:
-        self.name, self.port = name, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAWRAPPER_") or k == "LLAMAWRAPPER_HOME"}
-        env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
-        self.log = open(log_dir / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llamawrapper.cli", "serve", "smollm2", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 300) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def _server(name: str, flags: list[str], log_dir: Path) -> ServeProcess:
+    """One ``llamawrapper serve smollm2`` process (plain or ``--ray``), its log ``<name>.log``."""
+    return ServeProcess(["smollm2", *flags], log_dir / f"{name}.log", env=RAY_ENV)
 
 
 async def _one(client: Any, messages: list[dict], max_tokens: int) -> dict:
@@ -124,7 +87,7 @@ def overhead(log_dir: Path, rounds: int, threads: int, max_tokens: int, blocks: 
     out: dict[str, Any] = {name: {"rounds": []} for name in systems}
     for _ in range(blocks):
         for name, flags in systems.items():  # one at a time: two servers would share the cores
-            server = Server(name, flags, log_dir).wait_ready()
+            server = _server(name, flags, log_dir).wait_ready(300)
             try:
                 asyncio.run(_run(server.url, jobs[:4], 4, 8))  # warm-up: first-call costs, prefix cache
                 out[name]["rounds"] += [asyncio.run(_run(server.url, jobs, 16, max_tokens)) for _ in range(rounds)]
@@ -153,7 +116,7 @@ def routing(log_dir: Path, rounds: int, max_tokens: int, prefix_cache_mb: Option
         flags = ["--ray", "--replicas", "2", "--threads", "1", "--routing", policy, *extra]
         results = []
         for _ in range(rounds):  # a fresh app per round: empty prefix caches, empty routing table
-            server = Server(f"routing-{policy}", flags, log_dir).wait_ready()
+            server = _server(f"routing-{policy}", flags, log_dir).wait_ready(300)
             try:
                 results.append(asyncio.run(_run(server.url, jobs, concurrency, max_tokens)))
             finally:

@@ -28,9 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .served import ServeProcess, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"model": "tiny", "prompt": "Hello there, how are you today?"}).encode()
 CONCURRENCY = 64
+ADMIN = "bench-admin-key"
 
 
 # -- 1. in process --------------------------------------------------------------------------------------
@@ -122,49 +125,19 @@ def in_process(n: int, rounds: int, redis_url: str | None) -> dict[str, Any]:
 
 
 # -- 2. end to end --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, model_dir: Path, tmp: Path, name: str, secure: bool) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin = "bench-admin-key" if secure else None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAWRAPPER_") or k == "LLAMAWRAPPER_HOME"}
-        env.update({"PYTHONPATH": str(ROOT / "src"), "LLAMAWRAPPER_THREADS": "1",
-                    "LLAMAWRAPPER_AUDIT_FILE": str(tmp / f"{name}-audit.jsonl"),
-                    "LLAMAWRAPPER_STATE_URL": f"sqlite:///{tmp / (name + '-keys.sqlite')}",
-                    "LLAMAWRAPPER_AUDIT_REQUESTS": "true" if secure else "false"})
-        if secure:
-            env["LLAMAWRAPPER_ADMIN_KEY"] = self.admin
-        self.log = open(tmp / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llamawrapper.cli", "serve", f"tiny={model_dir}", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait(self) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.admin}"} if self.admin else {}
-        for _ in range(1500):
-            try:
-                if httpx.get(self.url + "/ready", headers=headers, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise RuntimeError(f"server on {self.port} did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
+def _server(model_dir: Path, tmp: Path, name: str, secure: bool) -> ServeProcess:
+    """The tiny model served with one thread, keys in SQLite; ``secure``: the admin key ``ADMIN``
+    and the per-request audit log on."""
+    admin = ADMIN if secure else None
+    env = {"PYTHONPATH": str(ROOT / "src"), "LLAMAWRAPPER_THREADS": "1",
+           "LLAMAWRAPPER_AUDIT_FILE": str(tmp / f"{name}-audit.jsonl"),
+           "LLAMAWRAPPER_STATE_URL": f"sqlite:///{tmp / (name + '-keys.sqlite')}",
+           "LLAMAWRAPPER_AUDIT_REQUESTS": "true" if secure else "false"}
+    if admin:
+        env["LLAMAWRAPPER_ADMIN_KEY"] = admin
+    server = ServeProcess([f"tiny={model_dir}"], tmp / f"{name}.log", env=env,
+                          headers={"Authorization": f"Bearer {admin}"} if admin else None)
+    return server
 
 
 async def _http_round(url: str, key: str | None, n: int) -> tuple[float, list[float]]:
@@ -195,12 +168,12 @@ def end_to_end(n: int, rounds: int) -> dict[str, Any]:
 
     tmp = Path(tempfile.mkdtemp(prefix="lw-bench-sec-e2e-"))
     model_dir = _tiny_model(tmp / "tiny")
-    servers = {"none": _Server(model_dir, tmp, "none", False), "keys+limits+audit": _Server(model_dir, tmp, "secure", True)}
+    servers = {"none": _server(model_dir, tmp, "none", False), "keys+limits+audit": _server(model_dir, tmp, "secure", True)}
     try:
         for s in servers.values():
-            s.wait()
+            s.wait_ready(300)
         secure = servers["keys+limits+audit"]
-        made = httpx.post(secure.url + "/admin/keys", headers={"Authorization": f"Bearer {secure.admin}"},
+        made = httpx.post(secure.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"},
                           json={"name": "bench", "models": ["tiny"], "rpm": 10**8, "tpm": 10**9, "max_parallel": 10**6}).json()
         keys = {"none": None, "keys+limits+audit": made["key"]}
         per_request: dict[str, list[float]] = {k: [] for k in servers}
@@ -280,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     redis_proc, redis_url = None, None
     if args.redis and shutil.which("redis-server"):
-        port = _free_port()
+        port = free_port()
         redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         redis_url = f"redis://127.0.0.1:{port}/0"

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .served import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {"type": "object", "properties": {
@@ -140,33 +139,15 @@ def engine_costs(llm: Any, reps: int) -> dict[str, Any]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cache_http(prompts: int, max_tokens: int, tmp: Path) -> dict[str, Any]:
     """Fresh answers then the same requests again (hits), over HTTP to a real server."""
     import httpx
 
-    port = _free_port()
-    env = {**os.environ, "LLAMAWRAPPER_CACHE_ENABLED": "true", "LLAMAWRAPPER_CACHE_URL": f"sqlite:///{tmp / 'bench-cache.sqlite'}"}
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llamawrapper.cli", "serve", "smollm2", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    env = {"LLAMAWRAPPER_CACHE_ENABLED": "true", "LLAMAWRAPPER_CACHE_URL": f"sqlite:///{tmp / 'bench-cache.sqlite'}"}
+    server = ServeProcess(["smollm2"], tmp / "server.log", env=env)
+    url = server.url
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not become ready")
+        server.wait_ready()
         fresh, hit = [], []
         with httpx.Client(base_url=url, timeout=600) as client:
             for i in range(prompts):
@@ -182,9 +163,7 @@ def cache_http(prompts: int, max_tokens: int, tmp: Path) -> dict[str, Any]:
         print(f"HTTP: fresh {out['fresh_s'] * 1e3:.0f} ms, hit {out['hit_s'] * 1e3:.1f} ms, {out['speedup']:.0f}x", flush=True)
         return out
     finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+        server.stop()
 
 
 def cache_api(llm: Any, prompts: int, max_tokens: int) -> dict[str, Any]:

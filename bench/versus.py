@@ -39,7 +39,6 @@ import asyncio
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from typing import Any, Optional
 
 from . import llamacpp
 from .metrics import machine, percentile, versions
+from .served import ServeProcess
 from .workloads import BenchSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,44 +176,9 @@ def baseline_source(ref: str, into: Path) -> Path:
 
 
 # -- W2 over HTTP -----------------------------------------------------------------------------------
-class LWServer:
-    """``llamawrapper serve MODEL`` on loopback (one variant), stopped with SIGTERM."""
-
-    def __init__(self, model: str, flags: list[str], threads: int, log_path: Path) -> None:
-        self.port = llamacpp.free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAWRAPPER_") or k == "LLAMAWRAPPER_HOME"}
-        env["PYTHONWARNINGS"] = "ignore"
-        self.log = open(log_path, "wb")
-        self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "llamawrapper.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-                    "--threads", str(threads), *flags]
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float = 600) -> "LWServer":
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llamawrapper serve exited {self.proc.returncode}; log: {self.log_path}")
-            try:
-                if httpx.get(self.base_url + "/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"llamawrapper serve not ready after {timeout:.0f}s; log: {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def _lw_server(model: str, flags: list[str], threads: int, log_path: Path) -> ServeProcess:
+    """``llamawrapper serve MODEL`` on loopback (one variant)."""
+    return ServeProcess([model, "--threads", str(threads), *flags], log_path, env={"PYTHONWARNINGS": "ignore"})
 
 
 async def _stream_one(client: Any, model: str, messages: list[dict], max_tokens: int, bias: dict[str, int], t0: float) -> dict:
@@ -340,18 +305,18 @@ def http_stage(model: str, gguf: Optional[Path], why: str, variants: list[str], 
                 if name == "llama-server":
                     server: Any = llamacpp.LlamaServer(gguf, parallel=requests, ctx_size=requests * 1024, threads=threads,
                                                        log_path=log_path).start()
-                    served, command = "smollm2", " ".join(server.command())
+                    url, served, command = server.base_url, "smollm2", " ".join(server.command())
                 else:
-                    server = LWServer(model, SERVER_FLAGS[name.split("-", 1)[1]], threads, log_path).wait_ready()
-                    served, command = _served_model(server.base_url), " ".join(server.cmd)
+                    server = _lw_server(model, SERVER_FLAGS[name.split("-", 1)[1]], threads, log_path).wait_ready()
+                    url, served, command = server.url, _served_model(server.url), " ".join(server.cmd)
             except Exception as exc:
                 out["systems"][name]["rounds"].append({"status": "error", "reason": f"{type(exc).__name__}: {exc}"})
                 continue
             startup = time.perf_counter() - t
             try:
-                asyncio.run(_wave(server.base_url, served, warmup, 4, bias))
-                c = asyncio.run(_wave(server.base_url, served, cold, max_tokens, bias, server.proc.pid))
-                w = asyncio.run(_wave(server.base_url, served, warm, max_tokens, bias, server.proc.pid))
+                asyncio.run(_wave(url, served, warmup, 4, bias))
+                c = asyncio.run(_wave(url, served, cold, max_tokens, bias, server.proc.pid))
+                w = asyncio.run(_wave(url, served, warm, max_tokens, bias, server.proc.pid))
                 out["systems"][name]["rounds"].append({"status": "ok", "startup_s": startup, "loadavg_before": load0,
                                                        "cold": c, "warm": w, "command": command})
             except Exception as exc:

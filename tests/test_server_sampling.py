@@ -1,7 +1,7 @@
 """Every OpenAI sampling parameter over a real server on smollm2, spoken to by the official
 ``openai`` client: logprobs (chat and legacy completions, streamed and not), logit_bias,
 penalties, ``n`` seeded choices, max_completion_tokens, user, stream_options,
-parallel_tool_calls; fields the server cannot honour and bad values are 400s naming them."""
+parallel_tool_calls, vLLM's ignore_eos; fields the server cannot honour and bad values are 400s naming them."""
 
 from __future__ import annotations
 
@@ -105,6 +105,18 @@ def test_n_sampled_choices_differ_and_reproduce_with_the_seed(client):
     assert completions.choices[0].text != completions.choices[1].text
 
 
+def test_ignore_eos_goes_on_to_max_tokens(client):
+    """vLLM's ``ignore_eos``: an answer that ends by itself goes on to ``max_tokens``."""
+    ask = dict(model="smollm2", messages=[{"role": "user", "content": "Reply with one word: yes or no. Is water wet?"}],
+               max_tokens=40, temperature=0)
+    short = client.chat.completions.create(**ask)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    long = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    assert long.choices[0].message.content.startswith(short.choices[0].message.content)
+    assert len(long.choices[0].message.content) > len(short.choices[0].message.content)
+
+
 def test_max_completion_tokens_user_parallel_tool_calls(client, server):
     res = client.chat.completions.create(model="smollm2", messages=MSG, max_completion_tokens=3, temperature=0,
                                          user="user-42", parallel_tool_calls=False)
@@ -140,6 +152,7 @@ def test_stream_options_include_usage_and_needs_stream(client, server):
     ("/v1/chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),
     ("/v1/completions", {"frequency_penalty": -2.1}, "frequency_penalty"),
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/chat/completions", {"ignore_eos": "maybe"}, "ignore_eos"),
 ])
 def test_refused_and_bad_values_are_400_naming_them(server, path, extra, param):
     body = {"model": "smollm2", "max_tokens": 2, **({"messages": MSG} if "chat" in path else {"prompt": "Hello"}), **extra}

@@ -94,6 +94,30 @@ def native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
+def _fused_qkv(fused: _Fused, x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, H: int, KVH: int,
+               D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ([B, heads, T, D]) from one fused projection, q and k rotated in one pass."""
+    B, T = x.shape[0], x.shape[1]
+    y = fused.qkv(x).view(B, T, H + 2 * KVH, D)
+    qk = _rotate(y[:, :, : H + KVH], cos4, sin4)
+    return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), y[:, :, H + KVH :].transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+            attn32: bool) -> torch.Tensor:
+    """Grouped-query attention of q over the cached keys/values (in float32 when ``attn32``)."""
+    if attn32:
+        return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                              enable_gqa=True).to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
+    """The MLP with gate and up in one projection."""
+    gate, up = fused.gate_up(x).chunk(2, dim=-1)
+    return layer.mlp.down_proj(fused.act(gate) * up)
+
+
 def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor,
                   kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                   length: int, attn32: bool) -> torch.Tensor:
@@ -102,21 +126,12 @@ def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: 
     B = h.shape[0]
     KVH, D = kc.shape[1], kc.shape[3]
     H = fused.qkv.out_features // D - 2 * KVH
-    x = layer.input_layernorm(h)
-    y = fused.qkv(x).view(B, 1, H + 2 * KVH, D)
-    qk = _rotate(y[:, :, : H + KVH], cos4, sin4)
-    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-    v = y[:, :, H + KVH :].transpose(1, 2)
+    q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
     kc[rows, :, pos] = k[:, :, 0]
     vc[rows, :, pos] = v[:, :, 0]
-    keys, values = kc[:, :, :length], vc[:, :, :length]
-    if attn32:
-        o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True).to(h.dtype)
-    else:
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    o = _attend(q, kc[:, :, :length], vc[:, :, :length], mask, attn32)
     h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
-    gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
-    return h + layer.mlp.down_proj(fused.act(gate) * up)
+    return h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
 
 
 class LlamaRunner:
@@ -203,26 +218,18 @@ class LlamaRunner:
                 continue
             x = layer.input_layernorm(h)
             if fused is not None and fused.qkv is not None:
-                y = fused.qkv(x).view(B, T, H + 2 * KVH, D)
-                qk = _rotate(y[:, :, : H + KVH], cos4, sin4)  # q and k rotated in one pass
-                q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-                v = y[:, :, H + KVH :].transpose(1, 2)
+                q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
             else:
                 q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
                 k = attn.k_proj(x).view(B, T, KVH, D).transpose(1, 2)
                 v = attn.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
                 q, k = self._apply_rope(q, k, cos, sin)
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            if self.attention_fp32:
-                o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
-                                                   enable_gqa=True).to(h.dtype)
-            else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            o = _attend(q, keys, values, mask, self.attention_fp32)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
             x = layer.post_attention_layernorm(h)
             if fused is not None and fused.gate_up is not None:
-                gate, up = fused.gate_up(x).chunk(2, dim=-1)
-                h = h + layer.mlp.down_proj(fused.act(gate) * up)
+                h = h + _fused_mlp(layer, fused, x)
             else:
                 h = h + layer.mlp(x)
         if every:

@@ -76,12 +76,14 @@ class _Sampling(_Open):
     # transformers' names for the extras
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    # vLLM's extra: generate up to max_tokens even past the end-of-sequence token (benchmarks)
+    ignore_eos: Optional[bool] = None
 
     def sampling(self) -> dict[str, Any]:
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
                     seed=self.seed, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                    logit_bias=self.logit_bias)
+                    logit_bias=self.logit_bias, ignore_eos=self.ignore_eos)
 
     @property
     def include_usage(self) -> bool:
