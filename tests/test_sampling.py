@@ -24,6 +24,7 @@ REPEATS = "Emoji: 😀 😃 😄 😁 😆"  # smollm2 answers this by repeating
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"logprobs": "yes"}, "logprobs"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"1.5": 1}}, "logit_bias"),
     ({"logit_bias": {"-3": 1}}, "logit_bias"),
@@ -93,6 +94,15 @@ def test_logit_bias_forces_and_bans_tokens(smollm2):
     with pytest.raises(InvalidRequestError) as err:
         smollm2.chat(CHAT, max_tokens=3, logit_bias={smollm2.engine.runner.vocab_size: 1})
     assert err.value.param == "logit_bias"
+
+
+def test_ignore_eos_goes_on_to_max_tokens(smollm2):
+    ask = [{"role": "user", "content": "Reply with one word: yes or no. Is water wet?"}]
+    short = smollm2.chat(ask, max_tokens=40, temperature=0)
+    assert short.finish_reason == "stop" and short.usage.completion_tokens < 40
+    long = smollm2.chat(ask, max_tokens=40, temperature=0, ignore_eos=True)
+    assert long.finish_reason == "length" and long.usage.completion_tokens == 40
+    assert long.text.startswith(short.text) and len(long.text) > len(short.text)
 
 
 def _repeats(ids: list[int]) -> int:

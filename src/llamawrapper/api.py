@@ -18,7 +18,7 @@ from .types import Result, SamplingParams, StreamEvent
 log = logging.getLogger("llamawrapper")
 
 SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "presence_penalty",
-                  "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs")
+                  "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "ignore_eos")
 TRUNCATION = (None, "oldest")
 
 

@@ -94,6 +94,8 @@ class SamplingParams:
                 raise bad(name, f"must be a number between -2 and 2, got {value!r}.")
             setattr(self, name, float(value))
         self.logit_bias = _logit_bias(self.logit_bias, bad)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", f"expected a boolean, got {self.ignore_eos!r}.")
         if not isinstance(self.logprobs, bool):
             raise bad("logprobs", f"expected a boolean, got {self.logprobs!r}.")
         tl = self.top_logprobs
