@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import InvalidRequestError
 from ..tasks.base import as_labels, as_texts
+from ..tasks.kinds import a_model
 from . import protocol as P
 from . import task_protocol as T
 from .routes import _log_unknown, _rid, _state
@@ -45,7 +46,7 @@ async def _lease(request: Request, model: Optional[str], capability: str, endpoi
     if capability not in getattr(lease.model, "capabilities", frozenset()):
         task = getattr(lease.model, "task", "chat")
         lease.release()
-        raise InvalidRequestError(f"The model '{model}' is a {task} model; {endpoint} needs {NEEDS[capability]}.", param="model")
+        raise InvalidRequestError(f"The model '{model}' is {a_model(task)}; {endpoint} needs {NEEDS[capability]}.", param="model")
     return lease
 
 

@@ -32,6 +32,11 @@ _WHAT = {"feature-extraction": "a sentence encoder (embeddings)", "text-classifi
 _ALSO = {"feature-extraction": ' (it also runs "sentiment-analysis" and "zero-shot-classification")'}
 
 
+def a_model(kind: str) -> str:
+    """"a chat model", "an embedding model": a kind or task in a message."""
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind} model"
+
+
 class NotAChatModelError(UnsupportedModelError):
     """A task model (encoder, classifier, diffusers pipeline) given to the chat loader;
     ``task`` is the ``pipeline`` task that runs it."""

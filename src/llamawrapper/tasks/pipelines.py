@@ -68,14 +68,14 @@ def pipeline(task: str, model: Optional[str] = None, **options: Any) -> Any:
     if examples is not None:
         if task not in ("text-classification", "sentiment-analysis") or kind != "encoder":
             raise InvalidRequestError(f"examples= fits a classifier on a sentence encoder's embeddings for text-classification; "
-                                      f"'{source}' is a {kind} model and the task is {task}.", param="examples")
+                                      f"'{source}' is {kinds.a_model(kind)} and the task is {task}.", param="examples")
         from .examples import ExamplesClassifier
 
         options.pop("progress", None)
         encoder = load_task_model(folder, "encoder", _name(source), **options)
         return TextClassificationPipeline(ExamplesClassifier.fit(encoder, _portable(source), examples), task)
     if kind not in TASKS[task]["kinds"]:
-        raise InvalidModelError(f"'{source}' is a {KIND_TASK.get(kind, kind)} model; the task '{task}' needs {NEEDS[task]}.")
+        raise InvalidModelError(f"'{source}' is {kinds.a_model(KIND_TASK.get(kind, kind))}; the task '{task}' needs {NEEDS[task]}.")
     if kind == "chat":  # zero-shot by constrained choice over the labels
         from ..api import LlamaWrapper
         from .chat_choice import ChatChoice
@@ -157,7 +157,7 @@ def _load(folder: Path, kind: str, name: str, **options: Any) -> TaskModel:
         from .images import TextToImage
 
         return TextToImage(folder, name, device=options.get("device"))
-    raise InvalidModelError(f"{folder} is a {kind} model, not a task model.")
+    raise InvalidModelError(f"{folder} is {kinds.a_model(kind)}, not a task model.")
 
 
 def _name(source: str) -> str:
