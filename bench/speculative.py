@@ -6,8 +6,8 @@ workload, round by round, and the prefix cache is cleared before every run (cold
 
 Workloads (greedy, at most ``--max-tokens`` new tokens, ending at EOS as a user's answer would):
 
-- ``extract``: answers that copy spans of the prompt: 8 order confirmations to restate field by
-  field, and 8 "quote the rule about X word for word" questions over the bench's support rules;
+- ``extract``: answers that copy spans of the prompt: 8 order confirmations to extract fields
+  from as a list, and 8 "summarize the rules about X" over the bench's support rules (~300 tokens);
 - ``chat``: open chat, the bench's 16 customer questions without a system prompt.
 
 Each is run single stream (``--single`` prompts one after the other) and as a batch of 16
@@ -33,10 +33,10 @@ from bench.workloads import QUESTIONS, SYSTEM_PROMPT, chat_ids
 from llamawrapper import LlamaWrapper, SamplingParams
 from llamawrapper.engine import Engine
 
-PEOPLE = [("Marie Dubois", "14 rue des Lilas, 38000 Grenoble"), ("Lucas Martin", "3 avenue Jean Jaures, 69007 Lyon"),
-          ("Sofia Rossi", "22 chemin du Lac, 74000 Annecy"), ("Jonas Weber", "8 place Saint-Leger, 73000 Chambery"),
-          ("Emma Laurent", "41 boulevard Gambetta, 38000 Grenoble"), ("Noah Petit", "5 rue Royale, 74000 Annecy"),
-          ("Lea Moreau", "17 quai Perrache, 69002 Lyon"), ("Hugo Girard", "9 rue du Mont Blanc, 74400 Chamonix")]
+PEOPLE = [("John Smith", "42 Oak Street, Springfield"), ("Mary Johnson", "7 Elm Road, Riverton"),
+          ("David Brown", "19 Hill Avenue, Lakewood"), ("Sarah Miller", "3 Maple Lane, Fairview"),
+          ("James Wilson", "88 Pine Street, Greenville"), ("Emma Davis", "5 Cedar Court, Bristol"),
+          ("Robert Taylor", "61 Birch Drive, Madison"), ("Laura Moore", "24 Willow Way, Salem")]
 ITEMS = ["one Trekker 45 backpack in forest green", "one pair of Alpine Pro hiking boots size 41",
          "two merino wool socks", "one Summit 2 tent for two people", "a Glacier down jacket size M",
          "one pair of Crux climbing shoes size 39", "a 1 litre steel water bottle", "one Nordic sleeping bag rated -5 C"]
@@ -46,17 +46,15 @@ TOPICS = ["standard and express delivery", "returns of unused items", "free repa
 
 
 def extraction_messages(i: int) -> list[dict]:
-    if i % 2 == 0:  # an order confirmation to restate
+    if i % 2 == 0:  # an order confirmation to extract fields from
         j = i // 2
         name, address = PEOPLE[j % len(PEOPLE)]
         items = ", ".join(ITEMS[(j + s) % len(ITEMS)] for s in range(3))
-        doc = (f"Order confirmation. Customer: {name}, {address}. Items: {items}. Delivery: express, expected on "
-               f"Thursday {3 + j} December. Payment: Visa ending in {4821 + 37 * j}. Order number: NW-2026-{118734 + 911 * j}.")
-        return [{"role": "user", "content": doc + "\n\nRepeat the customer's name, full address, the items ordered "
-                                                  "and the order number, exactly as written above."}]
-    topic = TOPICS[(i // 2) % len(TOPICS)]
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"Quote, word for word, what your rules say about {topic}."}]
+        doc = f"Order confirmation. Customer: {name}, {address}. Items: {items}. Order number: NW-2026-{118734 + 911 * j}."
+        return [{"role": "user", "content": doc + "\n\nExtract the customer name, address, items and order number "
+                                                  "from the text above as a list."}]
+    topic = TOPICS[(i // 2) % len(TOPICS)]  # rules to summarize
+    return [{"role": "user", "content": f"Here are the shop rules: {SYSTEM_PROMPT}\n\nSummarize the rules about {topic}."}]
 
 
 def workloads(tok: Any) -> dict[str, list[list[int]]]:
@@ -95,7 +93,12 @@ def run_once(eng: Engine, prompts: list[list[int]], batch: bool, max_tokens: int
     after = eng.snapshot()
     d = {k: after[k] - before[k] for k in ("draft_tokens", "accepted_draft_tokens", "decode_steps", "generated_tokens")}
     tokens = sum(len(r.token_ids) for r in results)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ids": [r.token_ids for r in results], **d}
+    # decode only (after each request's first token), for single streams: prefill is the same work
+    # for every variant and would dilute the ratio
+    decode_s = sum(r.metrics["latency"] - r.metrics["ttft"] for r in results)
+    decode = (tokens - len(results)) / decode_s if decode_s > 0 and not batch else None
+    return {"tok_s": tokens / wall, "decode_tok_s": decode, "tokens": tokens, "wall_s": wall,
+            "ids": [r.token_ids for r in results], **d}
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +126,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             for v in variants:
                 res = run_once(engines[v], prompts, batch, args.max_tokens)
                 runs[v].setdefault(name, []).append(res)
-                print(f"{model} round {r} {name:14s} {v:5s} {res['tok_s']:7.1f} tok/s  drafts {res['draft_tokens']:5d} "
+                print(f"{model} round {r} {name:14s} {v:5s} {res['tok_s']:7.1f} tok/s (decode {res['decode_tok_s']})  drafts {res['draft_tokens']:5d} "
                       f"accepted {res['accepted_draft_tokens']:5d}  steps {res['decode_steps']}", file=sys.stderr, flush=True)
     out: dict[str, Any] = {}
     base = variants[0]
@@ -133,7 +136,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         for v in variants:
             rs = runs[v][name]
             drafted = sum(x["draft_tokens"] for x in rs)
+            dec = [x["decode_tok_s"] for x in rs if x["decode_tok_s"]]
             row[v] = {"tok_s": round(statistics.median(x["tok_s"] for x in rs), 1),
+                      "decode_tok_s": round(statistics.median(dec), 1) if dec else None,
                       "tok_s_runs": [round(x["tok_s"], 1) for x in rs],
                       "tokens": rs[0]["tokens"],
                       "decode_steps": rs[0]["decode_steps"],
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--single", type=int, default=4, help="prompts of each workload run one after the other")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's second core may be busy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"args": vars(args), "models": {}}
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, table in out["models"].items():
         print(f"\n{model}", file=sys.stderr)
         for name, row in table.items():
-            cells = "  ".join(f"{v}: {c['tok_s']:6.1f} tok/s x{c['vs_first']:.2f} acc {c['acceptance']} "
+            cells = "  ".join(f"{v}: {c['tok_s']:6.1f} tok/s x{c['vs_first']:.2f} (decode {c['decode_tok_s']}) acc {c['acceptance']} "
                               f"{c['tokens_per_step']} tok/step{'' if c['same_tokens_as_first'] else ' DIFFERENT'}"
                               for v, c in row.items())
             print(f"  {name:14s} {cells}", file=sys.stderr)

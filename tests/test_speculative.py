@@ -212,10 +212,9 @@ def test_setting_env_flag_and_bad_values(tiny_llm, tiny_model_dir, monkeypatch):
 
 
 EXTRACTION = (
-    "Order confirmation. Customer: Marie Dubois, 14 rue des Lilas, 38000 Grenoble. Items: one "
-    "Trekker 45 backpack in forest green, one pair of Alpine Pro hiking boots size 41, two "
-    "merino wool socks. Delivery: express, expected on Thursday 3 December. Payment: Visa "
-    "ending in 4821. Order number: NW-2026-118734."
+    "Order confirmation. Customer: John Smith, 42 Oak Street, Springfield. Items: one Trekker 45 "
+    "backpack in forest green, one pair of Alpine Pro hiking boots size 9, two wool socks. Order "
+    "number: NW-2026-118734."
 )
 
 
@@ -225,8 +224,8 @@ def test_real_model_extraction_same_text_and_drafts_accepted(smollm2):
     and without drafts, and most of the answer comes from accepted drafts."""
     from llamawrapper.engine import LlamaRunner
 
-    msgs = [{"role": "user", "content": EXTRACTION + "\n\nRepeat the customer's name, full address, the items "
-                                        "ordered and the order number, exactly as written above."}]
+    msgs = [{"role": "user", "content": EXTRACTION + "\n\nExtract the customer name, address, items and order "
+                                        "number from the text above as a list."}]
     ids = smollm2.chat_prompt_ids(msgs)
     p = SamplingParams(max_tokens=80, temperature=0)
     want = smollm2.submit(ids, p).result()
@@ -238,6 +237,6 @@ def test_real_model_extraction_same_text_and_drafts_accepted(smollm2):
     finally:
         eng.shutdown()
     assert got.text == want.text and got.token_ids == want.token_ids
-    assert "Grenoble" in got.text or "NW-2026" in got.text, got.text  # the answer does copy the prompt
+    assert "John Smith" in got.text and "Oak Street" in got.text, got.text  # the answer does copy the prompt
     assert snap["accepted_draft_tokens"] >= len(got.token_ids) // 4, snap
     assert snap["decode_steps"] < len(got.token_ids) - 5
