@@ -182,6 +182,23 @@ def test_adapter_rows_verify_in_the_batch_layout(tiny_llm, adapter_dirs):
     assert out[4][1]["accepted_draft_tokens"] > 0
 
 
+def test_bf16_models_do_not_speculate(tiny_llm):
+    """bf16 activations make a multi-token forward's argmax differ from single steps: such models
+    decode as before even with the setting on."""
+    import copy
+
+    from llamawrapper.engine import LlamaRunner
+
+    model, tok = copy.deepcopy(tiny_llm.loaded.model).to(torch.bfloat16), tiny_llm.tokenizer
+    eng = Engine(LlamaRunner(model), tok, [tok.eos_token_id], EngineConfig(prompt_lookup=4))
+    try:
+        assert not eng.speculate
+        assert len(eng.submit(repetitive_prompts(1)[0], greedy(12)).result().token_ids) == 12
+        assert eng.snapshot()["verify_steps"] == 0
+    finally:
+        eng.shutdown()
+
+
 def test_setting_env_flag_and_bad_values(tiny_llm, tiny_model_dir, monkeypatch):
     from pydantic import ValidationError
 

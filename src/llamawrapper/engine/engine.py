@@ -75,7 +75,13 @@ class Engine:
             raise InvalidRequestError(f"Invalid value for 'prompt_lookup': expected an integer from 0 (off) to {MAX_DRAFT}, "
                                       f"got {k!r}.", param="prompt_lookup")
         self.context_length = runner.context_length
-        self.lookup_min_ngram = 1  # shortest n-gram a draft may be looked up by (speculative.py; benches vary it)
+        self.lookup_min_ngram = 2  # shortest n-gram a draft may be looked up by (speculative.py; benches vary it)
+        # drafts are verified exactly only in float32: with bf16 activations (bf16, int8, int4 models)
+        # a T-token forward's logits differ from T one-token steps enough to change greedy answers
+        self.speculate = bool(k) and runner.dtype == torch.float32
+        if k and not self.speculate:
+            log.warning("prompt_lookup is ignored for a %s model: speculative decoding is exact only in float32",
+                        str(runner.dtype).replace("torch.", ""))
         self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
@@ -297,7 +303,7 @@ class Engine:
         running = self._running
         if not running:
             return
-        if self.config.prompt_lookup:
+        if self.speculate:
             drafts = self._drafts(running)
             if any(drafts):
                 self._verify(running, drafts)

@@ -16,10 +16,17 @@ Only requests whose next token is a plain argmax of the model's logits can be ve
 greedy, no logits processor (grammars, structured output), no penalties or ``logit_bias``, no
 ``logprobs``. Every other request decodes as before, one token per step, in the same forward.
 
-Why 3 → 2 → 1: a longer match predicts the continuation better (a 3-gram seen before usually
-continues the same way in copied text), but a 1-gram still finds a draft where nothing longer
-matches; at batch 1 a rejected draft costs little (the step reads the weights once either way),
-so the fallback to 1 is kept and the acceptance rate is reported by the bench.
+Why 3 → 2 and not 1: a longer match predicts the continuation better (a 3-gram seen before
+usually continues the same way in copied text). A 1-gram finds a draft almost always, but a poor
+one: measured on smollm2 (docs/BENCHMARKS.md, "7. Prompt-lookup speculative decoding"), drafts
+from n >= 1 were accepted 15-21 % of the time on open chat against 37-48 % from n >= 2, and a
+verify step is not cheap here (fp32 matmuls of 2+ rows cost about twice one row's on AVX2), so
+1-gram drafts made chat slower (0.76x at batch 16) where n >= 2 broke even. The engine uses
+``min_ngram=2`` (``Engine.lookup_min_ngram``).
+
+Exact only in float32: with bf16 activations (bf16, int8 and int4 models) the logits of a
+T-token forward differ from T one-token steps enough to flip greedy choices, so the engine does
+not speculate for those models.
 """
 
 from __future__ import annotations
