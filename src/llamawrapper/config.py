@@ -64,7 +64,7 @@ class EngineSettings(BaseSettings):
         False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
     prompt_lookup: int = Field(
         0, ge=0, le=32, description="Prompt-lookup speculative decoding: most draft tokens per step, verified in one "
-                                    "forward (greedy requests only; same text); 0 = off.")
+                                    "forward (greedy requests of float32 models only; same text); 0 = off.")
 
     settings_customise_sources = _with_config_file("engine")
 
