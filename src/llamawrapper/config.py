@@ -62,6 +62,9 @@ class EngineSettings(BaseSettings):
         None, description="Attention of bfloat16/float16 (and int8/int4) models in float32; unset = wherever the CPU lacks native bf16.")
     compile_decode: bool = Field(
         False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
+    prompt_lookup: int = Field(
+        0, ge=0, le=32, description="Prompt-lookup speculative decoding: most draft tokens per step, verified in one "
+                                    "forward (greedy requests of float32 models only; same text); 0 = off.")
 
     settings_customise_sources = _with_config_file("engine")
 
@@ -74,6 +77,7 @@ class EngineSettings(BaseSettings):
             max_tokens_in_flight=self.max_tokens_in_flight,
             prefill_chunk=self.prefill_chunk,
             prefix_cache_bytes=int(self.prefix_cache_mb * 1024 * 1024),
+            prompt_lookup=self.prompt_lookup,
         )
 
 

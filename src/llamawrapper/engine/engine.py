@@ -27,9 +27,12 @@ from .prefix_cache import PrefixCache
 from .request import Request, RequestHandle
 from .runner import LlamaRunner
 from .sampling import Sampler, make_generator
+from .speculative import lookup_of, speculable
 from .stopping import StopStringMatcher
 
 log = logging.getLogger("llamawrapper.engine")
+
+MAX_DRAFT = 32  # the most draft tokens ``prompt_lookup`` may ask for per verify step
 
 @dataclass
 class EngineConfig:
@@ -39,6 +42,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     prefix_cache_bytes: int = 256 * 1024 * 1024
     prefix_block_size: int = 16
+    prompt_lookup: int = 0  # max draft tokens of prompt-lookup speculative decoding; 0 = off
 
 
 @dataclass
@@ -51,6 +55,9 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     rejected: int = 0
+    verify_steps: int = 0  # decode steps that verified prompt-lookup drafts
+    draft_tokens: int = 0  # draft tokens proposed (and verified)
+    accepted_draft_tokens: int = 0  # ...of which the answer took
 
 
 class Engine:
@@ -63,7 +70,19 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
         self.config = config or EngineConfig()
+        k = self.config.prompt_lookup
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_DRAFT:
+            raise InvalidRequestError(f"Invalid value for 'prompt_lookup': expected an integer from 0 (off) to {MAX_DRAFT}, "
+                                      f"got {k!r}.", param="prompt_lookup")
         self.context_length = runner.context_length
+        self.lookup_min_ngram = 2  # shortest n-gram a draft may be looked up by (speculative.py; benches vary it)
+        # drafts are verified exactly only in float32: with bf16 activations (bf16, int8, int4 models)
+        # a T-token forward's logits differ from T one-token steps enough to change greedy answers
+        self.speculate = bool(k) and runner.dtype == torch.float32
+        if k and not self.speculate:
+            log.warning("prompt_lookup is ignored for a %s model: speculative decoding is exact only in float32",
+                        str(runner.dtype).replace("torch.", ""))
+        self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
@@ -284,6 +303,11 @@ class Engine:
         running = self._running
         if not running:
             return
+        if self.speculate:
+            drafts = self._drafts(running)
+            if any(drafts):
+                self._verify(running, drafts)
+                return
         B = len(running)
         positions = torch.tensor([r.kv_length for r in running])
         length = int(positions.max()) + 1
@@ -296,6 +320,68 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         self._select_and_accept(running, logits, greedy)
         self._compact([r for r in running if not r.handle.done])
+
+    # -- prompt-lookup speculative decoding (speculative.py) --------------------------------------
+    def _drafts(self, running: list[Request]) -> list[list[int]]:
+        """Each row's draft: empty for requests that cannot be verified exactly, and never more
+        tokens than ``max_tokens`` leaves room for after the verify step's own token."""
+        k = self.config.prompt_lookup
+        out = []
+        for r in running:
+            room = min(k, r.max_tokens - len(r.output_ids) - 1)
+            out.append(lookup_of(r, self.lookup_min_ngram).draft(room) if room > 0 and speculable(r) else [])
+        return out
+
+    def _verify(self, running: list[Request], drafts: list[list[int]]) -> None:
+        """One forward over every running row, fed ``[last token] + draft`` (drafts padded to
+        the longest; a row without one is a plain decode row in position 0), logits only where
+        they are read; then each row takes its tokens (``_accept_draft``) or, without a draft,
+        is selected as in a plain step. Packed (``verify_packed``, unless per-row adapters need
+        the batch layout), only the real positions go through the projections and the MLP; the
+        padding exists only in attention."""
+        B = len(running)
+        T = 1 + max(len(d) for d in drafts)
+        base = torch.tensor([r.kv_length for r in running])
+        positions = base.unsqueeze(1) + torch.arange(T)  # [B, T]
+        length = int(base.max()) + T
+        self.slots.ensure(B, length)
+        rows, flat, starts = [], [], []
+        for i, (r, d) in enumerate(zip(running, drafts)):
+            fed = [r.output_ids[-1]] + d
+            rows.append(fed + [fed[-1]] * (T - len(fed)))  # padding: its logits are never computed
+            starts.append(len(flat))
+            flat.extend(range(i * T, i * T + len(fed)))
+        mask = (torch.arange(length).view(1, 1, length) <= positions.unsqueeze(2)).view(B, 1, T, length)
+        self.runner.bind_rows([r.namespace for r in running])
+        logits = self.runner.forward(torch.tensor(rows), positions, self.slots.span_view(positions, length), mask,
+                                     flat=torch.tensor(flat), pack=self.verify_packed and self.runner.row_hook is None)
+        self.stats.decode_steps += 1
+        self.stats.verify_steps += 1
+        greedy = logits.argmax(dim=-1).tolist()
+        plain = [i for i, d in enumerate(drafts) if not d]
+        if plain:
+            at = [starts[i] for i in plain]
+            self._select_and_accept([running[i] for i in plain], logits[torch.tensor(at)], [greedy[j] for j in at])
+        for i, d in enumerate(drafts):
+            if d:
+                self._accept_draft(running[i], d, greedy[starts[i] : starts[i] + len(d) + 1])
+        self._compact([r for r in running if not r.handle.done])
+
+    def _accept_draft(self, req: Request, draft: list[int], picks: list[int]) -> None:
+        """Take the model's picks while they confirm the draft, then its first differing pick
+        (so 1..len(draft)+1 tokens), each through ``_accept`` (stop rules, max_tokens, EOS)."""
+        accepted = 0
+        try:
+            for j, token in enumerate(picks):
+                self._accept(req, token)
+                hit = j < len(draft) and token == draft[j]
+                accepted += hit
+                if req.handle.done or not hit:
+                    break
+        except Exception as exc:
+            self._fail(req, exc)
+        self.stats.draft_tokens += len(draft)
+        self.stats.accepted_draft_tokens += accepted
 
     def _select_and_accept(self, reqs: list[Request], logits: torch.Tensor, greedy: Optional[list[int]] = None) -> None:
         """Select every row's next token in one batched pass (``sampling.Sampler``), then

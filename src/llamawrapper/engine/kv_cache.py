@@ -124,6 +124,11 @@ class SlotCache:
     def decode_view(self, batch: int, positions: torch.Tensor, length: int) -> "_DecodeWriter":
         return _DecodeWriter(self, batch, positions, length)
 
+    def span_view(self, positions: torch.Tensor, length: int) -> "_SpanWriter":
+        """KV view for a step that feeds T tokens per slot (positions ``[B, T]``): a speculative
+        verify step."""
+        return _SpanWriter(self, positions, length)
+
 
 class _DecodeWriter:
     """KV view for one decode step of slots ``0..batch-1``, each writing at its own position."""
@@ -138,4 +143,23 @@ class _DecodeWriter:
         vc = self.cache.v[layer]
         kc[self.rows, :, self.positions] = k[:, :, 0]
         vc[self.rows, :, self.positions] = v[:, :, 0]
+        return kc[: self.batch, :, : self.length], vc[: self.batch, :, : self.length]
+
+
+class _SpanWriter:
+    """KV view for slots ``0..B-1`` each writing T consecutive positions (``positions`` [B, T]).
+    Positions past a sequence's accepted length hold draft keys/values until they are
+    overwritten: the mask never lets a query read beyond its own position."""
+
+    def __init__(self, cache: SlotCache, positions: torch.Tensor, length: int) -> None:
+        B, T = positions.shape
+        self.cache, self.batch, self.length = cache, B, length
+        self.rows = torch.arange(B).unsqueeze(1).expand(B, T)
+        self.positions = positions
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc = self.cache.k[layer]
+        vc = self.cache.v[layer]
+        kc[self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, kv_heads, D]
+        vc[self.rows, :, self.positions] = v.transpose(1, 2)
         return kc[: self.batch, :, : self.length], vc[: self.batch, :, : self.length]

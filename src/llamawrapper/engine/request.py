@@ -151,6 +151,7 @@ class Request:
     generator: Any = None
     first_token_at: Optional[float] = None
     prompt_logprobs: Optional[list[Any]] = None  # filled while prefilling when the params ask for them
+    lookup: Any = None  # speculative.PromptLookup, once the request drafts
 
     @property
     def kv_length(self) -> int:

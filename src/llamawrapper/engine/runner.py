@@ -112,6 +112,14 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
+def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """[1, heads, N, D] of N packed positions -> [B, heads, T, D], zeros where nothing was fed."""
+    heads, D = t.shape[1], t.shape[3]
+    out = t.new_zeros(B * T, heads, D)
+    out[flat] = t[0].transpose(0, 1)
+    return out.view(B, T, heads, D).transpose(1, 2)
+
+
 def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
     """The MLP with gate and up in one projection."""
     gate, up = fused.gate_up(x).chunk(2, dim=-1)
@@ -201,9 +209,15 @@ class LlamaRunner:
         mask: torch.Tensor,  # [B, 1, T, L] bool, True = may attend
         last: torch.Tensor | None = None,  # [B] index into T of the row to compute logits for
         every: bool = False,  # logits of every position, [B, T, vocab] (prompt log-probabilities)
+        flat: torch.Tensor | None = None,  # [N] indices into the B*T positions: logits of those, [N, vocab]
+        pack: bool = False,  # with ``flat``: only those N positions go through the projections and MLP
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
-        h = self.embed(tokens)  # [B, T, hidden]
+        packed = pack and flat is not None
+        if packed:  # token-wise work on the N real positions ([1, N]); attention on the padded [B, T]
+            tokens, positions = tokens.reshape(-1)[flat].unsqueeze(0), positions.reshape(-1)[flat].unsqueeze(0)
+        Bt, Tt = tokens.shape
+        h = self.embed(tokens)  # [Bt, Tt, hidden]
         cos, sin = self.rotary(h, positions)
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -220,19 +234,27 @@ class LlamaRunner:
             if fused is not None and fused.qkv is not None:
                 q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
             else:
-                q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
-                k = attn.k_proj(x).view(B, T, KVH, D).transpose(1, 2)
-                v = attn.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
+                q = attn.q_proj(x).view(Bt, Tt, H, D).transpose(1, 2)
+                k = attn.k_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
+                v = attn.v_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
                 q, k = self._apply_rope(q, k, cos, sin)
+            if packed:
+                q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = _attend(q, keys, values, mask, self.attention_fp32)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+            o = _attend(q, keys, values, mask, self.attention_fp32).transpose(1, 2).reshape(B, T, H * D)
+            if packed:
+                o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
+            h = h + attn.o_proj(o)
             x = layer.post_attention_layernorm(h)
             if fused is not None and fused.gate_up is not None:
                 h = h + _fused_mlp(layer, fused, x)
             else:
                 h = h + layer.mlp(x)
-        if every:
+        if packed:
+            h = h[0]
+        elif flat is not None:
+            h = h.reshape(B * T, -1)[flat]
+        elif every:
             pass
         elif last is None:
             h = h[:, -1]
