@@ -218,32 +218,35 @@ def test_soak_64_clients_for_60_s(ray_app):
     assert result["rss_end"] <= 1.05 * result["rss_warm"], describe_soak(result)
 
 
+def _scrape(admin: httpx.Client, steps: dict) -> tuple[str, tuple[float, float], float]:
+    """One ``/metrics`` scrape through Ray's proxy: the replica that answered, (requests in its
+    decode batch, requests waiting) and the monotonic time of the answer; ``steps`` gets
+    {replica: (time, decode steps so far)}."""
+    r = admin.get("/metrics")
+    answered = time.monotonic()
+    values = {"llamawrapper_running_batch_size": 0.0, "llamawrapper_queue_depth": 0.0}
+    for line in r.text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in values and 'model="smollm2"' in line:
+            values[name] += float(line.rsplit(" ", 1)[1])
+        if name == "llamawrapper_engine_decode_steps_total" and 'model="smollm2"' in line:
+            steps[r.headers["x-replica"]] = (answered, float(line.rsplit(" ", 1)[1]))
+    return r.headers["x-replica"], tuple(values.values()), answered
+
+
 def _engines(admin: httpx.Client, rounds: int = 1, steps: Optional[dict] = None) -> dict[str, tuple[float, float]]:
     """{replica: (requests in its decode batch, requests waiting)} from both replicas' /metrics
-    (``rounds`` pairs of concurrent scrapes, then more until both answered); ``steps`` gets {replica: (time, decode
-    steps so far)}."""
+    (``rounds`` pairs of concurrent scrapes, then more until both answered); ``steps`` gets
+    {replica: (time, decode steps so far)}."""
     steps = {} if steps is None else steps
-    def scrape(_):
-        r = admin.get("/metrics")
-        values = {"llamawrapper_running_batch_size": 0.0, "llamawrapper_queue_depth": 0.0}
-        for line in r.text.splitlines():
-            name = line.split("{", 1)[0]
-            if name in values and 'model="smollm2"' in line:
-                values[name] += float(line.rsplit(" ", 1)[1])
-            if name == "llamawrapper_engine_decode_steps_total" and 'model="smollm2"' in line:
-                steps[r.headers["x-replica"]] = (time.monotonic(), float(line.rsplit(" ", 1)[1]))
-        return r.headers["x-replica"], tuple(values.values())
-
     seen: dict = {}
     with ThreadPoolExecutor(2) as pool:
-        for _ in range(rounds):
-            seen.update(pool.map(scrape, range(2)))
-        # Ray's router may send every scrape of a few rounds to one replica: go on (bounded)
-        # until both have answered, so that neither is missing from the figures
-        for _ in range(30):
-            if len(seen) == 2:
+        for i in range(rounds + 30):
+            # Ray's router may send every scrape of a few rounds to one replica: go on (bounded)
+            # until both have answered, so that neither is missing from the figures
+            if i >= rounds and len(seen) == 2:
                 break
-            seen.update(pool.map(scrape, range(2)))
+            seen.update((replica, engine) for replica, engine, _ in pool.map(lambda _: _scrape(admin, steps), range(2)))
     return seen
 
 
@@ -264,12 +267,15 @@ def test_vanishing_streams_free_their_slots_within_a_second(ray_app):
 
     # in waves of 4: a replica's engine queue (4) takes requests faster than its batch does
     replicas, (busy, step), gone = vanishing_streams(client, 20, 4, while_streaming)
+    # each replica's time is that of the first scrape answer it gave showing no request (an
+    # upper bound: its slots were free by the time it answered), whichever replica Ray picks
     freed: dict[str, float] = {}
-    while set(freed) != set(replicas):
-        assert time.monotonic() - gone < 10, f"slots still held 10 s after the clients left: {_engines(admin)}"
-        for replica, engine in _engines(admin).items():
-            if engine == (0, 0):
-                freed.setdefault(replica, time.monotonic() - gone)
+    with ThreadPoolExecutor(2) as pool:
+        while set(freed) != set(replicas):
+            assert time.monotonic() - gone < 10, f"slots still held 10 s after the clients left: {_engines(admin)}"
+            for replica, engine, answered in pool.map(lambda _: _scrape(admin, {}), range(2)):
+                if engine == (0, 0):
+                    freed.setdefault(replica, answered - gone)
     print(f"\n20 vanished streams on {len(set(replicas))} replicas (batches {busy}): slots free after "
           + ", ".join(f"{t:.2f} s" for t in freed.values()) + f" (a decode step took up to {step:.2f} s)")
     assert len(replicas) == 20 and sum(running for running, _ in busy.values()) == 20, busy
