@@ -1,6 +1,6 @@
 """Prompt-lookup (n-gram) speculative decoding: drafts without a second model.
 
-A running request's last ``n`` tokens (n = 3, else 2, else 1) are looked up in its own prompt +
+A running request's last ``n`` tokens (n = 3, else 2; see below for why not 1) are looked up in its own prompt +
 generated tokens; where they occurred before, the tokens that followed that occurrence are the
 draft (at most ``k``). The engine then verifies the draft in one forward of the model, feeding
 ``[last token, d0 .. d(m-1)]`` at consecutive positions and taking the argmax at every position:
