@@ -22,7 +22,6 @@ A variant is ``<model>[+fuse][+compile][+nohead4]``; model = fp32 | bf16 | int8 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from bench.report import emit_json
 from llamawrapper import LlamaWrapper
 from llamawrapper.engine.executor import get_executor
 from llamawrapper.engine.kv_cache import SlotCache
@@ -239,20 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--w2-requests", type=int, default=16)
     args = ap.parse_args(argv)
     if args.e2e:
-        out = e2e(args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-        print(json.dumps({k: v for k, v in out.items()}))
+        emit_json(e2e(args), args.json)
         return 0
     if args.profile:
         profile(args)
         return 0
-    out = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    print(json.dumps(out))
+    emit_json(run(args), args.json)
     return 0
 
 

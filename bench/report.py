@@ -9,6 +9,16 @@ from typing import Any, Callable, Optional
 BASE = "engine"
 
 
+def emit_json(doc: dict, path: Optional[str] = None) -> None:
+    """Write ``doc`` to ``path`` (indented) when one is given, and print it on one line: the
+    output of the benches that end with their JSON on stdout."""
+    import json
+
+    if path:
+        Path(path).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+
+
 def _w(results: dict, system: str, workload: str) -> Optional[dict]:
     r = results.get(system)
     if not r or r.get("status") != "ok":

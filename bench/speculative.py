@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import statistics
 import sys
 import time
 from typing import Any
 
+from bench.report import emit_json
 from bench.workloads import QUESTIONS, SYSTEM_PROMPT, chat_ids
 from llamawrapper import LlamaWrapper, SamplingParams
 from llamawrapper.engine import Engine
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{c['tokens_per_step']} tok/step{'' if c['same_tokens_as_first'] else ' DIFFERENT'}"
                               for v, c in row.items())
             print(f"  {name:14s} {cells}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    print(json.dumps(out))
+    emit_json(out, args.json)
     return 0
 
 
