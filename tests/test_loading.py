@@ -125,3 +125,22 @@ def test_failed_conversion_leaves_no_cache_entry(lw_home, tmp_path, monkeypatch,
     models = lw_home / "models"
     assert [p.name for p in models.iterdir() if p.is_dir()] == []
     assert registry.cached_models() == []
+
+
+def test_a_conversion_parses_the_gguf_metadata_once(lw_home, tmp_path, tiny_gguf, monkeypatch):
+    """transformers opens the file for the config, the tokenizer and the weights, and the
+    architecture check once more; each reader would parse every token and merge in Python."""
+    import gguf
+
+    real, opened = gguf.GGUFReader, []
+
+    def counting(path, mode="r"):
+        opened.append(str(path))
+        return real(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    copy = tmp_path / "once.gguf"
+    shutil.copy(tiny_gguf, copy)
+    folder = loading.convert_gguf(registry.resolve(str(copy)), progress=False)
+    assert opened == [str(copy)] and (folder / "model.safetensors").is_file()
+    assert gguf.GGUFReader is counting  # put back after the conversion
