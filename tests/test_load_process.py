@@ -170,3 +170,37 @@ def test_a_reused_tokenizer_is_the_one_loaded_not_a_later_change(tiny_llm, tiny_
     finally:
         first.close()
         second.close()
+
+
+def test_shutdown_mid_conversion_is_quick_and_leaves_no_half_written_entry(tiny_llm, lw_home):
+    """At exit (or a server's stop) the loader process is ended, not waited for: a conversion in
+    the child is cut short (SIGTERM, handled as SystemExit so its cleanup runs), nothing is left
+    in the cache, and the load that asked for it fails with a typed error (not the child's
+    SystemExit, which it once re-raised in the caller)."""
+    gguf = registry.resolve("smollm2").path  # with an empty home the child first converts it
+    proc = load_process.get_load_process()
+    proc.start()
+    pid = proc.pid
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            LlamaWrapper.load("smollm2", progress=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=load)
+    t.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _has_open(pid, gguf):
+        time.sleep(0.05)
+    assert _has_open(pid, gguf), "the child never started converting"
+    time.sleep(1)  # into the conversion
+    started = time.monotonic()
+    proc.shutdown()
+    assert time.monotonic() - started < 6  # the conversion alone takes ~25 s
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], ModelUnavailableError), errors
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    models = lw_home / "models"
+    assert not models.exists() or [p.name for p in models.iterdir() if p.is_dir()] == []

@@ -346,6 +346,10 @@ def test_sqlite_store_https_and_encrypted_cache(tmp_path, smollm2_folder):
         assert again.headers.get("x-cache") == "hit" and again.parse().choices[0].message.content == answer
         with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port gets no answer
             httpx.get(server.url.replace("https://", "http://") + "/health", timeout=5).raise_for_status()
+        # both clients still hold idle keep-alive TLS connections: SIGTERM must not wait out the
+        # 30 s drain timeout for their close_notify (it did)
+        t = time.monotonic()
+        assert server.terminate() == 0 and time.monotonic() - t < 15, time.monotonic() - t
     finally:
         server.terminate()
     # at rest: no secret in the key store, no answer text in the cache

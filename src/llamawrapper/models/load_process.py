@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import pickle
+import subprocess
 import threading
 from typing import Any, Callable, Optional
 
@@ -144,12 +145,17 @@ def unpack(data: bytes, offsets: list[int], size: int, fd: int, held: Optional[d
 
 
 # -- the child ------------------------------------------------------------------------------------
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def _child_main(conn: Any, parent_pid: int) -> None:
     """The loader process: at the lowest priority, one torch thread, load what it is asked."""
     import signal
     from multiprocessing.reduction import send_handle
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; EOF stops us
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # the parent's stop while busy: finally blocks run
     try:  # absolute: the parent's loading thread may itself run at a lowered priority
         os.setpriority(os.PRIO_PROCESS, 0, nice_level())
     except (OSError, ValueError):
@@ -182,6 +188,8 @@ def _child_main(conn: Any, parent_pid: int) -> None:
             key = tokenizer_key(loaded.folder, loaded.tokenizer)
             data, offsets, size, fd = pack(loaded, {id(loaded.tokenizer): key} if key in held else None)
             del loaded
+        except SystemExit:  # stopped by the parent (SIGTERM): not the load's error, just go
+            raise
         except BaseException as exc:  # the parent re-raises it
             conn.send(("error", _picklable(exc)))
             continue
@@ -255,7 +263,6 @@ class LoadProcess:
         """Start the child with ``python -c`` (not multiprocessing's spawn, which would re-run
         the user's unguarded ``__main__`` script in the child)."""
         import socket
-        import subprocess
         import sys
         from multiprocessing.connection import Connection
         from pathlib import Path
@@ -344,16 +351,39 @@ class LoadProcess:
             except (OSError, ValueError):
                 pass
             conn.close()
-        if proc is not None:
-            try:
-                proc.wait(5)
-            except Exception:
-                proc.kill()
-                proc.wait(5)
+        if proc is None:
+            return
+        try:  # an idle child reads "stop" (or EOF) and is gone at once
+            proc.wait(0.5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        # still importing torch at nice 10 (a server stopped soon after its start waited ~3 s
+        # here) or mid-load: SIGTERM ends it through SystemExit, so a half-built cache entry
+        # is removed by its own cleanup
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._stop_locked()
+        if self._lock.acquire(timeout=0.5):
+            try:
+                self._stop_locked()
+            finally:
+                self._lock.release()
+            return
+        # a load holds the lock while the child works (a conversion can take minutes): end the
+        # child, and the loading thread reports the load as failed when its answer never comes
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     @property
     def pid(self) -> Optional[int]:

@@ -4,8 +4,10 @@ up to ``drain_timeout`` seconds, closes the engines and returns, so the process 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import time
 from typing import Optional
 
 import uvicorn
@@ -28,6 +30,31 @@ class _DrainingServer(uvicorn.Server):
                      self.lw_state.settings.drain_timeout)
         self.lw_state.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        closer = asyncio.ensure_future(self._drop_tls_connections_waiting_for_close_notify())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            closer.cancel()
+
+    async def _drop_tls_connections_waiting_for_close_notify(self, grace: float = 1.0) -> None:
+        """uvicorn closes idle keep-alive connections when it shuts down and waits until they
+        are gone. A TLS connection, once closed, sends its close_notify and then waits for the
+        client's (asyncio and uvloop wait up to 30 s), which an idle client never sends: an open
+        keep-alive connection held every HTTPS shutdown for the whole drain timeout. A closing
+        TLS connection with nothing left to write is dropped after ``grace`` seconds."""
+        closing_since: dict[int, float] = {}
+        while True:
+            now = time.monotonic()
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if (transport is None or not transport.is_closing() or transport.get_extra_info("sslcontext") is None
+                        or transport.get_write_buffer_size()):
+                    continue
+                if now - closing_since.setdefault(id(conn), now) >= grace:
+                    transport.abort()
+            await asyncio.sleep(0.1)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
