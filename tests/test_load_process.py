@@ -98,7 +98,24 @@ def test_a_broken_model_fails_with_a_typed_error_from_the_child(tiny_llm, tmp_pa
 
 @pytest.mark.slow
 def test_a_child_killed_mid_load_is_a_typed_error_and_the_next_load_works(tiny_llm, tiny_model_dir, lw_home):
-    gguf = registry.resolve("smollm2").path  # with an empty home the child first converts it
+    proc, pid, t, errors = _converting_smollm2_in_the_child()
+    os.kill(pid, 9)
+    t.join(60)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ModelUnavailableError), errors
+    assert "loader process died" in str(errors[0])
+    again = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    try:
+        assert load_process.get_load_process().pid not in (None, pid)
+        assert again.chat(PROMPT, max_tokens=4, temperature=0).text
+    finally:
+        again.close()
+
+
+def _converting_smollm2_in_the_child() -> tuple:
+    """Ask the loader process for smollm2 from a thread (with an empty home the child first
+    converts the GGUF); return once the child has the file open: (process, pid, thread, errors)."""
+    gguf = registry.resolve("smollm2").path
     proc = load_process.get_load_process()
     proc.start()
     pid = proc.pid
@@ -116,17 +133,7 @@ def test_a_child_killed_mid_load_is_a_typed_error_and_the_next_load_works(tiny_l
     while time.monotonic() < deadline and not _has_open(pid, gguf):
         time.sleep(0.05)
     assert _has_open(pid, gguf), "the child never started converting"
-    os.kill(pid, 9)
-    t.join(60)
-    assert not t.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], ModelUnavailableError), errors
-    assert "loader process died" in str(errors[0])
-    again = LlamaWrapper.load(str(tiny_model_dir), progress=False)
-    try:
-        assert load_process.get_load_process().pid not in (None, pid)
-        assert again.chat(PROMPT, max_tokens=4, temperature=0).text
-    finally:
-        again.close()
+    return proc, pid, t, errors
 
 
 def _has_open(pid: int, path: Path) -> bool:
@@ -172,29 +179,13 @@ def test_a_reused_tokenizer_is_the_one_loaded_not_a_later_change(tiny_llm, tiny_
         second.close()
 
 
+@pytest.mark.slow
 def test_shutdown_mid_conversion_is_quick_and_leaves_no_half_written_entry(tiny_llm, lw_home):
     """At exit (or a server's stop) the loader process is ended, not waited for: a conversion in
     the child is cut short (SIGTERM, handled as SystemExit so its cleanup runs), nothing is left
     in the cache, and the load that asked for it fails with a typed error (not the child's
     SystemExit, which it once re-raised in the caller)."""
-    gguf = registry.resolve("smollm2").path  # with an empty home the child first converts it
-    proc = load_process.get_load_process()
-    proc.start()
-    pid = proc.pid
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            LlamaWrapper.load("smollm2", progress=False)
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=load)
-    t.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not _has_open(pid, gguf):
-        time.sleep(0.05)
-    assert _has_open(pid, gguf), "the child never started converting"
+    proc, pid, t, errors = _converting_smollm2_in_the_child()
     time.sleep(1)  # into the conversion
     started = time.monotonic()
     proc.shutdown()
