@@ -144,3 +144,32 @@ def test_a_conversion_parses_the_gguf_metadata_once(lw_home, tmp_path, tiny_gguf
     folder = loading.convert_gguf(registry.resolve(str(copy)), progress=False)
     assert opened == [str(copy)] and (folder / "model.safetensors").is_file()
     assert gguf.GGUFReader is counting  # put back after the conversion
+
+
+def test_conversions_in_two_threads_leave_the_gguf_module_as_it_was(lw_home, tmp_path, tiny_gguf):
+    import threading
+
+    import gguf
+
+    real = gguf.GGUFReader
+    copies = [tmp_path / f"t{i}.gguf" for i in range(2)]
+    for i, copy in enumerate(copies):
+        shutil.copy(tiny_gguf, copy)
+        with open(copy, "r+b") as f:  # different bytes, so two cache entries
+            f.seek(os.path.getsize(copy) - 4)
+            f.write(bytes([i + 1]) * 4)
+    folders, errors = [], []
+
+    def convert(path):
+        try:
+            folders.append(loading.convert_gguf(registry.resolve(str(path)), progress=False))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=convert, args=(c,)) for c in copies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and len(set(folders)) == 2 and all((f / "model.safetensors").is_file() for f in folders)
+    assert gguf.GGUFReader is real

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -142,28 +143,34 @@ def convert_gguf(source: ModelSource, progress: bool = True, force: bool = False
     return cached_build(source, build, "conversion", progress, force)
 
 
+_METADATA_PARSE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_metadata_parse():
     """Within the block, every ``gguf.GGUFReader`` of one file is the same reader. A conversion
     reads the file four times (its architecture here; transformers' config, tokenizer and
     weights), and each reader parses all metadata in Python: ~8 s for smollm2's 49,152 tokens
-    and 48,900 merges. The reader is only read from (its arrays are memory-mapped)."""
+    and 48,900 merges. The reader is only read from (its arrays are memory-mapped). The patch
+    of the ``gguf`` module is process-wide, so conversions in two threads take turns (two
+    overlapping patches would restore each other's wrapper and leave it in place)."""
     import gguf
 
-    real = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
+    with _METADATA_PARSE_LOCK:
+        real = gguf.GGUFReader
+        readers: dict[tuple[str, str], Any] = {}
 
-    def shared(path: Any, mode: str = "r") -> Any:
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = real(path, mode)
-        return readers[key]
+        def shared(path: Any, mode: str = "r") -> Any:
+            key = (str(path), mode)
+            if key not in readers:
+                readers[key] = real(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = shared  # transformers imports it from the module at each call
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader = shared  # transformers imports it from the module at each call
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = real
 
 
 def _write_conversion(gguf_path: Path, out: Path, bar: Any) -> None:
