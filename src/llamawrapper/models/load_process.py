@@ -359,14 +359,8 @@ class LoadProcess:
         except subprocess.TimeoutExpired:
             pass
         # still importing torch at nice 10 (a server stopped soon after its start waited ~3 s
-        # here) or mid-load: SIGTERM ends it through SystemExit, so a half-built cache entry
-        # is removed by its own cleanup
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        # here) or mid-load
+        _end(proc)
 
     def shutdown(self) -> None:
         if self._lock.acquire(timeout=0.5):
@@ -377,17 +371,25 @@ class LoadProcess:
             return
         # a load holds the lock while the child works (a conversion can take minutes): end the
         # child, and the loading thread reports the load as failed when its answer never comes
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if self._proc is not None:
+            _end(self._proc)
 
     @property
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+
+def _end(proc: Any) -> None:
+    """End a busy child: SIGTERM (``SystemExit`` there, so a half-built cache entry is removed by
+    its own cleanup), SIGKILL if it is still there after 5 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 _process: Optional[LoadProcess] = None
