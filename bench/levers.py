@@ -15,8 +15,8 @@ chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token
 64 new tokens each), every variant its own loaded model with its own engine settings, the
 variants taking turns round by round.
 
-A variant is ``<model>[+fuse][+compile][+nohead4]``; model = fp32 | bf16 | int8 | int4 | int4h8
-(int4 with the int8 output head).
+A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]``; model =
+fp32 | bf16 | int8 | int4 | w8a8.
 """
 
 from __future__ import annotations
@@ -43,13 +43,11 @@ def parse(variant: str) -> tuple[str, dict[str, Any]]:
     return model, opts
 
 
-def load_model(name: str, threads: int) -> Any:
-    kw: dict[str, Any] = {"progress": False, "engine": {"threads": threads}}
-    if name in ("int8", "int4"):
+def load_model(name: str, threads: int, **settings: Any) -> Any:
+    """smollm2 as variant ``name`` (fp32, bf16, int8, int4, w8a8) with engine ``settings``."""
+    kw: dict[str, Any] = {"progress": False, "engine": {"threads": threads, **settings}}
+    if name in ("int8", "int4", "w8a8"):
         kw["quantization"] = name
-    elif name == "int4h8":
-        kw["quantization"] = "int4"
-        kw["int4_head"] = False
     elif name == "bf16":
         kw["dtype"] = "bfloat16"
     elif name != "fp32":
@@ -181,12 +179,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         specs.append((f"{model}:{label or 'default'}", model, settings))
     llms = {}
     for label, model, settings in specs:
-        kw: dict[str, Any] = {"progress": False, "engine": {"threads": args.threads, **settings}}
-        if model in ("int8", "int4"):
-            kw["quantization"] = model
-        elif model == "bf16":
-            kw["dtype"] = "bfloat16"
-        llms[label] = LlamaWrapper.load("smollm2", **kw)
+        llms[label] = load_model(model, args.threads, **settings)
     tok = next(iter(llms.values())).tokenizer
     w1, w2 = w1_prompt(tok), w2_prompts(tok, args.w2_requests)
     rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": []} for label in llms}

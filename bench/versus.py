@@ -58,8 +58,10 @@ VARIANTS = {  # name -> bench.systems spec
     "bf16": "engine:dtype=bfloat16",
     "int8": "engine:quantization=int8",
     "int4": "engine:quantization=int4",
+    "w8a8": "engine:quantization=w8a8",
 }
-SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"]}
+SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
+                "w8a8": ["--quantization", "w8a8"]}
 ENGINE_WORKLOADS = "decode,prefill,ttft,w2"
 
 

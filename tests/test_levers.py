@@ -27,12 +27,12 @@ def prefill_logits(runner: LlamaRunner, ids: list[int]) -> torch.Tensor:
 def tiny_models(tiny_llm):
     """The tiny model in fp32 and quantized copies (in memory), each with a fresh runner pair."""
     models = {"fp32": copy.deepcopy(tiny_llm.loaded.model)}
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "w8a8"):
         models[mode] = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), mode).eval()
     return models
 
 
-@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4", "w8a8"])
 def test_fused_projections_match_unfused_bit_for_bit(tiny_models, mode):
     model = tiny_models[mode]
     ids = torch.randint(10, 40000, (23,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -46,7 +46,8 @@ def test_fused_projections_match_unfused_bit_for_bit(tiny_models, mode):
     assert torch.equal(prefill_logits(plain, ids), before)  # the model's own modules now read views: unchanged
     with torch.inference_mode():  # and transformers' forward on the same modules still works
         hf = model(torch.tensor([ids])).logits[0].float()
-    tol = 1e-3 if mode == "fp32" else 2e-2  # bf16 models: the runner attends in float32, transformers in bf16
+    tol = 1e-3 if mode == "fp32" else 2e-2  # bf16 models: the runner attends in float32, transformers in bf16;
+    # w8a8: a float rounding apart in attention can move an activation across an int8 step
     assert (hf - before[0]).abs().max() < tol * before.abs().max()
 
 
@@ -98,6 +99,49 @@ def test_fused_engine_greedy_alone_in_batch_and_seeded_sampling(tiny_llm):
         assert alone == batch
         out[fuse] = (alone, seeded)
     assert out[True] == out[False]
+
+
+def test_w8a8_engine_greedy_alone_in_batch_speculative_and_seeded(tiny_models, tiny_llm):
+    """A w8a8 model (float32 activations, int8 per-token activations in every Linear): greedy ids
+    are the same alone, inside a batch and with prompt-lookup drafts verified in one forward, and
+    a seeded sampled answer repeats."""
+    model, tok = tiny_models["w8a8"], tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (6, 21, 40)]
+    prompts.append((prompts[0] * 5)[:28])  # repeats itself: prompt lookup finds drafts
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+    runner = LlamaRunner(model)
+    assert runner.dtype == torch.float32 and all(f.qkv is not None and f.gate_up is not None for f in runner.fused)
+    results = {}
+    for k in (0, 4):
+        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8, prompt_lookup=k))
+        try:
+            assert eng.speculate == bool(k)
+            alone = [eng.submit(p, greedy).result().token_ids for p in prompts]
+            batch = [h.result().token_ids for h in [eng.submit(p, greedy) for p in prompts]]
+            seeded = [eng.submit(prompts[1], sampled).result().token_ids for _ in range(2)]
+            drafted = eng.stats.draft_tokens
+        finally:
+            eng.shutdown()
+        assert alone == batch and seeded[0] == seeded[1]
+        results[k] = (alone, seeded[0], drafted)
+    assert results[4][:2] == results[0][:2] and results[0][2] == 0 and results[4][2] > 0
+
+
+def test_w8a8_rows_do_not_depend_on_the_rows_beside_them():
+    """One scale per token: a row's output is bit for bit the same alone and beside a row 1000x
+    larger (a per-tensor scale would crush it), and close to the float Linear."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80, bias=True)
+    q = quant.W8A8Linear.from_linear(lin)
+    x = torch.randn(5, 96)
+    x[3] *= 1000
+    y = q(x)
+    assert all(torch.equal(y[i], q(x[i : i + 1])[0]) for i in range(5))
+    ref = lin(x)
+    assert ((y - ref).norm(dim=1) / ref.norm(dim=1)).max() < 0.03
+    assert q(torch.zeros(2, 96)).abs().max() <= lin.bias.abs().max() + 1e-6  # an all-zero row: just the bias
 
 
 def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):

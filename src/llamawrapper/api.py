@@ -71,7 +71,7 @@ class LlamaWrapper:
         ``[cache]``/``LLAMAWRAPPER_CACHE_*``). ``chat_template``: a template registered by a plugin.
 
         ``dtype``: float32 (default), bfloat16 or float16. ``quantization``: None, ``"int8"`` or
-        ``"int4"`` (weight-only; cached next to the model). ``overrides``: model-config changes
+        ``"int4"`` (weight-only), ``"w8a8"`` (int8 weights and activations; cached next to the model). ``overrides``: model-config changes
         applied before loading (``num_hidden_layers``, ``rope_scaling``, ``max_position_embeddings``,
         ``attn_implementation``, ``rms_norm_eps``). ``adapters``: ``{"name": "lora/folder"}``, picked
         per request with ``adapter="name"``. Each falls back to the config file's ``[models.NAME]``."""

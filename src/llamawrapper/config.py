@@ -107,8 +107,8 @@ class ServerSettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="Accepted API keys (Authorization: Bearer); none = no auth. Env: comma-separated.")
     dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
-    quantization: Optional[Literal["int8", "int4"]] = Field(
-        None, description="Weight-only quantization of every served model: int8 or int4 (cached after the first load).")
+    quantization: Optional[Literal["int8", "int4", "w8a8"]] = Field(
+        None, description="Quantization of every served model: int8 or int4 (weight-only), w8a8 (int8 weights and activations); cached after the first load.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body accepted; larger gets 413.")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before exiting.")
     max_choices: int = Field(8, ge=1, description="Most choices (n x prompts) one request may ask for.")
@@ -190,6 +190,6 @@ class RaySettings(BaseSettings):
 def model_table(name: str) -> dict:
     """The config file's ``[models.NAME]`` table: ``plugins = [...]``, ``[models.NAME.plugin_options.PLUGIN]``,
     ``chat_template = "registered-name"``, ``cache = true|false``; and for loading: ``dtype``,
-    ``quantization = "int8"|"int4"``, ``[models.NAME.overrides]`` (config keys) and
+    ``quantization = "int8"|"int4"|"w8a8"``, ``[models.NAME.overrides]`` (config keys) and
     ``[models.NAME.adapters]`` (``name = "path/to/lora"``)."""
     return dict((_config_tables().get("models") or {}).get(name) or {})

@@ -75,7 +75,7 @@ def put(name: str = typer.Argument(..., help="The served name (what requests say
         revision: Optional[str] = typer.Option(None, help="Hub revision."),
         sha256: Optional[str] = typer.Option(None, help="Refuse the source unless its sha256 is this."),
         dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16."),
-        quantization: Optional[str] = typer.Option(None, help="int8 or int4."),
+        quantization: Optional[str] = typer.Option(None, help="int8, int4 or w8a8."),
         traffic: Optional[float] = typer.Option(None, help="Share of requests for this version (a canary) until promoted."),
         keep_alive: Optional[float] = typer.Option(None, "--keep-alive", help="Seconds idle before the name unloads."),
         wait: bool = typer.Option(False, "--wait", help="Wait until the version is ready (or failed)."),

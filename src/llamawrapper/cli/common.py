@@ -114,7 +114,7 @@ LogitBias = typer.Option(None, "--logit-bias", help="TOKEN_ID=BIAS (-100..100) a
 Logprobs = typer.Option(False, "--logprobs", help="Show each generated token's log-probability.")
 TopLogprobs = typer.Option(None, "--top-logprobs", help="...and this many most likely alternatives (0-20; implies --logprobs).")
 Dtype = typer.Option(None, help="float32 (default), bfloat16 or float16.")
-Quantization = typer.Option(None, "--quantization", help="Weight-only quantization: int8 or int4 (cached after the first load).")
+Quantization = typer.Option(None, "--quantization", help="Quantization: int8 or int4 (weight-only), w8a8 (int8 weights and activations); cached after the first load.")
 Override = typer.Option(None, "--override", help="Model config override KEY=VALUE (repeatable), e.g. num_hidden_layers=12.")
 Adapter = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable); select one with MODEL:NAME.")
 Plugin = typer.Option(None, "--plugin", help="Switch on a plugin: NAME or NAME='{\"option\": ...}' (repeatable; default: the config file's).")

@@ -6,7 +6,7 @@ whose weight is the row-wise concatenation of its parts and re-points every part
 its rows of that tensor, so the model's own modules (used by ``model(...)``, evaluation, and the
 unfused path) keep working and no weight is stored twice.
 
-Supported parts: plain ``nn.Linear`` (any float dtype), ``Int8Linear`` and ``Int4Linear``
+Supported parts: plain ``nn.Linear`` (any float dtype), ``Int8Linear``, ``W8A8Linear`` and ``Int4Linear``
 (packed weights are concatenated as they are: rows of ``_weight_int8pack_mm`` are independent;
 ``_weight_int4pack_mm_for_cpu`` packs output channels in blocks whose width depends on the CPU,
 so an int4 fusion is checked once, bit for bit, against its parts and refused if it differs).
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..models.quantization import Int4Linear, Int8Linear
+from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
 log = logging.getLogger("llamawrapper.engine")
 
@@ -89,6 +89,19 @@ def fuse_linears(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
             if bias:
                 fused.bias = _cat([p.bias for p in parts])
             if not _agrees(parts, fused):
+                return None
+            _repoint(parts, fused, ("weight", "scales", "bias"))
+            return fused
+        if kind is W8A8Linear:
+            fused = W8A8Linear(parts[0].in_features, sum(p.out_features for p in parts), bias)
+            fused.weight = _cat([p.weight for p in parts])
+            fused.scales = _cat([p.scales for p in parts])
+            if bias:
+                fused.bias = _cat([p.bias for p in parts])
+            same = _agrees(parts, fused)
+            for p in parts:  # packed by the check: the parts pack again only if used on their own
+                p._packed = p._bounds = None
+            if not same:
                 return None
             _repoint(parts, fused, ("weight", "scales", "bias"))
             return fused

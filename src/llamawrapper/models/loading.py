@@ -37,7 +37,7 @@ class LoadedModel:
     source: ModelSource
     folder: Path
     manifest: dict = field(default_factory=dict)
-    quantization: Optional[str] = None  # "int8" | "int4" | None
+    quantization: Optional[str] = None  # "int8" | "int4" | "w8a8" | None
     overrides: dict = field(default_factory=dict)
 
 
@@ -250,7 +250,7 @@ def hub_snapshot(source: ModelSource, patterns: list[str] = HUB_PATTERNS) -> Pat
 def load(source: ModelSource, dtype: str = "float32", device: str = "cpu", progress: bool = True,
          quantization: Optional[str] = None, overrides: Optional[dict] = None) -> LoadedModel:
     """Load model and tokenizer for ``source`` in ``dtype`` on ``device``, with its config changed
-    by ``overrides`` and its weights quantized (``"int8"``/``"int4"``, weight-only) if asked."""
+    by ``overrides`` and its weights quantized (``"int8"``/``"int4"`` weight-only, ``"w8a8"``) if asked."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

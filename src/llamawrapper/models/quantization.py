@@ -1,10 +1,10 @@
-"""Weight-only quantization on CPU (int8 and int4) as an explicit module swap, and the on-disk
-cache of quantized weights.
+"""Quantization on CPU (weight-only int8 and int4; int8 weights with int8 activations, ``w8a8``)
+as an explicit module swap, and the on-disk cache of quantized weights.
 
 Every ``nn.Linear`` of the decoder (and the output head) is replaced by ``Int8Linear`` or
 ``Int4Linear``, which keep packed integer weights and call torch's own packed CPU kernels
 (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``). Those kernels are fast only
-with bfloat16 activations, so a quantized model runs with bfloat16 activations throughout
+with bfloat16 activations, so an int8 or int4 model runs with bfloat16 activations throughout
 (norms, attention, KV cache): the runner sees a bfloat16 model and casts nothing per layer.
 The token embedding becomes ``Int8Embedding`` (rows dequantized on lookup); when the model ties
 its head to the embedding, both share one int8 tensor.
@@ -12,6 +12,12 @@ its head to the embedding, both share one int8 tensor.
 The quantized state dict is saved next to the converted model in ``quant-<mode>/`` with a
 manifest; a later load builds the module tree on the meta device and assigns those tensors,
 so it neither reads the fp32 weights nor quantizes again.
+
+``w8a8`` keeps float32 activations between layers and quantizes each token's input to a Linear
+to 8 bits at run time (one scale per token, so a row's result never depends on the rows batched
+with it), multiplying by 7-bit per-channel weights in FBGEMM, torch's x86 int8 GEMM
+(``W8A8Linear``). 7-bit weights keep every pair of u8 x s8 products inside the int16 that
+AVX2's ``vpmaddubsw`` saturates at. The token embedding stays its own int8 table.
 """
 
 from __future__ import annotations
@@ -31,10 +37,16 @@ from ..errors import InvalidRequestError
 
 log = logging.getLogger("llamawrapper.quantization")
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZE = 32  # the GGUF's Q4_1 blocks are 32 wide: group 32 with a zero point recovers them
 QUANT_FORMAT_VERSION = 1
 ACTIVATION_DTYPE = torch.bfloat16
+W8A8_WEIGHT_MAX = 63  # 7-bit weights: u8 activations x s7 weights, two products summed, fit int16
+
+
+def activation_dtype(mode: str) -> torch.dtype:
+    """The dtype a model quantized with ``mode`` runs its activations (norms, attention, KV) in."""
+    return torch.float32 if mode == "w8a8" else ACTIVATION_DTYPE
 
 
 def check_quantization(quantization: Optional[str]) -> Optional[str]:
@@ -113,26 +125,92 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
 
 
+class W8A8Linear(nn.Module):
+    """``y = x @ w.T + b`` with 7-bit per-output-channel weights and each row of ``x`` quantized
+    to u8 at run time with a scale of its own, through FBGEMM's dynamic int8 linear.
+
+    FBGEMM picks one scale for the whole input; dividing every row by its largest magnitude and
+    appending a bounds row ``[-1, 1, 0, ...]`` makes that scale the same for every batch, so a
+    row's result depends only on that row (greedy text alone = in a batch). The FBGEMM-packed
+    weight is built on first use from the ``weight``/``scales`` buffers (which are what is saved
+    and handed between processes)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
+        self._packed: Any = None
+        self._bounds: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "W8A8Linear":
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / W8A8_WEIGHT_MAX).clamp(min=1e-8)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        mod.weight = torch.round(w / scales[:, None]).clamp(-W8A8_WEIGHT_MAX, W8A8_WEIGHT_MAX).to(torch.int8)
+        mod.scales = scales
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().float()
+        return mod
+
+    def _pack(self) -> Any:
+        import warnings
+
+        with warnings.catch_warnings():  # torch marks quantized-tensor creation deprecated (torchao's successor needs compile)
+            warnings.simplefilter("ignore")
+            q = torch._make_per_channel_quantized_tensor(
+                self.weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+            packed = torch.ops.quantized.linear_prepack(q, None)
+        bounds = torch.zeros(1, self.in_features)
+        bounds[0, 0], bounds[0, 1 % self.in_features] = -1.0, 1.0
+        self._bounds, self._packed = bounds, packed
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed if self._packed is not None else self._pack()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        top = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / top, self._bounds]), packed, False)[:-1].mul_(top)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_packed"] = state["_bounds"] = None  # rebuilt on first use where the module lands
+        return state
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
+
+
 class Int8Embedding(nn.Module):
     """Token embedding with int8 rows and per-row scales, dequantized on lookup."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = None,
+                 dtype: torch.dtype = ACTIVATION_DTYPE) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=ACTIVATION_DTYPE, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids].to(ACTIVATION_DTYPE)
+        rows = self.weight[ids].to(self.scales.dtype)
         return rows * self.scales[ids].unsqueeze(-1)
 
 
 # -- math -----------------------------------------------------------------------------------------------
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rows(w: torch.Tensor, dtype: torch.dtype = ACTIVATION_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: ``w ≈ q * scale[:, None]``."""
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales.to(ACTIVATION_DTYPE)
+    return q, scales.to(dtype)
 
 
 def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,19 +244,25 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     tied = _is_tied(model)
     head = model.get_output_embeddings()
     for parent, name, linear in _targets(model):
-        if linear is head or mode == "int8" or linear.in_features % INT4_GROUP_SIZE:
-            # the output head stays int8 in int4 mode: it is shared with the embedding and its
-            # error reaches every logit directly
-            new = Int8Linear.from_linear(linear)
-        else:
-            new = Int4Linear.from_linear(linear)
-        setattr(parent, name, new)
-    _quantize_embedding(model, tied)
-    for mod in model.modules():  # norms and anything else left in float: bfloat16 activations
+        setattr(parent, name, _module_class(mode, linear, head).from_linear(linear))
+    _quantize_embedding(model, tied, mode)
+    dtype = activation_dtype(mode)
+    for mod in model.modules():  # norms and anything else left in float: the activations' dtype
         for pname, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(ACTIVATION_DTYPE)
-    model.config.dtype = "bfloat16"
+            p.data = p.data.to(dtype)
+    model.config.dtype = str(dtype).removeprefix("torch.")
     return model
+
+
+def _module_class(mode: str, linear: nn.Linear, head: Optional[nn.Module]) -> type:
+    """The quantized module a Linear becomes: in int4 mode the output head stays int8 (shared with
+    the embedding; its error reaches every logit directly), as does a Linear whose input is not a
+    whole number of int4 groups."""
+    if mode == "w8a8":
+        return W8A8Linear
+    if linear is head or mode == "int8" or linear.in_features % INT4_GROUP_SIZE:
+        return Int8Linear
+    return Int4Linear
 
 
 def _is_tied(model: nn.Module) -> bool:
@@ -186,14 +270,16 @@ def _is_tied(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and head.weight is emb.weight
 
 
-def _quantize_embedding(model: nn.Module, tied: bool) -> None:
+def _quantize_embedding(model: nn.Module, tied: bool, mode: str) -> None:
+    """The int8 token table: the int8 head's own tensor when the two are tied, else rows of its
+    own (w8a8's head has 7-bit rows)."""
     emb = model.get_input_embeddings()
-    new = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
+    new = Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype=activation_dtype(mode))
     head = model.get_output_embeddings()
     if tied and isinstance(head, Int8Linear):
         new.weight, new.scales = head.weight, head.scales  # one int8 tensor for both
     else:
-        new.weight, new.scales = quantize_int8_rows(emb.weight.detach().float())
+        new.weight, new.scales = quantize_int8_rows(emb.weight.detach().float(), activation_dtype(mode))
     model.set_input_embeddings(new)
 
 
@@ -202,16 +288,13 @@ def _skeleton(config: Any, mode: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=ACTIVATION_DTYPE)
+        model = AutoModelForCausalLM.from_config(config, dtype=activation_dtype(mode))
     head = model.get_output_embeddings()
     for parent, name, linear in _targets(model):
-        if linear is head or mode == "int8" or linear.in_features % INT4_GROUP_SIZE:
-            new = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        else:
-            new = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        setattr(parent, name, new)
+        cls = _module_class(mode, linear, head)
+        setattr(parent, name, cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta"))
     emb = model.get_input_embeddings()
-    model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, device="meta"))
+    model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, device="meta", dtype=activation_dtype(mode)))
     return model
 
 
@@ -277,7 +360,7 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
             "format_version": QUANT_FORMAT_VERSION,
             "quantization": mode,
             "int4_group_size": INT4_GROUP_SIZE,
-            "activation_dtype": "bfloat16",
+            "activation_dtype": str(activation_dtype(mode)).removeprefix("torch."),
             "source_fingerprint": source_fingerprint,
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -299,7 +382,7 @@ def load_quantized(config: Any, folder: Path, mode: str) -> nn.Module:
             state[name] = t if t.data_ptr() % 64 == 0 else t.clone()
     model.load_state_dict(state, strict=False, assign=True)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if _tied_config(config):
+    if _tied_config(config) and isinstance(head, Int8Linear):
         head.weight, head.scales = emb.weight, emb.scales
     inner = model.model
     inner.rotary_emb = type(inner.rotary_emb)(config=config)  # non-persistent buffers: rebuild on CPU
@@ -338,6 +421,8 @@ def load_or_quantize(folder: Path, config: Any, mode: str, manifest: dict, load_
 
 def bitsandbytes_config(mode: str) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``mode`` (CUDA only)."""
+    if mode == "w8a8":
+        raise InvalidRequestError("w8a8 quantization runs on the CPU (FBGEMM); on CUDA choose int8 or int4.", param="quantization")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:

@@ -17,7 +17,7 @@ from ..errors import InvalidRequestError, ModelHashMismatchError
 
 STATUSES = ("loading", "ready", "draining", "unloaded", "failed")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "w8a8")
 SPEC_FIELDS = ("source", "revision", "sha256", "dtype", "quantization", "adapters", "overrides")
 
 
@@ -50,7 +50,7 @@ class ModelSpec:
         if data.get("dtype") not in (None, *DTYPES):
             raise InvalidRequestError(f"Invalid dtype {data['dtype']!r}; choose one of {', '.join(DTYPES)}.", param="dtype")
         if data.get("quantization") not in QUANTIZATIONS:
-            raise InvalidRequestError(f"Invalid quantization {data['quantization']!r}; choose int8 or int4.", param="quantization")
+            raise InvalidRequestError(f"Invalid quantization {data['quantization']!r}; choose int8, int4 or w8a8.", param="quantization")
         sha = data.get("sha256")
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
             raise InvalidRequestError("'sha256' must be 64 hexadecimal digits.", param="sha256")
