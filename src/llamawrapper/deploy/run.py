@@ -18,6 +18,11 @@ from .plan import RayUnavailableError, make_plan, require_ray
 
 log = logging.getLogger("llamawrapper.deploy")
 APP_NAME = "llamawrapper"
+# Ray Serve's router trusts its cached count of a replica's requests for this long (Ray's default
+# is 10 s); after a burst of cancelled streams a stale count kept a free replica unused for the
+# whole 10 s (docs/RELIABILITY.md). 2 s bounds that; the cost is a queue-length probe to the
+# candidate replicas when the count is older.
+QUEUE_LENGTH_CACHE_TIMEOUT_S = "2"
 
 
 def _port(settings: ServerSettings) -> int:
@@ -47,6 +52,7 @@ def serve_on_ray(settings: ServerSettings, engine: Optional[EngineSettings] = No
     from .proxy import PROXY_CALLBACK
 
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # read by a local cluster's proxy
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S", QUEUE_LENGTH_CACHE_TIMEOUT_S)  # ...and its router
     if ray_address() and os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == PROXY_CALLBACK:
         log.info("a cluster started elsewhere retries lost replicas only when its nodes have "
                  "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=%s", PROXY_CALLBACK)
