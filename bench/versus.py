@@ -405,11 +405,12 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
     row("W1 bf16 / fp32", _ratio(dec("bf16"), dec("fp32")), 1.5, cpu_value=_ratio(c("bf16", "decode"), c("fp32", "decode")))
     row("W1 int8 / fp32", _ratio(dec("int8"), dec("fp32")), 1.6, cpu_value=_ratio(c("int8", "decode"), c("fp32", "decode")))
     row("W1 int4 / fp32", _ratio(dec("int4"), dec("fp32")), 2.2, cpu_value=_ratio(c("int4", "decode"), c("fp32", "decode")))
+    row("W1 w8a8 / fp32", _ratio(dec("w8a8"), dec("fp32")), None, cpu_value=_ratio(c("w8a8", "decode"), c("fp32", "decode")))
     if base:
         row(f"W1 bf16 / {base} (today's fp32)", _ratio(dec("bf16"), dec(base)), 1.5, cpu_value=_ratio(c("bf16", "decode"), c(base, "decode")))
         row(f"W1 fp32 / {base}", _ratio(dec("fp32"), dec(base)), None, cpu_value=_ratio(c("fp32", "decode"), c(base, "decode")))
     ls = _get(http, "systems", "llama-server") or {}
-    for v in ("fp32", "int4", "bf16", "int8"):
+    for v in VARIANTS:
         mine = _get(http, "systems", f"llamawrapper-{v}")
         if not mine:
             continue

@@ -38,20 +38,16 @@ def test_commands_that_need_no_model_do_not_load_torch(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "[] LlamaWrapper True", res.stdout
 
 
-def test_run_json_prints_result(tiny_model_dir):
+def test_run_json_prints_result_and_streams_the_same_text(tiny_model_dir):
     res = cli("run", str(tiny_model_dir), "hello", "--json", "--temperature", "0", "--max-tokens", "5")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["finish_reason"] in ("stop", "length")
     assert data["usage"]["completion_tokens"] <= 5 and data["usage"]["prompt_tokens"] > 0
     assert isinstance(data["text"], str)
-
-
-def test_run_streams_text(tiny_model_dir):
-    res = cli("run", str(tiny_model_dir), "hello", "--temperature", "0", "--max-tokens", "5", "-q")
-    assert res.returncode == 0, res.stderr
-    js = cli("run", str(tiny_model_dir), "hello", "--json", "--temperature", "0", "--max-tokens", "5")
-    assert res.stdout == json.loads(js.stdout)["text"] + "\n"
+    streamed = cli("run", str(tiny_model_dir), "hello", "--temperature", "0", "--max-tokens", "5", "-q")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == data["text"] + "\n"
 
 
 def test_tokenize_json(tiny_model_dir):
