@@ -231,3 +231,17 @@ def test_a_failed_reload_answers_unavailable(tiny_model_dir, tmp_path):
             host.acquire("chat")
     finally:
         host.close()
+
+
+def test_versions_show_what_they_run_as_with_the_servers_defaults(tiny_model_dir, lw_home):
+    """``serve --quantization w8a8`` (the loader's default) applies to a version whose spec names
+    none, and the admin view says so: its quantization and the dtype its activations run in."""
+    h = ModelHost(default_loader(quantization="w8a8"), drain_timeout=30)
+    try:
+        h.put("chat", {"source": str(tiny_model_dir)}, wait=True)
+        h.put("plain", {"source": str(tiny_model_dir), "quantization": "int8"}, wait=True)
+        (chat,), (plain,) = h.describe("chat")["versions"], h.describe("plain")["versions"]
+        assert (chat["quantization"], chat["dtype"]) == ("w8a8", "float32")
+        assert (plain["quantization"], plain["dtype"]) == ("int8", "bfloat16")  # int8 runs bfloat16 activations
+    finally:
+        h.close()
