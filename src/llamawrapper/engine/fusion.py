@@ -82,25 +82,15 @@ def fuse_linears(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
                 fused.bias = nn.Parameter(_cat([p.bias for p in parts]), requires_grad=False)
             _repoint(parts, fused, ("weight", "bias"), param=True)
             return fused
-        if kind is Int8Linear:
-            fused = Int8Linear(parts[0].in_features, sum(p.out_features for p in parts), bias)
-            fused.weight = _cat([p.weight for p in parts])
-            fused.scales = _cat([p.scales for p in parts])
-            if bias:
-                fused.bias = _cat([p.bias for p in parts])
-            if not _agrees(parts, fused):
-                return None
-            _repoint(parts, fused, ("weight", "scales", "bias"))
-            return fused
-        if kind is W8A8Linear:
-            fused = W8A8Linear(parts[0].in_features, sum(p.out_features for p in parts), bias)
+        if kind in (Int8Linear, W8A8Linear):  # per-row weights and scales: rows concatenate
+            fused = kind(parts[0].in_features, sum(p.out_features for p in parts), bias)
             fused.weight = _cat([p.weight for p in parts])
             fused.scales = _cat([p.scales for p in parts])
             if bias:
                 fused.bias = _cat([p.bias for p in parts])
             same = _agrees(parts, fused)
-            for p in parts:  # packed by the check: the parts pack again only if used on their own
-                p._packed = p._bounds = None
+            for p in parts:  # w8a8 parts packed their weights for the check; again only if used alone
+                getattr(p, "drop_packed", lambda: None)()
             if not same:
                 return None
             _repoint(parts, fused, ("weight", "scales", "bias"))

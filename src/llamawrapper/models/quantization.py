@@ -181,6 +181,10 @@ class W8A8Linear(nn.Module):
         y = y.view(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def drop_packed(self) -> None:
+        """Free the FBGEMM copy of the weights (rebuilt on the next call)."""
+        self._packed = self._bounds = None
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_packed"] = state["_bounds"] = None  # rebuilt on first use where the module lands
