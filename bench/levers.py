@@ -15,8 +15,8 @@ chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token
 64 new tokens each), every variant its own loaded model with its own engine settings, the
 variants taking turns round by round.
 
-A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]``; model =
-fp32 | bf16 | int8 | int4 | w8a8.
+A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]
+[+attention_per_row|+noattention_per_row]``; model = fp32 | bf16 | int8 | int4 | w8a8.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from llamawrapper.engine.runner import LlamaRunner
 
 def parse(variant: str) -> tuple[str, dict[str, Any]]:
     model, *flags = variant.split("+")
-    opts = {k: True for k in ("fuse", "compile", "attention_fp32") if k in flags}
-    opts.update({k[2:]: False for k in ("nofuse", "nocompile", "noattention_fp32") if k in flags})
+    opts = {k: True for k in ("fuse", "compile", "attention_fp32", "attention_per_row") if k in flags}
+    opts.update({k[2:]: False for k in ("nofuse", "nocompile", "noattention_fp32", "noattention_per_row") if k in flags})
     return model, opts
 
 

@@ -1,16 +1,25 @@
-"""Sampling flags of ``llamawrapper run`` through the real entry point, on the tiny model:
---logprobs/--top-logprobs, --logit-bias, penalties, -n; bad values are one-line errors."""
+"""Sampling flags of ``llamawrapper run`` on the tiny model: --logprobs/--top-logprobs,
+--logit-bias, penalties, -n; bad values are one-line errors. Through the real entry point where
+a new process matters (a seed reproducing in another process), else in process through the
+Typer app the entry point calls (``CliRunner``: no ~6 s of imports per run)."""
 
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from llamawrapper.cli import app
 from test_cli import cli
 
 
-def run_json(model_dir, *flags):
-    res = cli("run", str(model_dir), "hello", "--json", "--max-tokens", "4", *flags)
-    assert res.returncode == 0, res.stderr
+def run_json(model_dir, *flags, new_process: bool = False):
+    args = ("run", str(model_dir), "hello", "--json", "--max-tokens", "4", *flags)
+    if new_process:
+        res = cli(*args)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    res = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
 
@@ -25,9 +34,10 @@ def test_logprobs_and_logit_bias_flags(tiny_model_dir, tiny_llm):
 
 
 def test_n_choices_flag(tiny_model_dir):
-    data = run_json(tiny_model_dir, "--temperature", "1", "--seed", "4", "-n", "3")
+    data = run_json(tiny_model_dir, "--temperature", "1", "--seed", "4", "-n", "3", new_process=True)
     texts = [c["text"] for c in data["choices"]]
     assert len(texts) == 3 and len(set(texts)) > 1
+    # the same seed in another process (this one) gives the same three answers
     assert [c["text"] for c in run_json(tiny_model_dir, "--temperature", "1", "--seed", "4", "-n", "3")["choices"]] == texts
 
 

@@ -78,10 +78,11 @@ class Engine:
         self.lookup_min_ngram = 2  # shortest n-gram a draft may be looked up by (speculative.py; benches vary it)
         # drafts are verified exactly only in float32: with bf16 activations (bf16, int8, int4 models)
         # a T-token forward's logits differ from T one-token steps enough to change greedy answers
-        self.speculate = bool(k) and runner.dtype == torch.float32
+        # ...and not with int8 activations (w8a8): a T-token forward attends with other float sums
+        self.speculate = bool(k) and runner.dtype == torch.float32 and not getattr(runner, "quantizes_activations", False)
         if k and not self.speculate:
             log.warning("prompt_lookup is ignored for a %s model: speculative decoding is exact only in float32",
-                        str(runner.dtype).replace("torch.", ""))
+                        "w8a8" if getattr(runner, "quantizes_activations", False) else str(runner.dtype).replace("torch.", ""))
         self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)

@@ -112,6 +112,20 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
+def _attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                 attn32: bool) -> torch.Tensor:
+    """``_attend`` one row at a time over that row's own length (up to its last visible key):
+    the same call, bit for bit, as when the row runs alone. SDPA's float sums change in the last
+    bits with the batch's padded length, which models that quantize activations (w8a8) can turn
+    into a different token."""
+    if q.shape[0] == 1:
+        return _attend(q, keys, values, mask, attn32)
+    visible = mask[:, 0, -1, :]  # [B, L]: the row's last query sees the most
+    lengths = (visible.shape[-1] - visible.flip(-1).to(torch.uint8).argmax(-1)).tolist()
+    return torch.cat([_attend(q[i : i + 1], keys[i : i + 1, :, :n], values[i : i + 1, :, :n], mask[i : i + 1, :, :, :n], attn32)
+                      for i, n in enumerate(lengths)])
+
+
 def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """[1, heads, N, D] of N packed positions -> [B, heads, T, D], zeros where nothing was fed."""
     heads, D = t.shape[1], t.shape[3]
@@ -146,7 +160,7 @@ class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None,
-                 compile: bool | str = False) -> None:
+                 compile: bool | str = False, attention_per_row: Optional[bool] = None) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -180,6 +194,13 @@ class LlamaRunner:
         if attention_fp32 is None:
             attention_fp32 = not native_bf16()
         self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
+        from ..models.quantization import W8A8Linear
+
+        # int8 activations (w8a8): attention per row by default, so a row's text does not depend on
+        # its batch (and no compiled layer, which attends over the padded batch)
+        self.quantizes_activations = any(isinstance(m, W8A8Linear) for m in model.modules())
+        self.attention_per_row = self.quantizes_activations if attention_per_row is None else bool(attention_per_row)
+        compile = compile if not self.attention_per_row else False
         # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
         # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
         backend = compile if isinstance(compile, str) else "inductor"
@@ -241,7 +262,8 @@ class LlamaRunner:
             if packed:
                 q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = _attend(q, keys, values, mask, self.attention_fp32).transpose(1, 2).reshape(B, T, H * D)
+            o = (_attend_rows if self.attention_per_row else _attend)(q, keys, values, mask, self.attention_fp32)
+            o = o.transpose(1, 2).reshape(B, T, H * D)
             if packed:
                 o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
             h = h + attn.o_proj(o)
