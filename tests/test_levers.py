@@ -206,6 +206,14 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
     llm = LlamaWrapper.load(str(tiny_model_dir), engine={"fuse_projections": False}, progress=False)
     try:
         assert all(f is None for f in llm.engine.runner.fused) and llm.engine.runner.compiled is None
+        assert not llm.engine.runner.attention_per_row  # a float model attends over the batch at once
+        assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    finally:
+        llm.close()
+    monkeypatch.setenv("LLAMAWRAPPER_ATTENTION_PER_ROW", "true")  # the environment reaches it too
+    llm = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    try:
+        assert llm.engine.runner.attention_per_row
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()
