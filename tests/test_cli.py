@@ -1,4 +1,6 @@
-"""The command line through its real entry point (a subprocess running ``llamawrapper``)."""
+"""The command line through its real entry point (a subprocess running ``llamawrapper``);
+``cli_in_process`` runs the same Typer app in this process (``CliRunner``) for the checks where a
+new process adds nothing but ~6 s of imports."""
 
 import json
 import os
@@ -14,6 +16,16 @@ EXE = str(Path(sys.executable).parent / "llamawrapper")
 def cli(*args, stdin=None, timeout=300):
     return subprocess.run([EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def cli_in_process(*args, env=None) -> subprocess.CompletedProcess:
+    """The command through ``CliRunner`` on the app the entry point calls, shaped like ``cli``'s result."""
+    from typer.testing import CliRunner
+
+    from llamawrapper.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "COLUMNS": "200", **(env or {})})
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
 
 
 def test_help_lists_commands():
@@ -45,7 +57,7 @@ def test_run_json_prints_result_and_streams_the_same_text(tiny_model_dir):
     assert data["finish_reason"] in ("stop", "length")
     assert data["usage"]["completion_tokens"] <= 5 and data["usage"]["prompt_tokens"] > 0
     assert isinstance(data["text"], str)
-    streamed = cli("run", str(tiny_model_dir), "hello", "--temperature", "0", "--max-tokens", "5", "-q")
+    streamed = cli_in_process("run", str(tiny_model_dir), "hello", "--temperature", "0", "--max-tokens", "5", "-q")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == data["text"] + "\n"
 

@@ -6,20 +6,14 @@ Typer app the entry point calls (``CliRunner``: no ~6 s of imports per run)."""
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from llamawrapper.cli import app
-from test_cli import cli
+from test_cli import cli, cli_in_process
 
 
 def run_json(model_dir, *flags, new_process: bool = False):
     args = ("run", str(model_dir), "hello", "--json", "--max-tokens", "4", *flags)
-    if new_process:
-        res = cli(*args)
-        assert res.returncode == 0, res.stderr
-        return json.loads(res.stdout)
-    res = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "200"})
-    assert res.exit_code == 0, res.output
+    res = (cli if new_process else cli_in_process)(*args)
+    assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 

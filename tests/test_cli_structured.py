@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import test_cli
+
 EXE = str(Path(sys.executable).parent / "llamawrapper")
 
 
@@ -20,13 +22,7 @@ def cli(*args, home: Path):
 
 
 def cli_in_process(*args, home: Path) -> subprocess.CompletedProcess:
-    """The same command through ``CliRunner``, shaped like ``cli``'s result."""
-    from typer.testing import CliRunner
-
-    from llamawrapper.cli import app
-
-    res = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "200", "LLAMAWRAPPER_HOME": str(home)})
-    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+    return test_cli.cli_in_process(*args, env={"LLAMAWRAPPER_HOME": str(home)})
 
 
 def test_run_with_schema_choice_and_cache(tiny_model_dir, tmp_path):

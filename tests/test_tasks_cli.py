@@ -1,4 +1,5 @@
-"""The task commands through the real entry point (a subprocess): classify, embed, imagine."""
+"""The task commands through the real entry point (a subprocess): classify, embed, imagine; a
+second run of a command in a test goes through the same app in process (``cli_in_process``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from llamawrapper import pipeline
 import tasks_fixtures
+from test_cli import cli_in_process
 
 # the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
 minilm_folder = tasks_fixtures.minilm_folder
@@ -61,7 +63,7 @@ def test_imagine_writes_png_with_a_progress_bar(tiny_diffusers_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert Image.open(out).size == (64, 64)
     assert "denoising" in res.stderr and "3/3" in res.stderr
-    res = cli("imagine", str(tiny_diffusers_dir), "a cat", "-o", str(out), "--width", "50")
+    res = cli_in_process("imagine", str(tiny_diffusers_dir), "a cat", "-o", str(out), "--width", "50")
     assert res.returncode == 1 and "multiple of 8" in res.stderr
 
 
@@ -70,5 +72,5 @@ def test_default_model_classifies_sentiment_and_topics(minilm_folder):
     res = cli("classify", "What a wonderful, delightful evening!", "The food was cold and the staff were rude.")
     assert res.returncode == 0, res.stderr
     assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["POSITIVE", "NEGATIVE"]
-    res = cli("classify", "minilm", "The striker scored a hat-trick in the derby.", "--labels", "sports,politics,cooking", "--json")
+    res = cli_in_process("classify", "minilm", "The striker scored a hat-trick in the derby.", "--labels", "sports,politics,cooking", "--json")
     assert json.loads(res.stdout)["label"] == "sports"
