@@ -131,6 +131,54 @@ def test_w8a8_engine_greedy_alone_in_batch_no_speculation_and_seeded(tiny_models
     assert results[4] == results[0] and results[4][2] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models, dtype):
+    """The decode attention of a runner with ``attention_per_row``, read from a real slot cache
+    (strided views, lengths 1 to 1,500, batches of 2 to 16) and queries strided as the fused
+    projection leaves them: every row is bit for bit what it is alone, and within float rounding
+    of SDPA. (SDPA itself fails this: its rows change with the batch.)"""
+    from llamawrapper.engine.kv_cache import SlotCache
+    from llamawrapper.engine.runner import _attend
+
+    model = tiny_models["w8a8" if dtype == torch.float32 else "int4"]
+    runner = LlamaRunner(model, attention_per_row=True)
+    H, KVH, D = runner.n_heads, runner.n_kv_heads, runner.head_dim
+    gen = torch.Generator().manual_seed(11)
+    cache = SlotCache(1, KVH, D, dtype, 16)
+    cache.ensure(16, 1500)
+    assert cache.capacity % 64 == 0
+    for t in (cache.k[0], cache.v[0]):
+        t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
+
+    def attention(q: torch.Tensor, lengths: list[int], rows: list[int]) -> torch.Tensor:
+        B, length = len(lengths), max(lengths)
+        positions = torch.tensor(lengths) - 1
+        mask = (torch.arange(length) <= positions.unsqueeze(1)).view(B, 1, 1, length)
+        if rows != list(range(B)):  # a row alone sits in slot 0 of its own step
+            for store in (cache.k, cache.v):
+                store[0][0, :, :length] = store[0][rows[0], :, :length]
+        kv, attend = runner._attention(cache.decode_view(B, positions, length), mask, 1)
+        keys, values = kv.cache.k[0][:B, :, : kv.length], kv.cache.v[0][:B, :, : kv.length]
+        return attend(q, keys, values), mask, keys[:, :, :length], values[:, :, :length]
+
+    mismatches = compared = 0
+    for trial in range(24):
+        B = (2, 3, 8, 16)[trial % 4]
+        lengths = torch.randint(1, (40, 300, 1500)[trial % 3], (B,), generator=gen).tolist()
+        # q as the runner has it: the query heads of a fused q/k/v projection, a strided view
+        q = torch.randn(B, 1, H + 2 * KVH, D, generator=gen).to(dtype)[:, :, :H].transpose(1, 2)
+        saved = [t.clone() for t in (cache.k[0], cache.v[0])]
+        out, mask, keys, values = attention(q, lengths, list(range(B)))
+        sdpa = _attend(q, keys, values, mask, runner.attention_fp32)
+        assert (out.float() - sdpa.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+        for i, n in enumerate(lengths):
+            alone, *_ = attention(q[i : i + 1], [n], [i])
+            compared += 1
+            mismatches += not torch.equal(alone, out[i : i + 1])
+            cache.k[0].copy_(saved[0]), cache.v[0].copy_(saved[1])
+    assert compared > 150 and mismatches == 0
+
+
 def test_w8a8_rows_do_not_depend_on_the_rows_beside_them():
     """One scale per token: a row's output is bit for bit the same alone and beside a row 1000x
     larger (a per-tensor scale would crush it), and close to the float Linear."""

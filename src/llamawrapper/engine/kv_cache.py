@@ -5,11 +5,23 @@
 step reads a view, never a copy. Capacity grows by doubling, only when a sequence needs it.
 ``SequenceKV`` is one sequence's private buffer while its prompt is prefilled in chunks; it is
 moved into a slot when prefill ends.
+
+A slot cache's capacity is always a multiple of ``KV_ALIGN`` positions, so a decode step may read
+up to the next multiple of it (``_DecodeWriter.widened``): the batch-invariant attention needs
+every row's keys in whole blocks of that size.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+KV_ALIGN = 64  # positions; slot-cache capacities are multiples of it
+
+
+def _aligned(n: int) -> int:
+    return -(-n // KV_ALIGN) * KV_ALIGN
 
 
 def _grow(t: torch.Tensor, dim: int, new_size: int) -> torch.Tensor:
@@ -72,7 +84,7 @@ class SlotCache:
         self._alloc(0, capacity)
 
     def _alloc(self, slots: int, capacity: int) -> None:
-        shape = (max(slots, 1), self.n_kv_heads, capacity, self.head_dim)
+        shape = (max(slots, 1), self.n_kv_heads, _aligned(capacity), self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
 
@@ -93,7 +105,7 @@ class SlotCache:
         if slots <= self.slots and length <= self.capacity:
             return
         new_slots = self.slots if slots <= self.slots else min(self.max_slots, max(slots, 2 * self.slots))
-        new_cap = self.capacity if length <= self.capacity else max(length, 2 * self.capacity)
+        new_cap = self.capacity if length <= self.capacity else _aligned(max(length, 2 * self.capacity))
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 t = _grow(t, 0, new_slots) if new_slots != t.shape[0] else t
@@ -144,6 +156,13 @@ class _DecodeWriter:
         kc[self.rows, :, self.positions] = k[:, :, 0]
         vc[self.rows, :, self.positions] = v[:, :, 0]
         return kc[: self.batch, :, : self.length], vc[: self.batch, :, : self.length]
+
+    def widened(self) -> "_DecodeWriter":
+        """The same writes, reading up to the next multiple of ``KV_ALIGN`` (never past the
+        cache's capacity, itself such a multiple): positions past a row's own are masked."""
+        view = copy.copy(self)
+        view.length = min(_aligned(self.length), self.cache.capacity)
+        return view
 
 
 class _SpanWriter:

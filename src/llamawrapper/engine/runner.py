@@ -13,6 +13,10 @@ with a LoRA-wrapped projection keeps the unfused path.
 Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``; by default wherever
 the CPU has no native bf16 instructions): measured on an AVX2 machine, torch's bf16 SDPA kernel
 is 3-7x slower than casting q, k and v to float32 and back, at every batch and context length.
+
+With ``attention_per_row`` (the default for w8a8 models) each row's attention is bit for bit
+what it is alone: decode steps use ``_attend_invariant`` over key blocks of ``KV_ALIGN``,
+prefill chunks of several rows attend one row at a time.
 """
 
 from __future__ import annotations
@@ -112,18 +116,53 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
-def _attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                 attn32: bool) -> torch.Tensor:
-    """``_attend`` one row at a time over that row's own length (up to its last visible key):
-    the same call, bit for bit, as when the row runs alone. SDPA's float sums change in the last
-    bits with the batch's padded length, which models that quantize activations (w8a8) can turn
-    into a different token."""
-    if q.shape[0] == 1:
-        return _attend(q, keys, values, mask, attn32)
-    visible = mask[:, 0, -1, :]  # [B, L]: the row's last query sees the most
-    lengths = (visible.shape[-1] - visible.flip(-1).to(torch.uint8).argmax(-1)).tolist()
+def _attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, attn32: bool,
+                 lengths: list[int]) -> torch.Tensor:
+    """``_attend`` one row at a time over that row's own ``lengths`` (up to its last visible
+    key): the same call, bit for bit, as when the row runs alone (a prefill chunk of several
+    queries per row; one-query decode steps use ``_attend_invariant``)."""
     return torch.cat([_attend(q[i : i + 1], keys[i : i + 1, :, :n], values[i : i + 1, :, :n], mask[i : i + 1, :, :, :n], attn32)
                       for i, n in enumerate(lengths)])
+
+
+def _visible_lengths(mask: torch.Tensor) -> list[int]:
+    """Per row of ``mask`` [B, 1, T, L]: how many keys its last query may see (up to the last)."""
+    visible = mask[:, 0, -1, :]
+    return (visible.shape[-1] - visible.flip(-1).to(torch.uint8).argmax(-1)).tolist()
+
+
+def _mask_bias(mask: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, L] bool -> [B, 1, 1, T, length] additive bias (0 or the dtype's lowest finite
+    value, so a row that sees nothing stays finite), False past L."""
+    B, _, T, L = mask.shape
+    bias = torch.full((B, 1, 1, T, length), torch.finfo(dtype).min, dtype=dtype)
+    bias[..., :L].masked_fill_(mask.view(B, 1, 1, T, L), 0.0)
+    return bias
+
+
+def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                      attn32: bool) -> torch.Tensor:
+    """Grouped-query attention whose every row is bit for bit what it is alone, whatever the
+    batch's padded length, for keys read in whole ``KV_ALIGN`` blocks (``_DecodeWriter.widened``).
+
+    Measured on torch's CPU kernels: SDPA's output for a row changes in the last bits with the
+    batch (even at the same length), and ``q @ k.T`` with the keys as the reduced side changes
+    with the number of keys. Here each score is a dot product over the head dimension with the
+    keys as the GEMM's rows (``k @ q.T``: a key's score does not depend on how many keys follow,
+    given at least one block of them), the softmax runs over whole blocks (padded positions add
+    exact zeros to the same vector lanes) and ``p @ v`` adds exact zeros for positions past a
+    row's length. Costs about what SDPA does at batch 16 (see docs/BENCHMARKS.md)."""
+    dtype = q.dtype
+    if attn32:
+        q, keys, values = q.float(), keys.float(), values.float()
+    B, H, T, D = q.shape
+    KVH, L = keys.shape[1], keys.shape[2]
+    g = H // KVH
+    # q arrives as a view of the fused projection, strided by the batch: one layout for any batch
+    s = torch.matmul(keys, q.contiguous().view(B, KVH, g * T, D).transpose(-1, -2))  # [B, KVH, L, g*T]
+    s = s.transpose(-1, -2).reshape(B, KVH, g, T, L) * (D ** -0.5) + bias
+    p = torch.softmax(s, dim=-1).view(B, KVH, g * T, L)
+    return torch.matmul(p, values).view(B, H, T, D).to(dtype)
 
 
 def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -221,6 +260,20 @@ class LlamaRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
 
+    def _attention(self, kv: KVView, mask: torch.Tensor, T: int) -> tuple[KVView, Callable[..., torch.Tensor]]:
+        """The KV view and attention this forward uses: over the batch at once, or (with
+        ``attention_per_row``) so that each row's result is what it is alone — batch-invariant
+        attention over whole key blocks for decode steps, one row at a time for prefill chunks."""
+        attn32 = self.attention_fp32
+        if self.attention_per_row and T == 1 and isinstance(kv, _DecodeWriter):
+            kv = kv.widened()
+            bias = _mask_bias(mask, kv.length, torch.float32 if attn32 else self.dtype)
+            return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)
+        if self.attention_per_row and mask.shape[0] > 1:
+            lengths = _visible_lengths(mask)
+            return kv, lambda q, k, v: _attend_rows(q, k, v, mask, attn32, lengths)
+        return kv, lambda q, k, v: _attend(q, k, v, mask, attn32)
+
     @torch.inference_mode()
     def forward(
         self,
@@ -243,6 +296,7 @@ class LlamaRunner:
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         compiled = self.compiled if T == 1 and isinstance(kv, _DecodeWriter) else None
+        kv, attend = self._attention(kv, mask, T)
         for i, layer in enumerate(self.layers):
             attn, fused = layer.self_attn, self.fused[i]
             if compiled is not None and fused is not None and fused.qkv is not None and fused.gate_up is not None:
@@ -262,7 +316,7 @@ class LlamaRunner:
             if packed:
                 q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = (_attend_rows if self.attention_per_row else _attend)(q, keys, values, mask, self.attention_fp32)
+            o = attend(q, keys, values)
             o = o.transpose(1, 2).reshape(B, T, H * D)
             if packed:
                 o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
