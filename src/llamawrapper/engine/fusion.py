@@ -10,7 +10,7 @@ Supported parts: plain ``nn.Linear`` (any float dtype), ``Int8Linear``, ``W8A8Li
 (packed weights are concatenated as they are: rows of ``_weight_int8pack_mm`` are independent;
 ``_weight_int4pack_mm_for_cpu`` packs output channels in blocks whose width depends on the CPU,
 so an int4 fusion is checked once, bit for bit, against its parts and refused if it differs).
-Anything else — a LoRA-wrapped projection, mixed types — is not fused: the caller keeps the
+Anything else — a LoRA-wrapped projection, mixed types, w8a8 parts smoothed differently — is not fused: the caller keeps the
 unfused path for that layer.
 """
 
@@ -83,7 +83,11 @@ def fuse_linears(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
             _repoint(parts, fused, ("weight", "bias"), param=True)
             return fused
         if kind in (Int8Linear, W8A8Linear):  # per-row weights and scales: rows concatenate
+            if kind is W8A8Linear and not all(torch.equal(p.smooth, parts[0].smooth) for p in parts):
+                return None  # one input scaled one way: parts that read the same input share smoothing
             fused = kind(parts[0].in_features, sum(p.out_features for p in parts), bias)
+            if kind is W8A8Linear:
+                fused.smooth = parts[0].smooth
             fused.weight = _cat([p.weight for p in parts])
             fused.scales = _cat([p.scales for p in parts])
             if bias:

@@ -17,7 +17,9 @@ so it neither reads the fp32 weights nor quantizes again.
 to 8 bits at run time (one scale per token, so a row's result never depends on the rows batched
 with it), multiplying by 7-bit per-channel weights in FBGEMM, torch's x86 int8 GEMM
 (``W8A8Linear``). 7-bit weights keep every pair of u8 x s8 products inside the int16 that
-AVX2's ``vpmaddubsw`` saturates at. The token embedding stays its own int8 table.
+AVX2's ``vpmaddubsw`` saturates at. The token embedding stays its own int8 table. Before quantizing,
+each Linear's input channels are smoothed (``smoothing.py``): a per-channel factor, found on a
+short built-in text, moves activation outliers into the weights.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import torch
 from torch import nn
 
 from .cachefs import atomic_folder
+from .smoothing import calibration_ids, smoothing_factors, smoothing_key
 from ..errors import InvalidRequestError
 
 log = logging.getLogger("llamawrapper.quantization")
 
 QUANTIZATIONS = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZE = 32  # the GGUF's Q4_1 blocks are 32 wide: group 32 with a zero point recovers them
-QUANT_FORMAT_VERSION = 1
+QUANT_FORMAT_VERSION = 2  # 2: w8a8 Linears carry smoothing factors
 ACTIVATION_DTYPE = torch.bfloat16
 W8A8_WEIGHT_MAX = 63  # 7-bit weights: u8 activations x s7 weights, two products summed, fit int16
 
@@ -131,7 +134,8 @@ class W8A8Linear(nn.Module):
 
     FBGEMM picks one scale for the whole input; dividing every row by its largest magnitude and
     appending a bounds row ``[-1, 1, 0, ...]`` makes that scale the same for every batch, so a
-    row's result depends only on that row (greedy text alone = in a batch). The FBGEMM-packed
+    row's result depends only on that row (greedy text alone = in a batch). ``smooth`` (per input
+    channel, ones when not calibrated) multiplies the input; the weight was divided by it. The FBGEMM-packed
     weight is built on first use from the ``weight``/``scales`` buffers (which are what is saved
     and handed between processes)."""
 
@@ -141,18 +145,23 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
         self._packed: Any = None
         self._bounds: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "W8A8Linear":
+    def from_linear(cls, linear: nn.Linear, smooth: Optional[torch.Tensor] = None) -> "W8A8Linear":
         w = linear.weight.detach().float()
+        if smooth is not None:
+            w = w / smooth[None, :]
         scales = (w.abs().amax(dim=1) / W8A8_WEIGHT_MAX).clamp(min=1e-8)
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
         mod.weight = torch.round(w / scales[:, None]).clamp(-W8A8_WEIGHT_MAX, W8A8_WEIGHT_MAX).to(torch.int8)
         mod.scales = scales
         if linear.bias is not None:
             mod.bias = linear.bias.detach().float()
+        if smooth is not None:
+            mod.smooth = smooth.float().contiguous()
         return mod
 
     def _pack(self) -> Any:
@@ -172,8 +181,7 @@ class W8A8Linear(nn.Module):
         packed = self._packed if self._packed is not None else self._pack()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
+        x2 = x2.float() * self.smooth
         top = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
         y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / top, self._bounds]), packed, False)[:-1].mul_(top)
         if self.bias is not None:
@@ -242,13 +250,19 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return out
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Swap ``model``'s Linear layers and embedding for quantized ones, in place; return it."""
+def quantize_model(model: nn.Module, mode: str, calibration: Optional[torch.Tensor] = None) -> nn.Module:
+    """Swap ``model``'s Linear layers and embedding for quantized ones, in place; return it.
+    ``calibration`` (token ids [1, n]) smooths w8a8's activations (``smoothing.py``)."""
     mode = check_quantization(mode)
     tied = _is_tied(model)
     head = model.get_output_embeddings()
-    for parent, name, linear in _targets(model):
-        setattr(parent, name, _module_class(mode, linear, head).from_linear(linear))
+    targets = _targets(model)
+    smooth = {}
+    if mode == "w8a8" and calibration is not None:
+        smooth = smoothing_factors(model, targets, calibration)
+    for parent, name, linear in targets:
+        cls = _module_class(mode, linear, head)
+        setattr(parent, name, cls.from_linear(linear, smooth.get(linear)) if cls is W8A8Linear else cls.from_linear(linear))
     _quantize_embedding(model, tied, mode)
     dtype = activation_dtype(mode)
     for mod in model.modules():  # norms and anything else left in float: the activations' dtype
@@ -336,11 +350,15 @@ def _manifest(folder: Path) -> Optional[dict]:
         return None
 
 
+def _smoothing_key(mode: str) -> Optional[str]:
+    return smoothing_key() if mode == "w8a8" else None
+
+
 def cache_is_valid(folder: Path, mode: str, source_fingerprint: str) -> bool:
     m = _manifest(folder)
     return bool(
         m and m.get("quantization") == mode and m.get("format_version") == QUANT_FORMAT_VERSION
-        and m.get("source_fingerprint") == source_fingerprint
+        and m.get("source_fingerprint") == source_fingerprint and m.get("smoothing") == _smoothing_key(mode)
         and m.get("torch") == torch.__version__ and (folder / "model.safetensors").is_file()
     )
 
@@ -366,6 +384,7 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
             "int4_group_size": INT4_GROUP_SIZE,
             "activation_dtype": str(activation_dtype(mode)).removeprefix("torch."),
             "source_fingerprint": source_fingerprint,
+            "smoothing": _smoothing_key(mode),
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -412,7 +431,8 @@ def load_or_quantize(folder: Path, config: Any, mode: str, manifest: dict, load_
             log.info("loading %s weights from %s", mode, qfolder)
             return load_quantized(config, qfolder, mode)
         log.info("quantizing to %s (cached in %s)", mode, qfolder)
-        model = quantize_model(load_float(), mode)
+        calibration = calibration_ids(folder) if mode == "w8a8" else None
+        model = quantize_model(load_float(), mode, calibration)
         try:
             save_quantized(model, qfolder, mode, source_fp)
         except OSError as exc:  # a read-only cache still gives a working model
