@@ -144,7 +144,7 @@ def test_bitsandbytes_path_on_cuda(tiny_model_dir):
 
 @pytest.mark.slow
 def test_quality_gate_on_smollm2():
-    """int8 perplexity within +3% of fp32, int4 within +15%, w8a8 within +6%; fixed questions
+    """int8 perplexity within +3% of fp32, int4 within +15%, w8a8 within +5% (smoothed: +3.8 % at 1,024 tokens); fixed questions
     still right (asked in one batch). On the text's first 1,024 tokens (one window; each further
     window costs ~12 s over the models, and ``llamawrapper eval-ppl`` scores the whole text).
     w8a8's answers are also asked one at a time: the same text alone as in the batch (before its

@@ -116,18 +116,24 @@ class LlamaWrapper:
     def context_length(self) -> int:
         return self.engine.context_length
 
+    @property
+    def runs_as(self) -> tuple[str, Optional[str]]:
+        """(dtype of the activations, quantization) this model runs with."""
+        return str(self.engine.runner.dtype).removeprefix("torch."), self.loaded.quantization
+
     def info(self) -> dict[str, Any]:
         cfg = self.loaded.model.config
+        dtype, quantization = self.runs_as
         return {
             "name": self.name,
             "source": self.loaded.source.name,
             "folder": str(self.loaded.folder),
             "architecture": cfg.model_type,
             "context_length": self.context_length,
-            "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
+            "dtype": dtype,
             "parameters": sum(p.numel() for p in self.loaded.model.parameters()),
             "source_sha256": self.loaded.manifest.get("source_sha256"),
-            "quantization": self.loaded.quantization,
+            "quantization": quantization,
             "overrides": dict(self.loaded.overrides),
             "adapters": sorted(getattr(self, "adapters", {})),
             "config": self.effective_config(),

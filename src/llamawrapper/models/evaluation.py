@@ -1,7 +1,7 @@
 """The quality gate for quantized and reshaped models: perplexity on a fixed text shipped with
 the package (``data/eval.txt``, written for this project) and greedy answers to a small fixed
 question set. ``llamawrapper eval-ppl`` prints both; tests assert int8 stays within +3% and
-int4 within +15% and w8a8 within +6% of the fp32 perplexity."""
+int4 within +15% and w8a8 within +5% of the fp32 perplexity."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the opposite of hot?", ("cold",)),
 ]
 
-PPL_LIMITS = {"int8": 0.03, "int4": 0.15, "w8a8": 0.06}  # allowed relative increase over fp32
+PPL_LIMITS = {"int8": 0.03, "int4": 0.15, "w8a8": 0.05}  # allowed relative increase over fp32
 
 
 def eval_text() -> str:

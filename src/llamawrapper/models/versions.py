@@ -96,15 +96,9 @@ class Version:
         held = getattr(engine, "in_flight", None) if engine is not None else getattr(self.model, "in_flight", None)
         return self.leases + (held or 0)
 
-    def _runs_as(self) -> tuple[Optional[str], Optional[str]]:
-        """(dtype, quantization) the loaded chat model runs with, the server's defaults
-        (``serve --quantization/--dtype``) included; (None, None) for other models or before loading."""
-        runner = getattr(getattr(self.model, "engine", None), "runner", None)
-        dtype = str(runner.dtype).removeprefix("torch.") if runner is not None else None
-        return dtype, getattr(getattr(self.model, "loaded", None), "quantization", None)
-
     def info(self) -> dict[str, Any]:
-        dtype, quantization = self._runs_as()
+        # what a loaded chat model runs with, the server's defaults (serve --quantization/--dtype) included
+        dtype, quantization = getattr(self.model, "runs_as", (None, None))
         return {
             "version": self.version, "status": self.status, "error": self.error, "traffic": round(self.traffic, 4),
             "source": self.spec.source, "revision": self.spec.revision, "sha256": self.sha256 or self.spec.sha256,
