@@ -145,13 +145,12 @@ def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Grouped-query attention whose every row is bit for bit what it is alone, whatever the
     batch's padded length, for keys read in whole ``KV_ALIGN`` blocks (``_DecodeWriter.widened``).
 
-    Measured on torch's CPU kernels: SDPA's output for a row changes in the last bits with the
-    batch (even at the same length), and ``q @ k.T`` with the keys as the reduced side changes
-    with the number of keys. Here each score is a dot product over the head dimension with the
-    keys as the GEMM's rows (``k @ q.T``: a key's score does not depend on how many keys follow,
-    given at least one block of them), the softmax runs over whole blocks (padded positions add
-    exact zeros to the same vector lanes) and ``p @ v`` adds exact zeros for positions past a
-    row's length. Costs about what SDPA does at batch 16 (see docs/BENCHMARKS.md)."""
+    Measured on torch's CPU kernels (not a documented guarantee; the tests check it): SDPA's
+    output for a row changes in the last bits with the batch, even at the same length; ``q @ k.T``
+    and the softmax change with the number of keys unless it is a whole number of blocks (then
+    padded keys add exact zeros to the same vector lanes); ``p @ v`` adds exact zeros for
+    positions past a row's length; and a query strided by the batch (a view of the fused
+    projection) changes the GEMM's result, so it is made contiguous first."""
     dtype = q.dtype
     if attn32:
         q, keys, values = q.float(), keys.float(), values.float()
@@ -159,8 +158,8 @@ def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     KVH, L = keys.shape[1], keys.shape[2]
     g = H // KVH
     # q arrives as a view of the fused projection, strided by the batch: one layout for any batch
-    s = torch.matmul(keys, q.contiguous().view(B, KVH, g * T, D).transpose(-1, -2))  # [B, KVH, L, g*T]
-    s = s.transpose(-1, -2).reshape(B, KVH, g, T, L) * (D ** -0.5) + bias
+    s = torch.matmul(q.contiguous().view(B, KVH, g * T, D), keys.transpose(-1, -2))  # [B, KVH, g*T, L]
+    s = s.view(B, KVH, g, T, L) * (D ** -0.5) + bias
     p = torch.softmax(s, dim=-1).view(B, KVH, g * T, L)
     return torch.matmul(p, values).view(B, H, T, D).to(dtype)
 

@@ -182,7 +182,7 @@ class W8A8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x2 = x2.float() * self.smooth
-        top = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        top = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # 4-6x faster than vector_norm(inf) at 16 rows
         y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / top, self._bounds]), packed, False)[:-1].mul_(top)
         if self.bias is not None:
             y = y + self.bias
