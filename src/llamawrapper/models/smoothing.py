@@ -43,17 +43,18 @@ def calibration_ids(folder: Path) -> Optional[torch.Tensor]:
     text = _calibration_text()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        log.warning("w8a8 without activation smoothing: no tokenizer in %s (%s)", folder, exc)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure: quantize unsmoothed rather than not at all
+        log.warning("w8a8 without activation smoothing: no usable tokenizer in %s (%s)", folder, exc)
         return None
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
 def smoothing_factors(model: nn.Module, targets: list[tuple[nn.Module, str, nn.Linear]], ids: torch.Tensor,
-                      alpha: float = SMOOTHING_ALPHA) -> dict[nn.Linear, torch.Tensor]:
+                      alpha: Optional[float] = None) -> dict[nn.Linear, torch.Tensor]:
     """``1 / s`` per input channel for every Linear of ``targets`` ((parent, name, linear)), from
     the activations ``model`` feeds them on ``ids``: the input is multiplied by it at run time
-    and the weight divided by it before quantizing."""
+    and the weight divided by it before quantizing. ``alpha`` defaults to ``SMOOTHING_ALPHA``."""
+    alpha = SMOOTHING_ALPHA if alpha is None else alpha
     maxima: dict[nn.Linear, torch.Tensor] = {}
     shared: dict[tuple, list[nn.Linear]] = {}
     parent_of = {id(linear): parent for parent, _, linear in targets}
