@@ -114,7 +114,14 @@ def test_w8a8_engine_greedy_alone_in_batch_no_speculation_and_seeded(tiny_models
     sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
     runner = LlamaRunner(model)
     assert runner.dtype == torch.float32 and all(f.qkv is not None and f.gate_up is not None for f in runner.fused)
-    assert runner.quantizes_activations and runner.attention_per_row and not LlamaRunner(tiny_models["int8"]).attention_per_row
+    assert runner.quantizes_activations and runner.attention_per_row
+    # the other quantized modes' GEMMs compute each row on their own too: per-row attention by
+    # default; float GEMMs do not (nothing to gain); an explicit compile keeps the batched attention
+    assert LlamaRunner(tiny_models["int8"]).attention_per_row and LlamaRunner(tiny_models["int4"]).attention_per_row
+    assert not LlamaRunner(tiny_models["fp32"]).attention_per_row
+    assert not LlamaRunner(tiny_models["int4"], compile="eager").attention_per_row
+    both = LlamaRunner(tiny_models["int4"], compile="eager", attention_per_row=True)
+    assert both.attention_per_row and both.compiled is None  # refused with a warning, not silently
     results = {}
     for k in (0, 4):
         eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8, prompt_lookup=k))

@@ -62,8 +62,8 @@ class EngineSettings(BaseSettings):
         None, description="Attention of bfloat16/float16 (and int8/int4) models in float32; unset = wherever the CPU lacks native bf16.")
     attention_per_row: Optional[bool] = Field(
         None, description="Attention whose every row is bit for bit what it is alone (decode: a batch-invariant kernel; "
-                          "prefill: row by row), so a request's text does not depend on its batch; unset = for w8a8 "
-                          "models (whose int8 activations turn SDPA's last-bit differences into other tokens).")
+                          "prefill: row by row), so a request's text does not depend on its batch; unset = for int8, "
+                          "int4 and w8a8 models (whose GEMMs compute each row on its own) unless compile_decode is on.")
     compile_decode: bool = Field(
         False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
     prompt_lookup: int = Field(

@@ -14,13 +14,15 @@ Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``; by de
 the CPU has no native bf16 instructions): measured on an AVX2 machine, torch's bf16 SDPA kernel
 is 3-7x slower than casting q, k and v to float32 and back, at every batch and context length.
 
-With ``attention_per_row`` (the default for w8a8 models) each row's attention is bit for bit
+With ``attention_per_row`` (the default for int8, int4 and w8a8 models, whose GEMMs compute
+each row on its own) each row's attention is bit for bit
 what it is alone: decode steps use ``_attend_invariant`` over key blocks of ``KV_ALIGN``,
 prefill chunks of several rows attend one row at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Callable, Optional, Protocol
 
@@ -32,6 +34,8 @@ from .fusion import fuse_linears
 from .kv_cache import _DecodeWriter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+log = logging.getLogger("llamawrapper.engine")
 
 
 class KVView(Protocol):
@@ -232,13 +236,22 @@ class LlamaRunner:
         if attention_fp32 is None:
             attention_fp32 = not native_bf16()
         self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
-        from ..models.quantization import W8A8Linear
+        from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
-        # int8 activations (w8a8): attention per row by default, so a row's text does not depend on
-        # its batch (and no compiled layer, which attends over the padded batch)
         self.quantizes_activations = any(isinstance(m, W8A8Linear) for m in model.modules())
-        self.attention_per_row = self.quantizes_activations if attention_per_row is None else bool(attention_per_row)
-        compile = compile if not self.attention_per_row else False
+        # the quantized kernels (FBGEMM's int8, torch's packed int8/int4) compute each row on its
+        # own, torch's float GEMMs do not: with them a batch-invariant attention makes a request's
+        # text the same alone and in a batch, so it is their default — unless the decode step is
+        # compiled (the compiled layer attends over the batch with SDPA), which an explicit
+        # ``compile`` asks for
+        row_exact = any(isinstance(m, (Int8Linear, Int4Linear, W8A8Linear)) for m in model.modules())
+        if attention_per_row is None:
+            attention_per_row = row_exact and not compile
+        elif attention_per_row and compile:
+            log.warning("compile_decode is not used: attention_per_row is on, and the compiled layer attends "
+                        "over the batch at once (turn attention_per_row off to compile)")
+            compile = False
+        self.attention_per_row = bool(attention_per_row)
         # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
         # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
         backend = compile if isinstance(compile, str) else "inductor"
