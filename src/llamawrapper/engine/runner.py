@@ -238,13 +238,14 @@ class LlamaRunner:
         self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
         from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
-        self.quantizes_activations = any(isinstance(m, W8A8Linear) for m in model.modules())
+        kinds = {type(m) for m in model.modules()}
+        self.quantizes_activations = W8A8Linear in kinds
         # the quantized kernels (FBGEMM's int8, torch's packed int8/int4) compute each row on its
         # own, torch's float GEMMs do not: with them a batch-invariant attention makes a request's
         # text the same alone and in a batch, so it is their default — unless the decode step is
         # compiled (the compiled layer attends over the batch with SDPA), which an explicit
         # ``compile`` asks for
-        row_exact = any(isinstance(m, (Int8Linear, Int4Linear, W8A8Linear)) for m in model.modules())
+        row_exact = bool(kinds & {Int8Linear, Int4Linear, W8A8Linear})
         if attention_per_row is None:
             attention_per_row = row_exact and not compile
         elif attention_per_row and compile:
