@@ -16,7 +16,8 @@ chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token
 variants taking turns round by round.
 
 A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]
-[+attention_per_row|+noattention_per_row]``; model = fp32 | bf16 | int8 | int4 | w8a8.
+[+attention_per_row|+noattention_per_row][+kv=float32|+kv=bfloat16]``; model = fp32 | bf16 | int8 |
+int4 | w8a8.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ from llamawrapper.engine.runner import LlamaRunner
 
 def parse(variant: str) -> tuple[str, dict[str, Any]]:
     model, *flags = variant.split("+")
-    opts = {k: True for k in ("fuse", "compile", "attention_fp32", "attention_per_row") if k in flags}
-    opts.update({k[2:]: False for k in ("nofuse", "nocompile", "noattention_fp32", "noattention_per_row") if k in flags})
+    names = ("fuse", "compile", "attention_fp32", "attention_per_row")
+    opts: dict[str, Any] = {k: True for k in names if k in flags}
+    opts.update({k: False for k in names if "no" + k in flags})
+    for f in flags:  # kv=float32 | kv=bfloat16 | kv=float16: the KV cache's dtype
+        if f.startswith("kv="):
+            opts["kv_dtype"] = getattr(torch, f[3:])
     return model, opts
 
 
@@ -60,7 +65,7 @@ class Stream:
 
     def __init__(self, runner: LlamaRunner, batch: int, prompt_len: int, room: int) -> None:
         self.r, self.B = runner, batch
-        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, batch)
+        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, batch)
         self.slots.ensure(batch, prompt_len + room)
         g = torch.Generator().manual_seed(0)
         # a filled cache of random keys/values stands in for a prefilled prompt (decode cost only)
@@ -175,7 +180,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         settings: dict[str, Any] = {}
         for kv in filter(None, opts.split(",")):
             k, _, v = kv.partition("=")
-            settings[k] = v not in ("0", "false", "off")
+            settings[k] = False if v in ("0", "false", "off") else True if v in ("", "1", "true", "on") else v
         specs.append((f"{model}:{label or 'default'}", model, settings))
     llms = {}
     for label, model, settings in specs:

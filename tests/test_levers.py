@@ -222,6 +222,43 @@ def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
         eng.shutdown()
 
 
+def test_kv_cache_is_kept_in_the_dtype_attention_runs_in(tiny_models, tiny_llm):
+    """A bf16-activation model whose attention runs in float32 keeps its KV cache in float32 (no
+    step casts the context), its memory accounted at 4 bytes; ``kv_dtype`` chooses the model's
+    own dtype instead, and anything else is refused by name. Greedy text is the same with either
+    cache here (keys rounded to bf16 or not), alone and in a batch."""
+    from llamawrapper.engine.runner import native_bf16
+    from llamawrapper.errors import InvalidRequestError
+
+    model, tok = tiny_models["int4"], tiny_llm.tokenizer  # bfloat16 activations
+    fp32 = LlamaRunner(tiny_models["fp32"])
+    assert fp32.kv_dtype == torch.float32
+    auto = LlamaRunner(model)
+    assert auto.kv_dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    kept = LlamaRunner(model, kv_dtype="bfloat16")
+    assert kept.kv_dtype == torch.bfloat16 and kept.kv_bytes_per_token * 2 == LlamaRunner(model, kv_dtype="float32").kv_bytes_per_token
+    forced = LlamaRunner(model, attention_fp32=False, kv_dtype="float32")
+    assert forced.attention_fp32 and forced.kv_dtype == torch.float32  # a float32 cache is attended in float32
+    for bad, m in (("float16", model), ("bfloat16", tiny_models["fp32"]), ("int8", model)):
+        with pytest.raises(InvalidRequestError) as err:
+            LlamaRunner(m, kv_dtype=bad)
+        assert err.value.param == "kv_cache_dtype" and repr(bad) in str(err.value)
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 17, 33)]
+    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    texts = {}
+    for kv in ("float32", "bfloat16"):
+        eng = Engine(LlamaRunner(model, attention_fp32=True, kv_dtype=kv), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+        try:
+            alone = [eng.submit(x, p).result().text for x in prompts]
+            assert eng.slots.k[0].dtype == getattr(torch, kv)
+            assert [h.result().text for h in [eng.submit(x, p) for x in prompts]] == alone
+            texts[kv] = alone
+        finally:
+            eng.shutdown()
+    assert texts["float32"] == texts["bfloat16"] and all(texts["float32"])
+
+
 def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
     """The compiled decode layer (dynamo guards; the "eager" backend keeps this test fast — the
     graphs and guards are the backend's input, the same for inductor) compiles once for batch 1
@@ -266,9 +303,10 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
     finally:
         llm.close()
     monkeypatch.setenv("LLAMAWRAPPER_ATTENTION_PER_ROW", "true")  # the environment reaches it too
-    llm = LlamaWrapper.load(str(tiny_model_dir), progress=False)
+    monkeypatch.setenv("LLAMAWRAPPER_KV_CACHE_DTYPE", "bfloat16")
+    llm = LlamaWrapper.load(str(tiny_model_dir), dtype="bfloat16", progress=False)
     try:
-        assert llm.engine.runner.attention_per_row
+        assert llm.engine.runner.attention_per_row and llm.engine.slots.k[0].dtype == torch.bfloat16
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()

@@ -102,7 +102,8 @@ class LlamaWrapper:
                     load_process.get_load_process().remember(loaded)
             rows = adapterlib.attach(loaded.model, adapters, next(loaded.model.parameters()).dtype) if adapters else None
             runner = LlamaRunner(loaded.model, fuse=settings.fuse_projections, attention_fp32=settings.attention_fp32,
-                                 compile=settings.compile_decode, attention_per_row=settings.attention_per_row)
+                                 compile=settings.compile_decode, attention_per_row=settings.attention_per_row,
+                                 kv_dtype=settings.kv_cache_dtype)
             runner.row_hook = rows.bind if rows is not None else None
             return cls(loaded, Engine(runner, loaded.tokenizer, _eos_ids(loaded), settings.engine_config()))
 

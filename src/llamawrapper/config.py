@@ -64,6 +64,10 @@ class EngineSettings(BaseSettings):
         None, description="Attention whose every row is bit for bit what it is alone (decode: a batch-invariant kernel; "
                           "prefill: row by row), so a request's text does not depend on its batch; unset = for int8, "
                           "int4 and w8a8 models (whose GEMMs compute each row on its own) unless compile_decode is on.")
+    kv_cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="dtype of the KV cache: float32 or the model's own; unset = the dtype attention runs in "
+                          "(float32 for bfloat16/int8/int4 models where attention_fp32 applies: no step casts the "
+                          "context, at twice the KV memory). A float32 cache is attended in float32.")
     compile_decode: bool = Field(
         False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
     prompt_lookup: int = Field(

@@ -84,7 +84,7 @@ class Engine:
             log.warning("prompt_lookup is ignored for a %s model: speculative decoding is exact only in float32",
                         "w8a8" if getattr(runner, "quantizes_activations", False) else str(runner.dtype).replace("torch.", ""))
         self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
-        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, self.config.max_batch_size)
+        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
         self.sampler = Sampler(tokenizer)
@@ -286,7 +286,7 @@ class Engine:
 
     def _start(self, req: Request) -> None:
         r = self.runner
-        req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.dtype, capacity=len(req.prompt_ids))
+        req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=len(req.prompt_ids))
         cached = None
         if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
             cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)

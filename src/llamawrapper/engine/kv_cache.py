@@ -149,12 +149,18 @@ class _DecodeWriter:
         self.cache, self.batch, self.length = cache, batch, length
         self.rows = torch.arange(batch)
         self.positions = positions
+        # where row b, head h writes in a layer's cache seen as [slots * heads * capacity, head_dim]:
+        # one index_copy_ per tensor and layer instead of an advanced-index assignment
+        heads, cap = cache.n_kv_heads, cache.capacity
+        self.flat = ((self.rows * heads).unsqueeze(1) + torch.arange(heads)) * cap + positions.view(batch, 1)
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc = self.cache.k[layer]
         vc = self.cache.v[layer]
-        kc[self.rows, :, self.positions] = k[:, :, 0]
-        vc[self.rows, :, self.positions] = v[:, :, 0]
+        flat = self.flat.view(-1)
+        D = kc.shape[-1]
+        kc.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))
+        vc.view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
         return kc[: self.batch, :, : self.length], vc[: self.batch, :, : self.length]
 
     def widened(self) -> "_DecodeWriter":

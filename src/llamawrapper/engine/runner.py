@@ -29,7 +29,7 @@ from typing import Callable, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidRequestError, UnsupportedModelError
 from .fusion import fuse_linears
 from .kv_cache import _DecodeWriter
 
@@ -163,7 +163,7 @@ def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     g = H // KVH
     # q arrives as a view of the fused projection, strided by the batch: one layout for any batch
     s = torch.matmul(q.contiguous().view(B, KVH, g * T, D), keys.transpose(-1, -2))  # [B, KVH, g*T, L]
-    s = s.view(B, KVH, g, T, L) * (D ** -0.5) + bias
+    s = s.view(B, KVH, g, T, L).mul_(D ** -0.5).add_(bias)
     p = torch.softmax(s, dim=-1).view(B, KVH, g * T, L)
     return torch.matmul(p, values).view(B, H, T, D).to(dtype)
 
@@ -191,8 +191,8 @@ def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: 
     KVH, D = kc.shape[1], kc.shape[3]
     H = fused.qkv.out_features // D - 2 * KVH
     q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
-    kc[rows, :, pos] = k[:, :, 0]
-    vc[rows, :, pos] = v[:, :, 0]
+    kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)
+    vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
     o = _attend(q, kc[:, :, :length], vc[:, :, :length], mask, attn32)
     h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
     return h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
@@ -202,7 +202,8 @@ class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None,
-                 compile: bool | str = False, attention_per_row: Optional[bool] = None) -> None:
+                 compile: bool | str = False, attention_per_row: Optional[bool] = None,
+                 kv_dtype: torch.dtype | str | None = None) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -235,7 +236,18 @@ class LlamaRunner:
         self.fused: list[Optional[_Fused]] = [_Fused(layer) if fuse else None for layer in self.layers]
         if attention_fp32 is None:
             attention_fp32 = not native_bf16()
-        self.attention_fp32 = bool(attention_fp32) and self.dtype in (torch.bfloat16, torch.float16)
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        if isinstance(kv_dtype, str):
+            kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv_dtype, kv_dtype)
+        if kv_dtype not in (None, torch.float32, self.dtype):
+            raise InvalidRequestError(
+                f"Invalid value for 'kv_cache_dtype': {str(kv_dtype).removeprefix('torch.')!r} for a "
+                f"{str(self.dtype).removeprefix('torch.')} model; choose float32 or the model's own dtype.",
+                param="kv_cache_dtype")
+        # a float32 cache is attended in float32 (keys are never cast down); by default the cache
+        # is kept in the dtype attention runs in, so no step casts the whole context
+        self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
+        self.kv_dtype = kv_dtype or (torch.float32 if self.attention_fp32 else self.dtype)
         from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
         kinds = {type(m) for m in model.modules()}
@@ -270,7 +282,7 @@ class LlamaRunner:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
 
     def _attention(self, kv: KVView, mask: torch.Tensor, T: int) -> tuple[KVView, Callable[..., torch.Tensor]]:
@@ -328,6 +340,8 @@ class LlamaRunner:
                 q, k = self._apply_rope(q, k, cos, sin)
             if packed:
                 q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
+            if self.kv_dtype != self.dtype:
+                k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
             o = attend(q, keys, values)
             o = o.transpose(1, 2).reshape(B, T, H * D)
