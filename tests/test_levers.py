@@ -222,19 +222,15 @@ def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
         eng.shutdown()
 
 
-def test_kv_cache_is_kept_in_the_dtype_attention_runs_in(tiny_models, tiny_llm):
-    """A bf16-activation model whose attention runs in float32 keeps its KV cache in float32 (no
-    step casts the context), its memory accounted at 4 bytes; ``kv_dtype`` chooses the model's
-    own dtype instead, and anything else is refused by name. Greedy text is the same with either
-    cache here (keys rounded to bf16 or not), alone and in a batch."""
-    from llamawrapper.engine.runner import native_bf16
+def test_kv_cache_dtype_is_the_models_or_float32(tiny_models, tiny_llm):
+    """The KV cache is in the model's dtype unless ``kv_dtype`` asks for float32 (memory accounted
+    at 4 bytes, attended in float32); anything else is refused by name. Greedy text is the same
+    with either cache here (keys rounded to bf16 or not), alone and in a batch."""
     from llamawrapper.errors import InvalidRequestError
 
     model, tok = tiny_models["int4"], tiny_llm.tokenizer  # bfloat16 activations
-    fp32 = LlamaRunner(tiny_models["fp32"])
-    assert fp32.kv_dtype == torch.float32
-    auto = LlamaRunner(model)
-    assert auto.kv_dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert LlamaRunner(tiny_models["fp32"]).kv_dtype == torch.float32
+    assert LlamaRunner(model).kv_dtype == torch.bfloat16
     kept = LlamaRunner(model, kv_dtype="bfloat16")
     assert kept.kv_dtype == torch.bfloat16 and kept.kv_bytes_per_token * 2 == LlamaRunner(model, kv_dtype="float32").kv_bytes_per_token
     forced = LlamaRunner(model, attention_fp32=False, kv_dtype="float32")
@@ -303,10 +299,10 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
     finally:
         llm.close()
     monkeypatch.setenv("LLAMAWRAPPER_ATTENTION_PER_ROW", "true")  # the environment reaches it too
-    monkeypatch.setenv("LLAMAWRAPPER_KV_CACHE_DTYPE", "bfloat16")
+    monkeypatch.setenv("LLAMAWRAPPER_KV_CACHE_DTYPE", "float32")
     llm = LlamaWrapper.load(str(tiny_model_dir), dtype="bfloat16", progress=False)
     try:
-        assert llm.engine.runner.attention_per_row and llm.engine.slots.k[0].dtype == torch.bfloat16
+        assert llm.engine.runner.attention_per_row and llm.engine.slots.k[0].dtype == torch.float32
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()

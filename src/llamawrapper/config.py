@@ -65,9 +65,9 @@ class EngineSettings(BaseSettings):
                           "prefill: row by row), so a request's text does not depend on its batch; unset = for int8, "
                           "int4 and w8a8 models (whose GEMMs compute each row on its own) unless compile_decode is on.")
     kv_cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
-        None, description="dtype of the KV cache: float32 or the model's own; unset = the dtype attention runs in "
-                          "(float32 for bfloat16/int8/int4 models where attention_fp32 applies: no step casts the "
-                          "context, at twice the KV memory). A float32 cache is attended in float32.")
+        None, description="dtype of the KV cache: float32 or the model's own (unset). float32 for a bfloat16/int8/int4 "
+                          "model doubles the KV memory and spares attention_fp32 casting the context each step "
+                          "(1.05x at 16 rows x 300 tokens, no gain end to end on smollm2).")
     compile_decode: bool = Field(
         False, description="torch.compile the decode step's layers (CPU inductor; 1-2 min of compiling per model and process).")
     prompt_lookup: int = Field(

@@ -244,10 +244,10 @@ class LlamaRunner:
                 f"Invalid value for 'kv_cache_dtype': {str(kv_dtype).removeprefix('torch.')!r} for a "
                 f"{str(self.dtype).removeprefix('torch.')} model; choose float32 or the model's own dtype.",
                 param="kv_cache_dtype")
-        # a float32 cache is attended in float32 (keys are never cast down); by default the cache
-        # is kept in the dtype attention runs in, so no step casts the whole context
+        # the cache is in the model's dtype unless asked otherwise; a float32 cache of a half model
+        # (no step casts the whole context, at twice the KV memory) is attended in float32
         self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
-        self.kv_dtype = kv_dtype or (torch.float32 if self.attention_fp32 else self.dtype)
+        self.kv_dtype = kv_dtype or self.dtype
         from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
         kinds = {type(m) for m in model.modules()}
