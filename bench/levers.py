@@ -10,7 +10,8 @@ see the same machine load; medians are reported.
     python -m bench.levers --profile int4 --batch 1        # torch.profiler table of one variant
     python -m bench.levers --e2e "int4:before=fuse_projections=0,attention_fp32=0;int4:after=" --rounds 5
 
-``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead: W1 (the bench's 46-token
+``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead (``engine.<attr>=`` sets an
+engine attribute that is not a setting, e.g. ``engine.pack_prefill=0``): W1 (the bench's 46-token
 chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token system prompt,
 64 new tokens each), every variant its own loaded model with its own engine settings, the
 variants taking turns round by round.
@@ -184,7 +185,12 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         specs.append((f"{model}:{label or 'default'}", model, settings))
     llms = {}
     for label, model, settings in specs:
+        attrs = {k[len("engine."):]: settings.pop(k) for k in list(settings) if k.startswith("engine.")}
         llms[label] = load_model(model, args.threads, **settings)
+        for k, v in attrs.items():  # engine attributes that are not settings, e.g. engine.pack_prefill=0
+            if not hasattr(llms[label].engine, k):
+                raise SystemExit(f"the engine has no attribute {k!r}")
+            setattr(llms[label].engine, k, v)
     tok = next(iter(llms.values())).tokenizer
     w1, w2 = w1_prompt(tok), w2_prompts(tok, args.w2_requests)
     rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": []} for label in llms}

@@ -201,6 +201,78 @@ def test_w8a8_rows_do_not_depend_on_the_rows_beside_them():
     assert q(torch.zeros(2, 96)).abs().max() <= lin.bias.abs().max() + 1e-6  # an all-zero row: just the bias
 
 
+def test_row_by_row_attention_of_packed_prompts_is_each_row_alone():
+    """``_attend_rows`` over prompt chunks packed and padded to the longest (queries strided as the
+    runner's fused projection leaves them, padding queries repeating their row's last mask) gives
+    each row's real queries exactly what SDPA gives that row alone (on torch 2.13's CPU kernels,
+    SDPA over the padded batch differs in most rows)."""
+    from llamawrapper.engine.runner import _attend, _attend_rows, _visible_lengths
+
+    gen = torch.Generator().manual_seed(0)
+    H, KVH, D = 9, 3, 64
+    for _ in range(12):
+        B = int(torch.randint(2, 8, (), generator=gen))
+        counts = torch.randint(1, 60, (B,), generator=gen).tolist()
+        starts = torch.randint(0, 250, (B,), generator=gen).tolist()
+        T, L = max(counts), max(a + c for a, c in zip(starts, counts))
+        q = torch.randn(B, T, H + 2 * KVH, D, generator=gen)[:, :, :H].transpose(1, 2)
+        keys, values = torch.randn(B, KVH, L, D, generator=gen), torch.randn(B, KVH, L, D, generator=gen)
+        pos = torch.tensor([list(range(a, a + c)) + [a + c - 1] * (T - c) for a, c in zip(starts, counts)])
+        mask = (torch.arange(L).view(1, 1, -1) <= pos.unsqueeze(2)).view(B, 1, T, L)
+        rows = _attend_rows(q, keys, values, mask, False, _visible_lengths(mask), counts)
+        for i, (a, c) in enumerate(zip(starts, counts)):
+            n = a + c
+            alone = _attend(q[i : i + 1, :, :c].contiguous(), keys[i : i + 1, :, :n].contiguous(),
+                            values[i : i + 1, :, :n].contiguous(), mask[i : i + 1, :, :c, :n], False)
+            assert torch.equal(rows[i : i + 1, :, :c], alone)
+            assert not rows[i, :, c:].any()
+
+
+def _answers(results) -> list:
+    return [(r.text, r.token_ids, [(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top_logprobs])
+                                   for lp in r.logprobs]) for r in results]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4", "w8a8"])
+def test_packed_prefill_gives_each_request_what_it_gets_alone(tiny_models, tiny_llm, mode):
+    """Requests arriving together have their prompt chunks prefilled in shared forwards; what
+    each gets — text, ids and every logprob, the first of them read from the prefill's logits —
+    is what it gets alone, bit for bit where the GEMMs compute rows on their own (int8, int4,
+    w8a8: projections on the packed rows, attention per request) and to float32 rounding for a
+    float32 model. A request sharing a long prefix with one still prefilling waits for it and
+    reads it from the prefix cache instead of computing it again."""
+    model, tok = tiny_models[mode], tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(21)
+    shared = torch.randint(10, 40000, (70,), generator=gen).tolist()
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (3, 29, 50, 12)]
+    prompts += [shared + [11, 12, 13], shared + [21, 22]]  # the second waits for the first's prefix
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    runner = LlamaRunner(model)
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8, prefill_chunk=96))
+    try:
+        alone = []
+        for x in prompts:
+            eng.executor.call(eng.prefix_cache.clear).result()
+            alone.append(eng.submit(x, p).result())
+        eng.executor.call(eng.prefix_cache.clear).result()
+        before = eng.snapshot()
+        together = [h.result() for h in [eng.submit(x, p) for x in prompts]]
+        after = eng.snapshot()
+    finally:
+        eng.shutdown()
+    forwards = after["prefill_forwards"] - before["prefill_forwards"]
+    prefilled = after["prefill_tokens"] - before["prefill_tokens"]
+    assert forwards < len(prompts) - 1  # packed: fewer forwards than requests
+    assert prefilled <= sum(map(len, prompts)) - 64  # the shared 70 tokens computed once (64 of them in cached blocks)
+    assert together[-1].usage.cached_tokens == 64
+    if mode == "fp32":
+        for a, b in zip(_answers(alone), _answers(together)):
+            assert a[0] == b[0] and a[1] == b[1]
+            assert all(abs(x[1] - y[1]) < 1e-4 for x, y in zip(a[2], b[2]))
+    else:
+        assert _answers(together) == _answers(alone)
+
+
 def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
     from llamawrapper.engine.runner import native_bf16
 

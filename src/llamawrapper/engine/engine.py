@@ -22,7 +22,7 @@ from ..errors import ContextLengthExceededError, GenerationError, InvalidRequest
 from ..types import LogitsProcessor, SamplingParams, StreamEvent, TokenLogprob, Usage
 from .detokenizer import StreamingDetokenizer
 from .executor import Executor, get_executor
-from .kv_cache import SequenceKV, SlotCache
+from .kv_cache import PackWriter, SequenceKV, SlotCache
 from .prefix_cache import PrefixCache
 from .request import Request, RequestHandle
 from .runner import LlamaRunner
@@ -33,6 +33,15 @@ from .stopping import StopStringMatcher
 log = logging.getLogger("llamawrapper.engine")
 
 MAX_DRAFT = 32  # the most draft tokens ``prompt_lookup`` may ask for per verify step
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 @dataclass
 class EngineConfig:
@@ -50,6 +59,7 @@ class EngineStats:
     steps: int = 0
     decode_steps: int = 0
     prefill_tokens: int = 0
+    prefill_forwards: int = 0  # forwards that prefilled prompt chunks (several requests' when packed)
     generated_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -84,6 +94,7 @@ class Engine:
             log.warning("prompt_lookup is ignored for a %s model: speculative decoding is exact only in float32",
                         "w8a8" if getattr(runner, "quantizes_activations", False) else str(runner.dtype).replace("torch.", ""))
         self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
+        self.pack_prefill = True  # several requests' prompt chunks in one forward (False: one forward per request)
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
@@ -242,47 +253,150 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------------
     def _prefill(self) -> None:
+        """Spend up to ``prefill_chunk`` prompt tokens this step, in groups: each group is one
+        forward (``_prefill_group``), and a prompt finished by one group is in the prefix cache
+        before the next group's requests look theirs up."""
         budget = self.config.prefill_chunk
+        while budget > 0:
+            group = self._prefill_group(budget)
+            if not group:
+                return
+            budget -= sum(count for _, count in group)
+            self.stats.prefill_forwards += 1
+            if len(group) == 1:
+                self._prefill_one(*group[0])
+            else:
+                self._prefill_packed(group)
+
+    def _prefill_group(self, budget: int) -> list[tuple[Request, int]]:
+        """The prefilling requests (in arrival order) whose next chunks make the next forward,
+        with their token counts. A request not started yet waits while one ahead of it that is
+        still prefilling shares a longer prompt prefix than the cache holds for it (it will find
+        that prefix cached then, instead of computing it again); a request that wants prompt
+        log-probabilities, or a runner with per-row adapters, gets a forward of its own."""
+        group: list[tuple[Request, int]] = []
+        alone = self.runner.row_hook is not None or not self.pack_prefill
         for req in list(self._prefilling):
-            if budget <= 0:
+            if budget <= 0 or (group and alone):
                 break
             try:
                 if req.kv is None:
+                    if self._should_wait(req):
+                        continue
                     self._start(req)
-                n = len(req.prompt_ids)
-                count = min(n - req.prefilled, budget)
-                start = req.prefilled
-                tokens = torch.tensor([req.prompt_ids[start : start + count]])
-                positions = torch.arange(start, start + count).unsqueeze(0)
-                mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
-                self.runner.bind_rows([req.namespace])
-                every = req.prompt_logprobs is not None
-                logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
-                if every:  # position p predicts prompt token p + 1
-                    targets = req.prompt_ids[start + 1 : start + count + 1]
-                    if targets:
-                        req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
-                    logits = logits[:, -1]
-                req.prefilled += count
-                req.kv.length = req.prefilled
+                own = req.prompt_logprobs is not None
+                if group and own:
+                    break
+                count = min(len(req.prompt_ids) - req.prefilled, budget)
+                group.append((req, count))
                 budget -= count
-                self.stats.prefill_tokens += count
-                if req.prefilled == n:
-                    self._prefilling.remove(req)
-                    self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
-                    slot = len(self._running)
-                    self.slots.ensure(slot + 1, n + req.max_tokens)
-                    self.slots.put(slot, req.kv)
-                    req.kv = None
-                    req.handle.prompt_logprobs = req.prompt_logprobs
-                    self._running.append(req)
-                    self._select_and_accept([req], logits[:1])
-                    if req.handle.done:
-                        self._compact([r for r in self._running if not r.handle.done])
+                if own:
+                    break
             except Exception as exc:
                 if req in self._prefilling:
                     self._prefilling.remove(req)
                 self._fail(req, exc)
+        return group
+
+    def _should_wait(self, req: Request) -> bool:
+        if req.params.prompt_logprobs is not None:
+            return False
+        block = self.prefix_cache.block_size
+        cached = None
+        for other in self._prefilling:
+            if other is req:
+                return False
+            if other.kv is None or other.namespace != req.namespace:
+                continue
+            common = _common_prefix(req.prompt_ids, other.prompt_ids)
+            if common < block:
+                continue
+            if cached is None:
+                cached = self.prefix_cache.cached_tokens(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+            if min(common, len(req.prompt_ids) - 1) - cached >= block:
+                return True
+        return False
+
+    def _prefill_one(self, req: Request, count: int) -> None:
+        try:
+            start = req.prefilled
+            tokens = torch.tensor([req.prompt_ids[start : start + count]])
+            positions = torch.arange(start, start + count).unsqueeze(0)
+            mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
+            self.runner.bind_rows([req.namespace])
+            every = req.prompt_logprobs is not None
+            logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
+            if every:  # position p predicts prompt token p + 1
+                targets = req.prompt_ids[start + 1 : start + count + 1]
+                if targets:
+                    req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
+                logits = logits[:, -1]
+        except Exception as exc:
+            if req in self._prefilling:
+                self._prefilling.remove(req)
+            self._fail(req, exc)
+            return
+        self._prefilled([(req, count)], logits)
+
+    def _prefill_packed(self, group: list[tuple[Request, int]]) -> None:
+        """One forward over several requests' chunks: the projections and MLP run on their real
+        tokens only (packed), attention per request over its own KV, logits at each chunk's last
+        token."""
+        reqs = [r for r, _ in group]
+        starts, counts = [r.prefilled for r in reqs], [c for _, c in group]
+        B, T = len(group), max(counts)
+        rows, positions, flat, last = [], [], [], []
+        for i, (req, a, c) in enumerate(zip(reqs, starts, counts)):
+            chunk = req.prompt_ids[a : a + c]
+            rows.append(chunk + [chunk[-1]] * (T - c))  # padding: never projected, never attended to
+            positions.append(list(range(a, a + c)) + [a + c - 1] * (T - c))
+            flat.extend(range(i * T, i * T + c))
+            last.append(len(flat) - 1)
+        pos = torch.tensor(positions)
+        view = PackWriter([r.kv for r in reqs], starts, counts)
+        # each query sees its own prompt up to itself; padding queries repeat the row's last one
+        mask = (torch.arange(view.length).view(1, 1, -1) <= pos.unsqueeze(2)).view(B, 1, T, view.length)
+        try:
+            self.runner.bind_rows([r.namespace for r in reqs])
+            logits = self.runner.forward(torch.tensor(rows), pos, view, mask, flat=torch.tensor(flat), pack=True,
+                                         logits_at=torch.tensor(last))
+        except Exception as exc:
+            for req in reqs:
+                if req in self._prefilling:
+                    self._prefilling.remove(req)
+                self._fail(req, exc)
+            return
+        self._prefilled(group, logits)
+
+    def _prefilled(self, group: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        """Count the chunks just prefilled (``logits`` [len(group), vocab], one row each); the
+        requests whose prompts are now complete join the decode batch with their first token."""
+        done = []
+        for i, (req, count) in enumerate(group):
+            try:
+                req.prefilled += count
+                req.kv.length = req.prefilled
+                self.stats.prefill_tokens += count
+                if req.prefilled < len(req.prompt_ids):
+                    continue
+                self._prefilling.remove(req)
+                n = req.prefilled
+                self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
+                slot = len(self._running)
+                self.slots.ensure(slot + 1, n + req.max_tokens)
+                self.slots.put(slot, req.kv)
+                req.kv = None
+                req.handle.prompt_logprobs = req.prompt_logprobs
+                self._running.append(req)
+                done.append(i)
+            except Exception as exc:
+                if req in self._prefilling:
+                    self._prefilling.remove(req)
+                self._fail(req, exc)
+        if done:
+            self._select_and_accept([group[i][0] for i in done], logits[torch.tensor(done)])
+            if any(group[i][0].handle.done for i in done):
+                self._compact([r for r in self._running if not r.handle.done])
 
     def _start(self, req: Request) -> None:
         r = self.runner

@@ -73,6 +73,30 @@ class _ChunkWriter:
         return d[0, :, : self.end].unsqueeze(0), d[1, :, : self.end].unsqueeze(0)
 
 
+class PackWriter:
+    """KV view for prefilling chunks of several sequences in one forward: row ``i`` writes
+    positions ``starts[i]..starts[i] + counts[i]`` of its own ``SequenceKV`` and reads all of
+    its positions so far; rows are padded with zeros to the longest (the mask hides the padding)."""
+
+    def __init__(self, seqs: list[SequenceKV], starts: list[int], counts: list[int]) -> None:
+        for seq, a, c in zip(seqs, starts, counts):
+            seq.reserve(a + c)
+        self.seqs, self.starts, self.counts = seqs, starts, counts
+        self.length = max(a + c for a, c in zip(starts, counts))
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        B, heads, _, D = k.shape
+        keys = k.new_zeros(B, heads, self.length, D)
+        values = v.new_zeros(B, heads, self.length, D)
+        for i, (seq, a, c) in enumerate(zip(self.seqs, self.starts, self.counts)):
+            d = seq.data[layer]
+            d[0, :, a : a + c] = k[i, :, :c]
+            d[1, :, a : a + c] = v[i, :, :c]
+            keys[i, :, : a + c] = d[0, :, : a + c]
+            values[i, :, : a + c] = d[1, :, : a + c]
+        return keys, values
+
+
 class SlotCache:
     """KV of the decoding batch: slot ``i`` holds running sequence ``i``."""
 

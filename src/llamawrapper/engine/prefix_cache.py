@@ -73,6 +73,17 @@ class PrefixCache:
         self.stats.hit_tokens += len(found) * self.block_size
         return torch.cat([b for _, b in found], dim=3)
 
+    def cached_tokens(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> int:
+        """How many leading tokens of ``tokens[:limit]`` a ``lookup`` would find now (no stats, no
+        change of LRU order)."""
+        usable = tokens if limit is None else tokens[:limit]
+        n = 0
+        for h in self._hashes(usable, namespace):
+            if h not in self._blocks:
+                break
+            n += self.block_size
+        return n
+
     def insert(self, tokens: Sequence[int], fetch: Callable[[int, int], torch.Tensor], namespace: str = "") -> None:
         """Store the full blocks of ``tokens``; ``fetch(start, end)`` returns the KV of those
         positions as ``[layers, 2, kv_heads, end - start, head_dim]`` (called for missing blocks only)."""

@@ -121,12 +121,22 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 def _attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, attn32: bool,
-                 lengths: list[int]) -> torch.Tensor:
-    """``_attend`` one row at a time over that row's own ``lengths`` (up to its last visible
-    key): the same call, bit for bit, as when the row runs alone (a prefill chunk of several
-    queries per row; one-query decode steps use ``_attend_invariant``)."""
-    return torch.cat([_attend(q[i : i + 1], keys[i : i + 1, :, :n], values[i : i + 1, :, :n], mask[i : i + 1, :, :, :n], attn32)
-                      for i, n in enumerate(lengths)])
+                 lengths: list[int], counts: Optional[list[int]] = None) -> torch.Tensor:
+    """``_attend`` one row at a time over its own first ``counts`` queries (all by default) and
+    ``lengths`` keys (up to its last visible key): the same call, bit for bit, whether the row
+    runs alone, beside others, or packed with other prompts' chunks (SDPA over the padded batch
+    changes most rows' last bits); padding queries past a row's count come out as zeros. One-query
+    decode steps use ``_attend_invariant``."""
+    B, H, T, D = q.shape
+    counts = counts or [T] * B
+    rows = [_attend(q[i : i + 1, :, :c], keys[i : i + 1, :, :n], values[i : i + 1, :, :n], mask[i : i + 1, :, :c, :n], attn32)
+            for i, (n, c) in enumerate(zip(lengths, counts))]
+    if all(c == T for c in counts):
+        return torch.cat(rows)
+    out = q.new_zeros(B, H, T, D)
+    for i, (row, c) in enumerate(zip(rows, counts)):
+        out[i, :, :c] = row[0]
+    return out
 
 
 def _visible_lengths(mask: torch.Tensor) -> list[int]:
@@ -294,9 +304,9 @@ class LlamaRunner:
             kv = kv.widened()
             bias = _mask_bias(mask, kv.length, torch.float32 if attn32 else self.dtype)
             return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)
-        if self.attention_per_row and mask.shape[0] > 1:
-            lengths = _visible_lengths(mask)
-            return kv, lambda q, k, v: _attend_rows(q, k, v, mask, attn32, lengths)
+        if self.attention_per_row:  # every other forward (prefill chunks, packed prompts, verify steps) row by row
+            lengths, counts = _visible_lengths(mask), getattr(kv, "counts", None)
+            return kv, lambda q, k, v: _attend_rows(q, k, v, mask, attn32, lengths, counts)
         return kv, lambda q, k, v: _attend(q, k, v, mask, attn32)
 
     @torch.inference_mode()
@@ -310,6 +320,7 @@ class LlamaRunner:
         every: bool = False,  # logits of every position, [B, T, vocab] (prompt log-probabilities)
         flat: torch.Tensor | None = None,  # [N] indices into the B*T positions: logits of those, [N, vocab]
         pack: bool = False,  # with ``flat``: only those N positions go through the projections and MLP
+        logits_at: torch.Tensor | None = None,  # with ``pack``: logits only of these of the N positions
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         packed = pack and flat is not None
@@ -354,7 +365,7 @@ class LlamaRunner:
             else:
                 h = h + layer.mlp(x)
         if packed:
-            h = h[0]
+            h = h[0] if logits_at is None else h[0, logits_at]
         elif flat is not None:
             h = h.reshape(B * T, -1)[flat]
         elif every:

@@ -65,6 +65,7 @@ _ENGINE_COUNTERS: list[tuple[str, str, str]] = [
     ("rejected", "llamawrapper_engine_requests_rejected", "Requests refused because the queue was full."),
     ("failed", "llamawrapper_engine_requests_failed", "Requests that failed inside the engine."),
     ("decode_steps", "llamawrapper_engine_decode_steps", "Batched decode steps run."),
+    ("prefill_forwards", "llamawrapper_engine_prefill_forwards", "Prefill forwards run (one may carry several requests' prompt chunks)."),
     ("draft_tokens", "llamawrapper_engine_spec_draft_tokens", "Prompt-lookup draft tokens verified (speculative decoding)."),
     ("accepted_draft_tokens", "llamawrapper_engine_spec_accepted_tokens", "Prompt-lookup draft tokens the answers took."),
 ]
