@@ -372,6 +372,10 @@ class Engine:
         """Count the chunks just prefilled (``logits`` [len(group), vocab], one row each); the
         requests whose prompts are now complete join the decode batch with their first token."""
         done = []
+        finishing = [r for r, count in group if r.prefilled + count == len(r.prompt_ids)]
+        if finishing:  # room for every request admitted so far at once, not one doubling after another
+            want = min(self.config.max_batch_size, len(self._running) + len(self._prefilling))
+            self.slots.ensure(want, max(len(r.prompt_ids) + r.max_tokens for r in finishing))
         for i, (req, count) in enumerate(group):
             try:
                 req.prefilled += count

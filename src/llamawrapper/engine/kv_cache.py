@@ -76,18 +76,22 @@ class _ChunkWriter:
 class PackWriter:
     """KV view for prefilling chunks of several sequences in one forward: row ``i`` writes
     positions ``starts[i]..starts[i] + counts[i]`` of its own ``SequenceKV`` and reads all of
-    its positions so far; rows are padded with zeros to the longest (the mask hides the padding)."""
+    its positions so far; rows are padded with zeros to the longest (the mask hides the padding).
+    The padded keys/values are one buffer per forward, refilled layer by layer (each layer's
+    attention has read it before the next layer writes)."""
 
     def __init__(self, seqs: list[SequenceKV], starts: list[int], counts: list[int]) -> None:
         for seq, a, c in zip(seqs, starts, counts):
             seq.reserve(a + c)
         self.seqs, self.starts, self.counts = seqs, starts, counts
         self.length = max(a + c for a, c in zip(starts, counts))
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         B, heads, _, D = k.shape
-        keys = k.new_zeros(B, heads, self.length, D)
-        values = v.new_zeros(B, heads, self.length, D)
+        if self._buffers is None:  # zeros once: the padding past each row's length is never written
+            self._buffers = (k.new_zeros(B, heads, self.length, D), v.new_zeros(B, heads, self.length, D))
+        keys, values = self._buffers
         for i, (seq, a, c) in enumerate(zip(self.seqs, self.starts, self.counts)):
             d = seq.data[layer]
             d[0, :, a : a + c] = k[i, :, :c]
@@ -131,9 +135,10 @@ class SlotCache:
         new_slots = self.slots if slots <= self.slots else min(self.max_slots, max(slots, 2 * self.slots))
         new_cap = self.capacity if length <= self.capacity else _aligned(max(length, 2 * self.capacity))
         for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                t = _grow(t, 0, new_slots) if new_slots != t.shape[0] else t
-                store[i] = _grow(t, 2, new_cap) if new_cap != t.shape[2] else t
+            for i, t in enumerate(store):  # one new tensor each, whichever dimensions grow
+                grown = t.new_zeros(new_slots, t.shape[1], new_cap, t.shape[3])
+                grown[: t.shape[0], :, : t.shape[2]] = t
+                store[i] = grown
 
     def reset(self, capacity: int = 256) -> None:
         """Drop all storage (when idle) so memory does not stay at its high-water mark."""
