@@ -35,14 +35,6 @@ log = logging.getLogger("llamawrapper.engine")
 MAX_DRAFT = 32  # the most draft tokens ``prompt_lookup`` may ask for per verify step
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
 @dataclass
 class EngineConfig:
     max_batch_size: int = 32
@@ -299,23 +291,25 @@ class Engine:
         return group
 
     def _should_wait(self, req: Request) -> bool:
-        if req.params.prompt_logprobs is not None:
+        """Whether ``req`` (not started) should wait for a request ahead of it that is still
+        prefilling: their prompts share at least one block more than the prefix cache holds for
+        ``req`` now, so that block would otherwise be computed twice."""
+        if req.params.prompt_logprobs is not None:  # it does not read the prefix cache anyway
             return False
         block = self.prefix_cache.block_size
-        cached = None
+        first = req.prompt_ids[:block]
+        ahead = []
         for other in self._prefilling:
             if other is req:
-                return False
-            if other.kv is None or other.namespace != req.namespace:
-                continue
-            common = _common_prefix(req.prompt_ids, other.prompt_ids)
-            if common < block:
-                continue
-            if cached is None:
-                cached = self.prefix_cache.cached_tokens(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
-            if min(common, len(req.prompt_ids) - 1) - cached >= block:
-                return True
-        return False
+                break
+            if other.kv is not None and other.namespace == req.namespace and other.prompt_ids[:block] == first:
+                ahead.append(other)
+        if not ahead:
+            return False
+        usable = len(req.prompt_ids) - 1  # the last prompt token is always prefilled
+        need = self.prefix_cache.cached_tokens(req.prompt_ids, req.namespace, limit=usable) + block
+        head = req.prompt_ids[:need]
+        return need <= usable and any(other.prompt_ids[:need] == head for other in ahead)
 
     def _prefill_one(self, req: Request, count: int) -> None:
         try:
