@@ -4,7 +4,8 @@
 ``[slots, kv_heads, capacity, head_dim]``; running sequences occupy slots ``0..n-1`` so a decode
 step reads a view, never a copy. Capacity grows by doubling, only when a sequence needs it.
 ``SequenceKV`` is one sequence's private buffer while its prompt is prefilled in chunks; it is
-moved into a slot when prefill ends.
+moved into a slot when prefill ends. ``PackWriter`` lets one forward prefill chunks of several
+sequences, each written to and read from its own ``SequenceKV``.
 
 A slot cache's capacity is always a multiple of ``KV_ALIGN`` positions, so a decode step may read
 up to the next multiple of it (``_DecodeWriter.widened``): the batch-invariant attention needs
