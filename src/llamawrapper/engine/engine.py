@@ -246,7 +246,7 @@ class Engine:
     # -- prefill -----------------------------------------------------------------------------------
     def _prefill(self) -> None:
         """Spend up to ``prefill_chunk`` prompt tokens this step, in groups: each group is one
-        forward (``_prefill_group``), and a prompt finished by one group is in the prefix cache
+        forward (``_prefill_group``, ``_prefill_forward``), and a prompt finished by one group is in the prefix cache
         before the next group's requests look theirs up."""
         budget = self.config.prefill_chunk
         while budget > 0:
@@ -255,10 +255,7 @@ class Engine:
                 return
             budget -= sum(count for _, count in group)
             self.stats.prefill_forwards += 1
-            if len(group) == 1:
-                self._prefill_one(*group[0])
-            else:
-                self._prefill_packed(group)
+            self._prefill_forward(group)
 
     def _prefill_group(self, budget: int) -> list[tuple[Request, int]]:
         """The prefilling requests (in arrival order) whose next chunks make the next forward,
@@ -311,31 +308,12 @@ class Engine:
         head = req.prompt_ids[:need]
         return need <= usable and any(other.prompt_ids[:need] == head for other in ahead)
 
-    def _prefill_one(self, req: Request, count: int) -> None:
-        try:
-            start = req.prefilled
-            tokens = torch.tensor([req.prompt_ids[start : start + count]])
-            positions = torch.arange(start, start + count).unsqueeze(0)
-            mask = torch.ones(count, start + count, dtype=torch.bool).tril(start).view(1, 1, count, start + count)
-            self.runner.bind_rows([req.namespace])
-            every = req.prompt_logprobs is not None
-            logits = self.runner.forward(tokens, positions, req.kv.chunk(start, count), mask, every=every)
-            if every:  # position p predicts prompt token p + 1
-                targets = req.prompt_ids[start + 1 : start + count + 1]
-                if targets:
-                    req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
-                logits = logits[:, -1]
-        except Exception as exc:
-            if req in self._prefilling:
-                self._prefilling.remove(req)
-            self._fail(req, exc)
-            return
-        self._prefilled([(req, count)], logits)
-
-    def _prefill_packed(self, group: list[tuple[Request, int]]) -> None:
-        """One forward over several requests' chunks: the projections and MLP run on their real
-        tokens only (packed), attention per request over its own KV, logits at each chunk's last
-        token."""
+    def _prefill_forward(self, group: list[tuple[Request, int]]) -> None:
+        """One forward over the next chunks of ``group``'s requests. A lone chunk reads and writes
+        its request's ``SequenceKV`` directly (with every position's logits when it asks prompt
+        log-probabilities); several are packed: the projections and MLP run on their real tokens
+        only, attention per request over its own KV (``PackWriter``), logits at each chunk's
+        last token."""
         reqs = [r for r, _ in group]
         starts, counts = [r.prefilled for r in reqs], [c for _, c in group]
         B, T = len(group), max(counts)
@@ -346,14 +324,25 @@ class Engine:
             positions.append(list(range(a, a + c)) + [a + c - 1] * (T - c))
             flat.extend(range(i * T, i * T + c))
             last.append(len(flat) - 1)
-        pos = torch.tensor(positions)
-        view = PackWriter([r.kv for r in reqs], starts, counts)
-        # each query sees its own prompt up to itself; padding queries repeat the row's last one
-        mask = (torch.arange(view.length).view(1, 1, -1) <= pos.unsqueeze(2)).view(B, 1, T, view.length)
+        tokens, pos = torch.tensor(rows), torch.tensor(positions)
+        length = max(a + c for a, c in zip(starts, counts))
+        # each query sees its own prompt up to itself; padding queries repeat their row's last one
+        mask = (torch.arange(length).view(1, 1, -1) <= pos.unsqueeze(2)).view(B, 1, T, length)
         try:
             self.runner.bind_rows([r.namespace for r in reqs])
-            logits = self.runner.forward(torch.tensor(rows), pos, view, mask, flat=torch.tensor(flat), pack=True,
-                                         logits_at=torch.tensor(last))
+            if B > 1:
+                view = PackWriter([r.kv for r in reqs], starts, counts)
+                logits = self.runner.forward(tokens, pos, view, mask, flat=torch.tensor(flat), pack=True,
+                                             logits_at=torch.tensor(last))
+            else:
+                req, a, c = reqs[0], starts[0], counts[0]
+                every = req.prompt_logprobs is not None
+                logits = self.runner.forward(tokens, pos, req.kv.chunk(a, c), mask, every=every)
+                if every:  # position p predicts prompt token p + 1
+                    targets = req.prompt_ids[a + 1 : a + c + 1]
+                    if targets:
+                        req.prompt_logprobs += self.sampler.positions(logits[0, : len(targets)], targets, req.params.prompt_logprobs)
+                    logits = logits[:, -1]
         except Exception as exc:
             for req in reqs:
                 if req in self._prefilling:
@@ -378,11 +367,8 @@ class Engine:
                 if req.prefilled < len(req.prompt_ids):
                     continue
                 self._prefilling.remove(req)
-                n = req.prefilled
                 self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
-                slot = len(self._running)
-                self.slots.ensure(slot + 1, n + req.max_tokens)
-                self.slots.put(slot, req.kv)
+                self.slots.put(len(self._running), req.kv)  # room made above
                 req.kv = None
                 req.handle.prompt_logprobs = req.prompt_logprobs
                 self._running.append(req)
