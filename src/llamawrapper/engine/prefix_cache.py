@@ -55,17 +55,22 @@ class PrefixCache:
             out.append(parent)
         return out
 
+    def _found(self, tokens: Sequence[int], namespace: str) -> list[tuple[bytes, torch.Tensor]]:
+        """The cached blocks of ``tokens``' longest cached block prefix, in order."""
+        found = []
+        for h in self._hashes(tokens, namespace):
+            block = self._blocks.get(h)
+            if block is None:
+                break
+            found.append((h, block))
+        return found
+
     def lookup(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> torch.Tensor | None:
         """KV for the longest cached block prefix of ``tokens[:limit]``, or None."""
         self.stats.lookups += 1
         usable = tokens if limit is None else tokens[:limit]
         self.stats.lookup_tokens += len(usable)
-        found = []
-        for h in self._hashes(usable, namespace):
-            block = self._blocks.get(h)
-            if block is None:
-                break
-            found.append((h, block))
+        found = self._found(usable, namespace)
         if not found:
             return None
         for h, _ in reversed(found):
@@ -76,13 +81,7 @@ class PrefixCache:
     def cached_tokens(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> int:
         """How many leading tokens of ``tokens[:limit]`` a ``lookup`` would find now (no stats, no
         change of LRU order)."""
-        usable = tokens if limit is None else tokens[:limit]
-        n = 0
-        for h in self._hashes(usable, namespace):
-            if h not in self._blocks:
-                break
-            n += self.block_size
-        return n
+        return len(self._found(tokens if limit is None else tokens[:limit], namespace)) * self.block_size
 
     def insert(self, tokens: Sequence[int], fetch: Callable[[int, int], torch.Tensor], namespace: str = "") -> None:
         """Store the full blocks of ``tokens``; ``fetch(start, end)`` returns the KV of those
