@@ -278,7 +278,8 @@ def test_attention_in_float32_for_bf16_models(tiny_models, tiny_llm):
 
     assert not LlamaRunner(tiny_models["fp32"]).attention_fp32  # nothing to do for a float32 model
     model = tiny_models["int4"]  # bfloat16 activations
-    assert LlamaRunner(model).attention_fp32 == (not native_bf16())
+    assert LlamaRunner(model, attention_per_row=False).attention_fp32 == (not native_bf16())
+    assert LlamaRunner(model).attention_fp32  # per-row attention is in float32 on every CPU
     ids = torch.randint(10, 40000, (19,), generator=torch.Generator().manual_seed(4)).tolist()
     a = prefill_logits(LlamaRunner(model, attention_fp32=True), ids)
     b = prefill_logits(LlamaRunner(model, attention_fp32=False), ids)

@@ -11,8 +11,10 @@ Linears runs them as one matmul each (``fusion.py``) and rotates q and k in one 
 with a LoRA-wrapped projection keeps the unfused path.
 
 Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``; by default wherever
-the CPU has no native bf16 instructions): measured on an AVX2 machine, torch's bf16 SDPA kernel
-is 3-7x slower than casting q, k and v to float32 and back, at every batch and context length.
+the CPU has no native bf16 instructions, and always with ``attention_per_row``): measured on an
+AVX2 machine, torch's bf16 SDPA kernel is 3-7x slower than casting q, k and v to float32 and
+back, at every batch and context length; on an AVX512-BF16 machine its result for a prompt
+position depends on how the prompt was chunked.
 
 With ``attention_per_row`` (the default for int8, int4 and w8a8 models, whose GEMMs compute
 each row on its own) each row's attention is bit for bit
@@ -244,8 +246,6 @@ class LlamaRunner:
         # called with each row's request namespace before every forward (per-row LoRA adapters)
         self.row_hook: Callable[[list[str]], None] | None = None
         self.fused: list[Optional[_Fused]] = [_Fused(layer) if fuse else None for layer in self.layers]
-        if attention_fp32 is None:
-            attention_fp32 = not native_bf16()
         half = self.dtype in (torch.bfloat16, torch.float16)
         if isinstance(kv_dtype, str):
             kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv_dtype, kv_dtype)
@@ -254,10 +254,6 @@ class LlamaRunner:
                 f"Invalid value for 'kv_cache_dtype': {str(kv_dtype).removeprefix('torch.')!r} for a "
                 f"{str(self.dtype).removeprefix('torch.')} model; choose float32 or the model's own dtype.",
                 param="kv_cache_dtype")
-        # the cache is in the model's dtype unless asked otherwise; a float32 cache of a half model
-        # (no step casts the whole context, at twice the KV memory) is attended in float32
-        self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
-        self.kv_dtype = kv_dtype or self.dtype
         from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
         kinds = {type(m) for m in model.modules()}
@@ -275,6 +271,16 @@ class LlamaRunner:
                         "over the batch at once (turn attention_per_row off to compile)")
             compile = False
         self.attention_per_row = bool(attention_per_row)
+        # bf16 attention only where the CPU computes bf16 natively, and never for per-row attention:
+        # there torch's bf16 SDPA gives a prompt position a result that depends on how the prompt
+        # was chunked (measured on an AVX512-BF16 machine: a request packed with others got other
+        # logprobs than alone, 1e-2 apart), while float32 attention of the same bf16 k/v does not
+        if attention_fp32 is None:
+            attention_fp32 = not native_bf16() or self.attention_per_row
+        # the cache is in the model's dtype unless asked otherwise; a float32 cache of a half model
+        # (no step casts the whole context, at twice the KV memory) is attended in float32
+        self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
+        self.kv_dtype = kv_dtype or self.dtype
         # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
         # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
         backend = compile if isinstance(compile, str) else "inductor"
