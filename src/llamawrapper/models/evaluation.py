@@ -11,9 +11,12 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
-# (question, substrings any one of which must appear in the greedy answer, case-insensitive)
+# (question, substrings any one of which must appear in the greedy answer, case-insensitive);
+# each is one smollm2 (float32) answers without a near tie on the way: asked as "What is the
+# capital of France?", its first token was "The" over "L" by 0.08 nats, and int8 or w8a8 went
+# "L'Étoile, ..." on some CPUs; with the added instruction the narrowest margin is 1.5 nats
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
-    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of France? Answer with the name of the city.", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
     ("What is 2 + 2? Answer with a number.", ("4", "four")),
     ("What color is the sky on a clear day?", ("blue",)),
