@@ -10,11 +10,10 @@ With ``fuse`` (the default) a layer whose q/k/v (and gate/up) projections are pl
 Linears runs them as one matmul each (``fusion.py``) and rotates q and k in one pass; a layer
 with a LoRA-wrapped projection keeps the unfused path.
 
-Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``; by default wherever
-the CPU has no native bf16 instructions, and always with ``attention_per_row``): measured on an
-AVX2 machine, torch's bf16 SDPA kernel is 3-7x slower than casting q, k and v to float32 and
-back, at every batch and context length; on an AVX512-BF16 machine its result for a prompt
-position depends on how the prompt was chunked.
+Attention of a bfloat16/float16 model runs in float32 (``attention_fp32``, on by default):
+torch's bf16 SDPA kernel was slower than casting q, k and v to float32 and back on every CPU
+measured — 3-7x on an AVX2 machine, 2.6x for a 16-row decode step on an AVX512-BF16 one — and
+there its result for a prompt position depended on how the prompt was chunked.
 
 With ``attention_per_row`` (the default for int8, int4 and w8a8 models, whose GEMMs compute
 each row on its own) each row's attention is bit for bit
@@ -95,13 +94,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     cos/sin [B, T, 1, D]."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
 def _fused_qkv(fused: _Fused, x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, H: int, KVH: int,
@@ -271,12 +263,12 @@ class LlamaRunner:
                         "over the batch at once (turn attention_per_row off to compile)")
             compile = False
         self.attention_per_row = bool(attention_per_row)
-        # bf16 attention only where the CPU computes bf16 natively, and never for per-row attention:
-        # there torch's bf16 SDPA gives a prompt position a result that depends on how the prompt
-        # was chunked (measured on an AVX512-BF16 machine: a request packed with others got other
-        # logprobs than alone, 1e-2 apart), while float32 attention of the same bf16 k/v does not
+        # attention in float32 unless asked otherwise, also where the CPU has native bf16: on an
+        # AVX512-BF16 machine torch's bf16 SDPA made a 16-row decode step of a bf16 model 2.6x
+        # slower, and gave a prompt position a result that depended on how the prompt was chunked
+        # (a request packed with others got other logprobs than alone, 1e-2 apart)
         if attention_fp32 is None:
-            attention_fp32 = not native_bf16() or self.attention_per_row
+            attention_fp32 = True
         # the cache is in the model's dtype unless asked otherwise; a float32 cache of a half model
         # (no step casts the whole context, at twice the KV memory) is attended in float32
         self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
