@@ -423,9 +423,10 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
         if w2 is not None:
             row(f"W2 in-process aggregate tok/s, {v}", w2, 250.0, cpu_value=c(v, "w2"))
     n = (doc.get("settings") or {}).get("prefill_tokens")
-    if base:
-        row(f"prefill {n}-token tok/s: fp32 / {base} (today's)", _ratio(pre("fp32"), pre(base)), 1.5,
-            cpu_value=_ratio(c("fp32", "prefill"), c(base, "prefill")))
+    for v in (eng if base else ()):  # every variant against today's fp32: which precision meets it
+        if v != base and ok(v):
+            row(f"prefill {n}-token tok/s: {v} / {base} (today's fp32)", _ratio(pre(v), pre(base)), 1.5,
+                cpu_value=_ratio(c(v, "prefill"), c(base, "prefill")))
     row(f"prefill {n}-token tok/s: fp32 / llama.cpp pp{n}", _ratio(pre("fp32"), _get(cpp, "pp", "tokens_per_s")), None,
         cpu_value=_ratio(c("fp32", "prefill"), _get(cpp, "pp", "tokens_per_cpu_s")))
     for v in eng:
