@@ -233,6 +233,27 @@ def test_a_failed_reload_answers_unavailable(tiny_model_dir, tmp_path):
         host.close()
 
 
+def test_a_name_whose_only_version_failed_says_why_in_one_sentence(tiny_model_dir, lw_home, tmp_path):
+    """The 503's message quotes the load error once, ending in one period (it ended in '..'
+    when the error had its own)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "config.json").write_text("{broken")
+    host = ModelHost(default_loader())
+    try:
+        host.put("chat", str(folder), wait=True)
+        assert host.statuses()["chat"].startswith("failed")
+        with pytest.raises(ModelUnavailableError) as err:
+            host.acquire("chat")
+        message = str(err.value)
+        assert message.startswith("The model 'chat' failed to load: ") and message.endswith(".")
+        assert not message.endswith("..") and len(message) > len("The model 'chat' failed to load: .")
+    finally:
+        host.close()
+
+
 def test_versions_show_what_they_run_as_with_the_servers_defaults(tiny_model_dir, lw_home):
     """``serve --quantization w8a8`` (the loader's default) applies to a version whose spec names
     none, and the admin view says so: its quantization and the dtype its activations run in."""

@@ -330,7 +330,8 @@ class ModelHost:
             failed = next((v for v in reversed(served.versions) if v.status == "failed"), None)
             if loading is not None:
                 raise ModelUnavailableError(f"The model '{served.name}' is loading; retry shortly.")
-            raise ModelUnavailableError(f"The model '{served.name}' failed to load: {failed.error if failed else 'no version'}.")
+            why = str(failed.error).rstrip(".") if failed else "no version"
+            raise ModelUnavailableError(f"The model '{served.name}' failed to load: {why}.")
         if version.status == "unloaded":
             self._start_load(served, version)
             raise _MustWait()
