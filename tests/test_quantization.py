@@ -107,6 +107,43 @@ def test_w8a8_weights_use_the_range_this_cpu_multiplies_without_saturating():
     assert torch.allclose(q(x), ref, rtol=0.02), (q(x), ref)
 
 
+def test_int4_weights_cached_on_another_kind_of_cpu_are_quantized_again(tiny_model_dir, lw_home):
+    """torch packs int4 weights per CPU kernel set (AVX512, AVX2, default). A cache written by a
+    process on another set (here torch's default kernels, through ATEN_CPU_CAPABILITY) is not
+    read as this one's weights: the load quantizes again and answers as a fresh quantization."""
+    import os
+    import subprocess
+    import sys
+
+    here = torch.backends.cpu.get_cpu_capability()
+    if here == "DEFAULT":
+        pytest.skip("this CPU runs torch's default kernels already")
+    folder = quant.cache_folder(tiny_model_dir, "int4")
+    fresh = LlamaWrapper.load(str(tiny_model_dir), quantization="int4", progress=False)
+    try:
+        expected = fresh.generate("Hello there", max_tokens=8, temperature=0).token_ids
+    finally:
+        fresh.close()
+    assert json.loads((folder / "manifest.json").read_text())["int4_layout"] == here
+    import shutil
+
+    shutil.rmtree(folder)
+    script = ("import sys, torch; from llamawrapper import LlamaWrapper; "
+              "llm = LlamaWrapper.load(sys.argv[1], quantization='int4', progress=False); llm.close(); "
+              "print(torch.backends.cpu.get_cpu_capability())")
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    assert out.returncode == 0 and out.stdout.split()[-1] == "DEFAULT", out.stderr[-2000:]
+    assert json.loads((folder / "manifest.json").read_text())["int4_layout"] == "DEFAULT"
+    assert not quant.cache_is_valid(folder, "int4", quant.fingerprint(tiny_model_dir, {}))
+    again = LlamaWrapper.load(str(tiny_model_dir), quantization="int4", progress=False)
+    try:
+        assert again.generate("Hello there", max_tokens=8, temperature=0).token_ids == expected
+    finally:
+        again.close()
+    assert json.loads((folder / "manifest.json").read_text())["int4_layout"] == here
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_quantized_load_is_cached_and_runs(tiny_model_dir, lw_home, monkeypatch, mode):
     llm = LlamaWrapper.load(str(tiny_model_dir), quantization=mode, progress=False)

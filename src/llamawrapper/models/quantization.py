@@ -11,7 +11,9 @@ its head to the embedding, both share one int8 tensor.
 
 The quantized state dict is saved next to the converted model in ``quant-<mode>/`` with a
 manifest; a later load builds the module tree on the meta device and assigns those tensors,
-so it neither reads the fp32 weights nor quantizes again.
+so it neither reads the fp32 weights nor quantizes again. The manifest names what the tensors
+depend on beyond the source (torch's version, the int4 packing's CPU kernel set, w8a8's weight
+range): a cache written on another kind of CPU is quantized again, not misread.
 
 ``w8a8`` keeps float32 activations between layers and quantizes each token's input to a Linear
 to 8 bits at run time (one scale per token, so a row's result never depends on the rows batched
@@ -378,12 +380,18 @@ def _weight_max(mode: str) -> Optional[int]:
     return w8a8_weight_max() if mode == "w8a8" else None
 
 
+def _int4_layout(mode: str) -> Optional[str]:
+    """The CPU kernel set that packed int4 weights are laid out for: torch packs them differently
+    for AVX512, AVX2 and its default kernels, and reads another set's packing as other weights."""
+    return torch.backends.cpu.get_cpu_capability() if mode == "int4" else None
+
+
 def cache_is_valid(folder: Path, mode: str, source_fingerprint: str) -> bool:
     m = _manifest(folder)
     return bool(
         m and m.get("quantization") == mode and m.get("format_version") == QUANT_FORMAT_VERSION
         and m.get("source_fingerprint") == source_fingerprint and m.get("smoothing") == _smoothing_key(mode)
-        and m.get("w8a8_weight_max") == _weight_max(mode)
+        and m.get("w8a8_weight_max") == _weight_max(mode) and m.get("int4_layout") == _int4_layout(mode)
         and m.get("torch") == torch.__version__ and (folder / "model.safetensors").is_file()
     )
 
@@ -411,6 +419,7 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
             "source_fingerprint": source_fingerprint,
             "smoothing": _smoothing_key(mode),
             "w8a8_weight_max": _weight_max(mode),
+            "int4_layout": _int4_layout(mode),
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
