@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
-# (question, substrings any one of which must appear in the greedy answer, case-insensitive);
-# each is one smollm2 (float32) answers without a near tie on the way: asked as "What is the
-# capital of France?", its first token was "The" over "L" by 0.08 nats, and int8 or w8a8 went
-# "L'Étoile, ..." on some CPUs; with the added instruction the narrowest margin is 1.5 nats
+# (question, substrings any one of which must appear in the greedy answer, case-insensitive).
+# The France question carries an instruction: asked bare, smollm2's (float32) first token was
+# "The" over "L" by 0.08 nats, and int8 or w8a8 went "L'Étoile, ..." on some CPUs; asked this
+# way, its narrowest margin over the first six tokens is 1.5 nats
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of France? Answer with the name of the city.", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
