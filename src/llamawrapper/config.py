@@ -58,9 +58,9 @@ class EngineSettings(BaseSettings):
     threads: int = Field(0, ge=0, description="Torch threads; 0 = one per core.")
     fuse_projections: bool = Field(
         True, description="Run each layer's q/k/v and gate/up projections as one matmul each (same results; off = separate).")
-    attention_fp32: Optional[bool] = Field(
-        None, description="Attention of bfloat16/float16 (and int8/int4) models in float32; unset = on (torch's bf16 "
-                          "attention was slower on every CPU measured, AVX512-BF16 included).")
+    attention_fp32: bool = Field(
+        True, description="Attention of bfloat16/float16 (and int8/int4) models in float32 (torch's bf16 attention was "
+                          "slower on every CPU measured, AVX512-BF16 included; off = in the model's dtype).")
     attention_per_row: Optional[bool] = Field(
         None, description="Attention whose every row is bit for bit what it is alone (decode: a batch-invariant kernel; "
                           "prefill: row by row), so a request's text does not depend on its batch; unset = for int8, "

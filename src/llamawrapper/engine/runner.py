@@ -205,7 +205,7 @@ def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: 
 class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
-    def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: Optional[bool] = None,
+    def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: bool | str = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None) -> None:
         cfg = model.config
@@ -246,6 +246,14 @@ class LlamaRunner:
                 f"Invalid value for 'kv_cache_dtype': {str(kv_dtype).removeprefix('torch.')!r} for a "
                 f"{str(self.dtype).removeprefix('torch.')} model; choose float32 or the model's own dtype.",
                 param="kv_cache_dtype")
+        # attention in float32 unless asked otherwise, also where the CPU has native bf16: on an
+        # AVX512-BF16 machine torch's bf16 SDPA made a 16-row decode step of a bf16 model 2.6x
+        # slower, and gave a prompt position a result that depended on how the prompt was chunked
+        # (a request packed with others got other logprobs than alone, 1e-2 apart). The cache is
+        # in the model's dtype unless asked otherwise; a float32 cache of a half model (no step
+        # casts the whole context, at twice the KV memory) is attended in float32
+        self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
+        self.kv_dtype = kv_dtype or self.dtype
         from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
 
         kinds = {type(m) for m in model.modules()}
@@ -263,16 +271,6 @@ class LlamaRunner:
                         "over the batch at once (turn attention_per_row off to compile)")
             compile = False
         self.attention_per_row = bool(attention_per_row)
-        # attention in float32 unless asked otherwise, also where the CPU has native bf16: on an
-        # AVX512-BF16 machine torch's bf16 SDPA made a 16-row decode step of a bf16 model 2.6x
-        # slower, and gave a prompt position a result that depended on how the prompt was chunked
-        # (a request packed with others got other logprobs than alone, 1e-2 apart)
-        if attention_fp32 is None:
-            attention_fp32 = True
-        # the cache is in the model's dtype unless asked otherwise; a float32 cache of a half model
-        # (no step casts the whole context, at twice the KV memory) is attended in float32
-        self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
-        self.kv_dtype = kv_dtype or self.dtype
         # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
         # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
         backend = compile if isinstance(compile, str) else "inductor"
