@@ -372,28 +372,27 @@ def _manifest(folder: Path) -> Optional[dict]:
         return None
 
 
-def _smoothing_key(mode: str) -> Optional[str]:
-    return smoothing_key() if mode == "w8a8" else None
-
-
-def _weight_max(mode: str) -> Optional[int]:
-    return w8a8_weight_max() if mode == "w8a8" else None
-
-
-def _int4_layout(mode: str) -> Optional[str]:
-    """The CPU kernel set that packed int4 weights are laid out for: torch packs them differently
-    for AVX512, AVX2 and its default kernels, and reads another set's packing as other weights."""
-    return torch.backends.cpu.get_cpu_capability() if mode == "int4" else None
+def _pins(mode: str, source_fingerprint: str) -> dict[str, Any]:
+    """What cached tensors of ``mode`` depend on beyond their own file: the manifest records it
+    and a cache whose record differs is quantized again. w8a8: the smoothing (alpha and
+    calibration text) and the weight range this CPU's FBGEMM multiplies without saturating. int4:
+    the CPU kernel set the packing is for (torch packs int4 differently for AVX512, AVX2 and its
+    default kernels, and reads another set's packing as other weights)."""
+    return {
+        "format_version": QUANT_FORMAT_VERSION,
+        "quantization": mode,
+        "source_fingerprint": source_fingerprint,
+        "smoothing": smoothing_key() if mode == "w8a8" else None,
+        "w8a8_weight_max": w8a8_weight_max() if mode == "w8a8" else None,
+        "int4_layout": torch.backends.cpu.get_cpu_capability() if mode == "int4" else None,
+        "torch": torch.__version__,
+    }
 
 
 def cache_is_valid(folder: Path, mode: str, source_fingerprint: str) -> bool:
     m = _manifest(folder)
-    return bool(
-        m and m.get("quantization") == mode and m.get("format_version") == QUANT_FORMAT_VERSION
-        and m.get("source_fingerprint") == source_fingerprint and m.get("smoothing") == _smoothing_key(mode)
-        and m.get("w8a8_weight_max") == _weight_max(mode) and m.get("int4_layout") == _int4_layout(mode)
-        and m.get("torch") == torch.__version__ and (folder / "model.safetensors").is_file()
-    )
+    return bool(m and all(m.get(k) == v for k, v in _pins(mode, source_fingerprint).items())
+                and (folder / "model.safetensors").is_file())
 
 
 def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint: str) -> None:
@@ -412,15 +411,9 @@ def save_quantized(model: nn.Module, folder: Path, mode: str, source_fingerprint
             state[name] = t.contiguous()
         save_file(state, str(tmp / "model.safetensors"))
         manifest = {
-            "format_version": QUANT_FORMAT_VERSION,
-            "quantization": mode,
+            **_pins(mode, source_fingerprint),
             "int4_group_size": INT4_GROUP_SIZE,
             "activation_dtype": str(activation_dtype(mode)).removeprefix("torch."),
-            "source_fingerprint": source_fingerprint,
-            "smoothing": _smoothing_key(mode),
-            "w8a8_weight_max": _weight_max(mode),
-            "int4_layout": _int4_layout(mode),
-            "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
