@@ -278,7 +278,12 @@ def test_vanishing_streams_free_their_slots_within_a_second(ray_app):
                     freed.setdefault(replica, answered - gone)
     print(f"\n20 vanished streams on {len(set(replicas))} replicas (batches {busy}): slots free after "
           + ", ".join(f"{t:.2f} s" for t in freed.values()) + f" (a decode step took up to {step:.2f} s)")
-    assert len(replicas) == 20 and sum(running for running, _ in busy.values()) == 20, busy
+    # every replica that answered a scrape while the streams ran held all of its streams (by their
+    # x-replica headers) in its batch. Ray's router gives a request to the less loaded of the
+    # two, so with an uneven split (12/8, seen once) the busier one may answer none of the scrapes
+    # until the clients leave; its streams then vouch for it, and it must still report free below
+    assert len(replicas) == 20 and busy, (replicas, busy)
+    assert all(running == replicas.count(r) for r, (running, _) in busy.items()), (busy, replicas)
     # as on the single server: within a second, or within the step in progress when steps are longer
     assert max(freed.values()) <= max(1.0, 2 * step), (freed, step)
 
