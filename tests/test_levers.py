@@ -116,12 +116,13 @@ def test_w8a8_engine_greedy_alone_in_batch_no_speculation_and_seeded(tiny_models
     assert runner.dtype == torch.float32 and all(f.qkv is not None and f.gate_up is not None for f in runner.fused)
     assert runner.quantizes_activations and runner.attention_per_row
     # the other quantized modes' GEMMs compute each row on their own too: per-row attention by
-    # default; float GEMMs do not (nothing to gain); an explicit compile keeps the batched attention
+    # default; float GEMMs do not (nothing to gain); the compiled decode step keeps it
     assert LlamaRunner(tiny_models["int8"]).attention_per_row and LlamaRunner(tiny_models["int4"]).attention_per_row
     assert not LlamaRunner(tiny_models["fp32"]).attention_per_row
-    assert not LlamaRunner(tiny_models["int4"], compile="eager").attention_per_row
-    both = LlamaRunner(tiny_models["int4"], compile="eager", attention_per_row=True)
-    assert both.attention_per_row and both.compiled is None  # refused with a warning, not silently
+    both = LlamaRunner(tiny_models["int8"], compile="eager")
+    assert both.attention_per_row and both.compiled is not None
+    # the tiny int4's k/v blocks do not line up with this CPU's int4 packing: unfused, not compiled
+    assert LlamaRunner(tiny_models["int4"], compile="eager").compiled is None
     results = {}
     for k in (0, 4):
         eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8, prompt_lookup=k))
@@ -326,11 +327,17 @@ def test_kv_cache_dtype_is_the_models_or_float32(tiny_models, tiny_llm):
     assert texts["float32"] == texts["bfloat16"] and all(texts["float32"])
 
 
+def _waves_of_requests(eng: Engine, prompts: list[list[list[int]]], p: SamplingParams) -> list[list[str]]:
+    """Each wave's prompts submitted together; their texts."""
+    return [[h.result().text for h in [eng.submit(x, p) for x in wave]] for wave in prompts]
+
+
 def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
-    """The compiled decode layer (dynamo guards; the "eager" backend keeps this test fast — the
+    """The compiled decode step (dynamo guards; the "eager" backend keeps this test fast — the
     graphs and guards are the backend's input, the same for inductor) compiles once for batch 1
-    and once for larger batches, then serves prompts of other lengths and batches of other sizes
-    without compiling again; its greedy ids equal the uncompiled runner's."""
+    and once for larger batches, then serves prompts of other lengths, batches of other sizes and
+    a grown cache without compiling again; its greedy text equals the uncompiled runner's with
+    the same (batch-invariant) attention, bit for bit — the whole-capacity read adds exact zeros."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -343,19 +350,98 @@ def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
     prompts = [[torch.randint(10, 40000, (n,), generator=gen).tolist() for n in wave] for wave in waves]
     out = {}
     for compiled in (False, "eager"):
-        eng = Engine(LlamaRunner(model, compile=compiled), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+        eng = Engine(LlamaRunner(model, compile=compiled, attention_per_row=True), tok, [tok.eos_token_id],
+                     EngineConfig(max_batch_size=8))
         try:
-            out[compiled] = [[h.result().token_ids for h in [eng.submit(x, p) for x in wave]] for wave in prompts]
+            out[compiled] = _waves_of_requests(eng, prompts, p)
             if compiled:
                 frames = counters["stats"]["unique_graphs"]
                 assert 1 <= frames <= 2, dict(counters["stats"])  # batch 1 is specialised by dynamo; the rest share one
-                more = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (3, 70, 25, 14)]
+                more = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (3, 70, 25, 14, 300)]
                 [h.result() for h in [eng.submit(x, p) for x in more]]
+                assert eng.slots.capacity > 256  # the cache grew: another capacity, the same graph
                 eng.submit(more[1], p).result()  # alone again, longer
                 assert counters["stats"]["unique_graphs"] == frames
         finally:
             eng.shutdown()
     assert out["eager"] == out[False]
+
+
+@pytest.mark.slow
+def test_inductor_compiled_int8_decode_is_the_same_alone_and_in_a_batch(tiny_models, tiny_llm):
+    """The inductor-compiled decode step of an int8 model (C++ kernels of its own for the norms,
+    rotations and softmax): a request's greedy text is the same alone and in batches of other
+    sizes, a seeded sampled answer repeats, nothing compiles again after the first two graphs,
+    and each step's logits are within float rounding of the uncompiled runner's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llamawrapper.engine.kv_cache import SlotCache
+
+    model, tok = tiny_models["int8"], tiny_llm.tokenizer
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 33, 70, 12)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)
+    runner = LlamaRunner(model, compile=True)
+    assert runner.compiled is not None and runner.attention_per_row
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+    try:
+        alone = [eng.submit(x, greedy).result().text for x in prompts]
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 1, dict(counters["stats"])
+        assert [h.result().text for h in [eng.submit(x, greedy) for x in prompts]] == alone
+        assert [h.result().text for h in [eng.submit(x, greedy) for x in prompts[1:3]]] == alone[1:3]
+        assert counters["stats"]["unique_graphs"] == 2  # batch 1, and one graph for every larger batch
+        seeded = [eng.submit(prompts[2], sampled).result().text for _ in range(2)]
+        assert seeded[0] == seeded[1] and all(alone)
+    finally:
+        eng.shutdown()
+    # one step over a 3-row cache: the compiled logits against the uncompiled runner's
+    plain = LlamaRunner(model)
+    logits = {}
+    for r in (runner, plain):
+        cache = SlotCache(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, 3)
+        cache.ensure(3, 200)
+        g = torch.Generator().manual_seed(0)
+        for t in cache.k + cache.v:
+            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+        positions = torch.tensor([150, 20, 99])
+        mask = (torch.arange(151) <= positions.unsqueeze(1)).view(3, 1, 1, 151)
+        logits[r is runner] = r.forward(torch.tensor([[5], [900], [31]]), positions.unsqueeze(1),
+                                        cache.decode_view(3, positions, 151), mask)
+    assert (logits[True] - logits[False]).abs().max() < 1e-2 * logits[False].abs().max()
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.slow
+def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(tiny_model_dir, monkeypatch, tmp_path):
+    """``compile_decode`` compiles while the model loads, into the on-disk cache under the home:
+    the first requests (one alone, then several together) compile nothing more."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llamawrapper import LlamaWrapper
+
+    monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path))
+    torch._dynamo.reset()
+    counters.clear()
+    llm = LlamaWrapper.load(str(tiny_model_dir), engine={"compile_decode": True}, progress=False)
+    try:
+        assert llm.engine.runner.compiled is not None and counters["stats"]["unique_graphs"] == 2
+        assert any((tmp_path / "cache" / "inductor").iterdir())
+        p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        alone = llm.generate("Hello there", max_tokens=5, temperature=0, ignore_eos=True).text
+        together = [h.result().text for h in [llm.submit_prompt(x, p) for x in ("Hello there", "Why?")]]
+        assert together[0] == alone and all(together)
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        llm.close()
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by the load, for this home
 
 
 def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):

@@ -105,6 +105,8 @@ class LlamaWrapper:
                                  compile=settings.compile_decode, attention_per_row=settings.attention_per_row,
                                  kv_dtype=settings.kv_cache_dtype)
             runner.row_hook = rows.bind if rows is not None else None
+            if runner.compiled is not None:  # compile_decode: its graphs now, not in the first request
+                get_executor().call(runner.warm_up).result()
             return cls(loaded, Engine(runner, loaded.tokenizer, _eos_ids(loaded), settings.engine_config()))
 
         llm = _off_caller_thread(build, device)

@@ -24,12 +24,15 @@ prefill chunks of several rows attend one row at a time.
 from __future__ import annotations
 
 import logging
+import os
+import types
 import weakref
 from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from .fusion import fuse_linears
 from .kv_cache import _DecodeWriter
@@ -186,20 +189,49 @@ def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.
     return layer.mlp.down_proj(fused.act(gate) * up)
 
 
-def _decode_layer(layer: torch.nn.Module, fused: _Fused, h: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor,
-                  kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                  length: int, attn32: bool) -> torch.Tensor:
-    """One fused layer of a decode step (T = 1), writing its k/v into the slot cache: the unit
-    ``compile`` hands to ``torch.compile`` (one graph serves every layer)."""
-    B = h.shape[0]
-    KVH, D = kc.shape[1], kc.shape[3]
-    H = fused.qkv.out_features // D - 2 * KVH
-    q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
-    kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)
-    vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
-    o = _attend(q, kc[:, :, :length], vc[:, :, :length], mask, attn32)
-    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
-    return h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
+def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
+                 vs: list[torch.Tensor], flat: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One whole decode step (T = 1) of a model whose every layer is fused: the unit ``compile``
+    hands to ``torch.compile``, all layers in one graph. It writes each row's new k/v at
+    ``flat`` in the slot cache (``ks``/``vs``, one ``[slots, kv_heads, capacity, D]`` tensor a
+    layer, the first B slots) and attends over their whole capacity with the batch-invariant
+    attention (``bias`` masks the positions a row may not see): a slice to the batch's length
+    would be strided by the capacity, and the inductor copies such a slice of every layer's
+    cache before its matmul."""
+    B = tokens.shape[0]
+    H, KVH, D = runner.n_heads, runner.n_kv_heads, runner.head_dim
+    h = runner.embed(tokens)
+    cos, sin = runner.rotary(h, positions)
+    cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)
+    for layer, fused, kc, vc in zip(runner.layers, runner.fused, ks, vs):
+        q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
+        kc.view(-1, D)[flat] = k.reshape(-1, D).to(kc.dtype)
+        vc.view(-1, D)[flat] = v.reshape(-1, D).to(vc.dtype)
+        o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
+        h = h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
+    return runner.lm_head(runner.norm(h[:, -1])).float()
+
+
+def _compiled_step(runner: "LlamaRunner", backend: str) -> Callable[..., torch.Tensor]:
+    """``_decode_step`` compiled for ``runner`` alone: dynamic batch and capacity (one graph for
+    one row, one for more), the inductor's C++ wrapper, and no guards on the model's modules
+    (checking them cost 0.5 ms a step; a runner's modules never change). The step runs under a
+    code object of the runner's own, so dynamo's cache of graphs, kept per code object, is the
+    runner's and goes with it."""
+    def step(tokens, positions, ks, vs, flat, bias):  # noqa: ANN001, ANN202
+        return _decode_step(runner, tokens, positions, ks, vs, flat, bias)
+
+    code = step.__code__.replace(co_name=f"decode_step_{id(runner):x}")
+    own = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+    options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if backend == "inductor":
+        options["cpp_wrapper"] = True
+        # compiled graphs are cached on disk and found again by the next process (a graph takes
+        # ~100 s to build on 2 cores, ~9 s to load): under the project's home unless torch's own
+        # variable names another place
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home_dir() / "cache" / "inductor"))
+    return torch.compile(own, dynamic=True, backend=backend, options=options)
 
 
 class LlamaRunner:
@@ -260,22 +292,32 @@ class LlamaRunner:
         self.quantizes_activations = W8A8Linear in kinds
         # the quantized kernels (FBGEMM's int8, torch's packed int8/int4) compute each row on its
         # own, torch's float GEMMs do not: with them a batch-invariant attention makes a request's
-        # text the same alone and in a batch, so it is their default — unless the decode step is
-        # compiled (the compiled layer attends over the batch with SDPA), which an explicit
-        # ``compile`` asks for
+        # text the same alone and in a batch, so it is their default
         row_exact = bool(kinds & {Int8Linear, Int4Linear, W8A8Linear})
-        if attention_per_row is None:
-            attention_per_row = row_exact and not compile
-        elif attention_per_row and compile:
-            log.warning("compile_decode is not used: attention_per_row is on, and the compiled layer attends "
-                        "over the batch at once (turn attention_per_row off to compile)")
-            compile = False
-        self.attention_per_row = bool(attention_per_row)
-        # torch.compile (CPU inductor) of one fused decode layer, shapes dynamic (batch, KV length)
-        # (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
+        self.attention_per_row = row_exact if attention_per_row is None else bool(attention_per_row)
+        # torch.compile (CPU inductor) of the whole decode step, for a model whose every layer is
+        # fused (``compile`` may name another backend, e.g. "eager" to test dynamo's guards quickly)
+        whole = all(f is not None and f.qkv is not None and f.gate_up is not None for f in self.fused)
+        if compile and not whole:
+            log.warning("compile_decode is not used: a layer keeps separate projections (LoRA-wrapped, fuse_projections "
+                        "off, or int4 blocks that do not line up)")
         backend = compile if isinstance(compile, str) else "inductor"
-        self.compiled: Optional[Callable[..., torch.Tensor]] = (
-            torch.compile(_decode_layer, dynamic=True, backend=backend) if compile else None)
+        self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
+
+    def warm_up(self) -> None:
+        """Build the compiled decode step's two graphs (one row; several) now, on a scratch
+        cache, so that no request waits for the compiler (run it on the executor thread)."""
+        if self.compiled is None:
+            return
+        from .kv_cache import SlotCache
+
+        for B in (1, 2):
+            cache = SlotCache(self.n_layers, self.n_kv_heads, self.head_dim, self.kv_dtype, B)
+            cache.ensure(B, 1)
+            positions = torch.zeros(B, dtype=torch.long)
+            self.bind_rows([""] * B)
+            self.forward(torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1), cache.decode_view(B, positions, 1),
+                         torch.ones(B, 1, 1, 1, dtype=torch.bool))
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -319,6 +361,13 @@ class LlamaRunner:
         logits_at: torch.Tensor | None = None,  # with ``pack``: logits only of these of the N positions
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
+        if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
+            cache = kv.cache
+            bias = _mask_bias(mask, cache.capacity, torch.float32 if self.attention_fp32 else self.dtype)
+            # the first B slots (views: writes land in the cache), so the slot count (1 until a
+            # second sequence comes) never specialises a graph of its own
+            return self.compiled(tokens, positions, [k[:B] for k in cache.k], [v[:B] for v in cache.v],
+                                 kv.flat.view(-1), bias)
         packed = pack and flat is not None
         if packed:  # token-wise work on the N real positions ([1, N]); attention on the padded [B, T]
             tokens, positions = tokens.reshape(-1)[flat].unsqueeze(0), positions.reshape(-1)[flat].unsqueeze(0)
@@ -327,16 +376,9 @@ class LlamaRunner:
         cos, sin = self.rotary(h, positions)
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        compiled = self.compiled if T == 1 and isinstance(kv, _DecodeWriter) else None
         kv, attend = self._attention(kv, mask, T)
         for i, layer in enumerate(self.layers):
             attn, fused = layer.self_attn, self.fused[i]
-            if compiled is not None and fused is not None and fused.qkv is not None and fused.gate_up is not None:
-                # the cache's first B slots (views: writes land in the cache), so its slot count
-                # (1 until a second sequence comes) never specialises a graph of its own
-                h = compiled(layer, fused, h, cos4, sin4, kv.cache.k[i][:B], kv.cache.v[i][:B], kv.rows, kv.positions,
-                             mask, kv.length, self.attention_fp32)
-                continue
             x = layer.input_layernorm(h)
             if fused is not None and fused.qkv is not None:
                 q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
