@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 		echo "warning: could not install chromium; the browser tests will be skipped"
+	# compile_decode builds the decode step with torch's inductor, which needs a C++ compiler.
+	command -v g++ >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) || \
+		echo "warning: could not install g++; compile_decode and its tests will fail"
 	touch $(STAMP)
 
 ## run: set up, convert the default model on first use, and serve it over the OpenAI HTTP API

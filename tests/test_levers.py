@@ -337,7 +337,7 @@ def test_compiled_decode_does_not_recompile_per_request(tiny_llm):
     graphs and guards are the backend's input, the same for inductor) compiles once for batch 1
     and once for larger batches, then serves prompts of other lengths, batches of other sizes and
     a grown cache without compiling again; its greedy text equals the uncompiled runner's with
-    the same (batch-invariant) attention, bit for bit — the whole-capacity read adds exact zeros."""
+    the same (batch-invariant) attention, bit for bit."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -442,6 +442,26 @@ def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(tiny_model_di
     finally:
         llm.close()
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by the load, for this home
+
+
+def test_a_failed_compile_stops_the_warm_up_with_a_clear_error(tiny_models):
+    """When the compiler fails (the inductor without a C++ compiler raises inside dynamo's backend
+    call, as this backend does), the warm-up the load runs stops with a typed error that names the
+    setting and the fix, not the inductor's page of traceback."""
+    import torch._dynamo
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from llamawrapper.errors import UnsupportedModelError
+
+    def no_compiler(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx")
+
+    torch._dynamo.reset()
+    runner = LlamaRunner(tiny_models["int8"], compile=no_compiler)
+    with pytest.raises(UnsupportedModelError, match=r"compile_decode could not compile .*C\+\+ compiler.*g\+\+") as err:
+        runner.warm_up()
+    assert isinstance(err.value.__cause__, BackendCompilerFailed)
+    torch._dynamo.reset()
 
 
 def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):

@@ -27,7 +27,7 @@ import logging
 import os
 import types
 import weakref
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -190,14 +190,13 @@ def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.
 
 
 def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
-                 vs: list[torch.Tensor], flat: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+                 vs: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
     """One whole decode step (T = 1) of a model whose every layer is fused: the unit ``compile``
-    hands to ``torch.compile``, all layers in one graph. It writes each row's new k/v at
-    ``flat`` in the slot cache (``ks``/``vs``, one ``[slots, kv_heads, capacity, D]`` tensor a
-    layer, the first B slots) and attends over their whole capacity with the batch-invariant
-    attention (``bias`` masks the positions a row may not see): a slice to the batch's length
-    would be strided by the capacity, and the inductor copies such a slice of every layer's
-    cache before its matmul."""
+    hands to ``torch.compile``, all layers in one graph. ``ks``/``vs`` are each layer's slot
+    cache as the batch reads it (``[B, kv_heads, L, D]`` views, L in whole ``KV_ALIGN`` blocks);
+    each row writes its new k/v at ``at`` (rows, positions) and attends with the batch-invariant
+    attention (``bias`` masks what a row may not see). The views are cut before the call: cut
+    inside the graph, after the write, the inductor copied every layer's keys and values."""
     B = tokens.shape[0]
     H, KVH, D = runner.n_heads, runner.n_kv_heads, runner.head_dim
     h = runner.embed(tokens)
@@ -205,22 +204,22 @@ def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.T
     cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)
     for layer, fused, kc, vc in zip(runner.layers, runner.fused, ks, vs):
         q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
-        kc.view(-1, D)[flat] = k.reshape(-1, D).to(kc.dtype)
-        vc.view(-1, D)[flat] = v.reshape(-1, D).to(vc.dtype)
+        kc[at[0], :, at[1]] = k[:, :, 0].to(kc.dtype)
+        vc[at[0], :, at[1]] = v[:, :, 0].to(vc.dtype)
         o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
         h = h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
     return runner.lm_head(runner.norm(h[:, -1])).float()
 
 
-def _compiled_step(runner: "LlamaRunner", backend: str) -> Callable[..., torch.Tensor]:
-    """``_decode_step`` compiled for ``runner`` alone: dynamic batch and capacity (one graph for
+def _compiled_step(runner: "LlamaRunner", backend: Any) -> Callable[..., torch.Tensor]:
+    """``_decode_step`` compiled for ``runner`` alone: dynamic batch and KV length (one graph for
     one row, one for more), the inductor's C++ wrapper, and no guards on the model's modules
     (checking them cost 0.5 ms a step; a runner's modules never change). The step runs under a
     code object of the runner's own, so dynamo's cache of graphs, kept per code object, is the
     runner's and goes with it."""
-    def step(tokens, positions, ks, vs, flat, bias):  # noqa: ANN001, ANN202
-        return _decode_step(runner, tokens, positions, ks, vs, flat, bias)
+    def step(tokens, positions, ks, vs, at, bias):  # noqa: ANN001, ANN202
+        return _decode_step(runner, tokens, positions, ks, vs, at, bias)
 
     code = step.__code__.replace(co_name=f"decode_step_{id(runner):x}")
     own = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
@@ -238,7 +237,7 @@ class LlamaRunner:
     """Runs ``forward(tokens, positions, kv, mask)`` for a loaded Llama-architecture model."""
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
-                 compile: bool | str = False, attention_per_row: Optional[bool] = None,
+                 compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
@@ -301,7 +300,7 @@ class LlamaRunner:
         if compile and not whole:
             log.warning("compile_decode is not used: a layer keeps separate projections (LoRA-wrapped, fuse_projections "
                         "off, or int4 blocks that do not line up)")
-        backend = compile if isinstance(compile, str) else "inductor"
+        backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
 
     def warm_up(self) -> None:
@@ -316,8 +315,14 @@ class LlamaRunner:
             cache.ensure(B, 1)
             positions = torch.zeros(B, dtype=torch.long)
             self.bind_rows([""] * B)
-            self.forward(torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1), cache.decode_view(B, positions, 1),
-                         torch.ones(B, 1, 1, 1, dtype=torch.bool))
+            try:
+                self.forward(torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1),
+                             cache.decode_view(B, positions, 1), torch.ones(B, 1, 1, 1, dtype=torch.bool))
+            except Exception as exc:  # the inductor's errors (no C++ compiler, a failed build) are long
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise UnsupportedModelError(
+                    f"compile_decode could not compile the decode step ({type(exc).__name__}: {first}); it needs a "
+                    "C++ compiler (g++; `apt-get install g++`). Turn compile_decode off to run uncompiled.") from exc
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -362,12 +367,11 @@ class LlamaRunner:
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
-            cache = kv.cache
-            bias = _mask_bias(mask, cache.capacity, torch.float32 if self.attention_fp32 else self.dtype)
-            # the first B slots (views: writes land in the cache), so the slot count (1 until a
-            # second sequence comes) never specialises a graph of its own
-            return self.compiled(tokens, positions, [k[:B] for k in cache.k], [v[:B] for v in cache.v],
-                                 kv.flat.view(-1), bias)
+            # the batch's slots up to whole key blocks, cut here (views: the step's writes land in the cache)
+            cache, L = kv.cache, kv.widened().length
+            bias = _mask_bias(mask, L, torch.float32 if self.attention_fp32 else self.dtype)
+            return self.compiled(tokens, positions, [k[:B, :, :L] for k in cache.k], [v[:B, :, :L] for v in cache.v],
+                                 (kv.rows, kv.positions), bias)
         packed = pack and flat is not None
         if packed:  # token-wise work on the N real positions ([1, N]); attention on the padded [B, T]
             tokens, positions = tokens.reshape(-1)[flat].unsqueeze(0), positions.reshape(-1)[flat].unsqueeze(0)
