@@ -417,28 +417,42 @@ def test_inductor_compiled_int8_decode_is_the_same_alone_and_in_a_batch(tiny_mod
 
 
 @pytest.mark.slow
-def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(tiny_model_dir, monkeypatch, tmp_path):
+def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(smollm2_folder, monkeypatch, tmp_path):
     """``compile_decode`` compiles while the model loads, into the on-disk cache under the home:
-    the first requests (one alone, then several together) compile nothing more."""
+    the first requests (one alone, then several together, short and past the first key block)
+    compile nothing more. The model's head_dim is 64, as smollm2's: the warm-up's 64 keys once
+    made dynamo tie the KV length to head_dim, and every longer request compiled again."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from llamawrapper import LlamaWrapper
 
+    folder = tmp_path / "head-dim-64"
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
     monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path))
+    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
     torch._dynamo.reset()
     counters.clear()
-    llm = LlamaWrapper.load(str(tiny_model_dir), engine={"compile_decode": True}, progress=False)
+    llm = LlamaWrapper.load(str(folder), engine={"compile_decode": True}, progress=False)
     try:
+        assert llm.engine.runner.head_dim == 64
         assert llm.engine.runner.compiled is not None and counters["stats"]["unique_graphs"] == 2
-        assert any((tmp_path / "cache" / "inductor").iterdir())
+        assert any((tmp_path / "home" / "cache" / "inductor").iterdir())
         p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        long = "Tell me everything about lighthouses, " * 12  # ~100 tokens: a second key block
         alone = llm.generate("Hello there", max_tokens=5, temperature=0, ignore_eos=True).text
-        together = [h.result().text for h in [llm.submit_prompt(x, p) for x in ("Hello there", "Why?")]]
+        together = [h.result().text for h in [llm.submit_prompt(x, p) for x in ("Hello there", "Why?", long)]]
+        assert llm.generate(long, max_tokens=5, temperature=0, ignore_eos=True).text == together[2]
         assert together[0] == alone and all(together)
-        assert counters["stats"]["unique_graphs"] == 2
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     finally:
         llm.close()
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by the load, for this home

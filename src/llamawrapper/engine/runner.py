@@ -230,7 +230,20 @@ def _compiled_step(runner: "LlamaRunner", backend: Any) -> Callable[..., torch.T
         # ~100 s to build on 2 cores, ~9 s to load): under the project's home unless torch's own
         # variable names another place
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home_dir() / "cache" / "inductor"))
-    return torch.compile(own, dynamic=True, backend=backend, options=options)
+    compiled = torch.compile(own, dynamic=True, backend=backend, options=options)
+    from torch.fx.experimental import _config as fx_config
+
+    def call(*args: Any) -> torch.Tensor:
+        # no "duck" shapes while dynamo traces: it would make one symbol of sizes that happen to
+        # be equal at the first call (smollm2's head_dim and the warm-up's 64 keys) and compile
+        # again for every other length (set by hand: the config's patch() costs 40 us a call)
+        duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False
+        try:
+            return compiled(*args)
+        finally:
+            fx_config.use_duck_shape = duck
+
+    return call
 
 
 class LlamaRunner:
