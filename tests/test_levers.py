@@ -436,8 +436,11 @@ def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(smollm2_folde
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
     monkeypatch.setenv("LLAMAWRAPPER_LOAD_PROCESS", "0")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache_dir()  # torch's first use writes its /tmp default into the variable, as in a real process
     monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
     torch._dynamo.reset()
     counters.clear()

@@ -71,7 +71,8 @@ class EngineSettings(BaseSettings):
                           "(decode steps of 16 rows x 300 tokens 1.06-1.08x faster, no gain end to end on smollm2).")
     compile_decode: bool = Field(
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
-                           "faster a step at batch 1; ~3 min of compiling the first time, ~20 s once cached on disk.")
+                           "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "
+                           "cached on disk.")
     prompt_lookup: int = Field(
         0, ge=0, le=32, description="Prompt-lookup speculative decoding: most draft tokens per step, verified in one "
                                     "forward (greedy requests of float32 models only; same text); 0 = off.")

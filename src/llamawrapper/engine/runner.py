@@ -30,6 +30,7 @@ import weakref
 from typing import Any, Callable, Optional, Protocol
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from ..config import home_dir
@@ -226,24 +227,15 @@ def _compiled_step(runner: "LlamaRunner", backend: Any) -> Callable[..., torch.T
     options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if backend == "inductor":
         options["cpp_wrapper"] = True
-        # compiled graphs are cached on disk and found again by the next process (a graph takes
-        # ~100 s to build on 2 cores, ~9 s to load): under the project's home unless torch's own
-        # variable names another place
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(home_dir() / "cache" / "inductor"))
-    compiled = torch.compile(own, dynamic=True, backend=backend, options=options)
-    from torch.fx.experimental import _config as fx_config
+        # compiled graphs are cached on disk and found again by the next process (the two take
+        # ~4 min to build on 2 cores): under the project's home, not in /tmp, unless the user's
+        # TORCHINDUCTOR_CACHE_DIR names another place (torch writes its /tmp default into that
+        # variable at its first use, so the default does not count as the user's)
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    def call(*args: Any) -> torch.Tensor:
-        # no "duck" shapes while dynamo traces: it would make one symbol of sizes that happen to
-        # be equal at the first call (smollm2's head_dim and the warm-up's 64 keys) and compile
-        # again for every other length (set by hand: the config's patch() costs 40 us a call)
-        duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False
-        try:
-            return compiled(*args)
-        finally:
-            fx_config.use_duck_shape = duck
-
-    return call
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home_dir() / "cache" / "inductor")
+    return torch.compile(own, dynamic=True, backend=backend, options=options)
 
 
 class LlamaRunner:
@@ -315,19 +307,33 @@ class LlamaRunner:
                         "off, or int4 blocks that do not line up)")
         backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
+        self._static_heads = False  # set while warm_up traces the compiled step
+
+    def _step_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple:
+        """The compiled decode step's inputs: the batch's slots up to whole key blocks, cut here
+        (views: the step's writes land in the cache), and the attention's additive mask."""
+        B, (cache, L) = tokens.shape[0], (kv.cache, kv.widened().length)
+        bias = _mask_bias(mask, L, torch.float32 if self.attention_fp32 else self.dtype)
+        return (tokens, positions, [k[:B, :, :L] for k in cache.k], [v[:B, :, :L] for v in cache.v],
+                (kv.rows, kv.positions), bias)
 
     def warm_up(self) -> None:
         """Build the compiled decode step's two graphs (one row; several) now, on a scratch
-        cache, so that no request waits for the compiler (run it on the executor thread)."""
+        cache, so that no request waits for the compiler (run it on the executor thread).
+
+        The cache's head count and head size are marked static: dynamo would otherwise make one
+        symbol of every pair of sizes equal at the first call ("duck" shapes) — the warm-up's 64
+        keys and smollm2's head_dim of 64 became one, and every longer request compiled again —
+        and with duck shapes off every layer's cache got symbols of its own (12 min of compiling)."""
         if self.compiled is None:
             return
         from .kv_cache import SlotCache
 
-        for B in (1, 2):
+        for B in (1, 2):  # the inputs made as the engine makes them (dynamo guards on inference mode)
             cache = SlotCache(self.n_layers, self.n_kv_heads, self.head_dim, self.kv_dtype, B)
             cache.ensure(B, 1)
             positions = torch.zeros(B, dtype=torch.long)
-            self.bind_rows([""] * B)
+            self._static_heads = True
             try:
                 self.forward(torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1),
                              cache.decode_view(B, positions, 1), torch.ones(B, 1, 1, 1, dtype=torch.bool))
@@ -336,6 +342,8 @@ class LlamaRunner:
                 raise UnsupportedModelError(
                     f"compile_decode could not compile the decode step ({type(exc).__name__}: {first}); it needs a "
                     "C++ compiler (g++; `apt-get install g++`). Turn compile_decode off to run uncompiled.") from exc
+            finally:
+                self._static_heads = False
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -380,11 +388,13 @@ class LlamaRunner:
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
-            # the batch's slots up to whole key blocks, cut here (views: the step's writes land in the cache)
-            cache, L = kv.cache, kv.widened().length
-            bias = _mask_bias(mask, L, torch.float32 if self.attention_fp32 else self.dtype)
-            return self.compiled(tokens, positions, [k[:B, :, :L] for k in cache.k], [v[:B, :, :L] for v in cache.v],
-                                 (kv.rows, kv.positions), bias)
+            inputs = self._step_inputs(tokens, positions, kv, mask)
+            if self._static_heads:  # warm_up: the heads and head size are the model's, not symbols
+                for t in inputs[2] + inputs[3]:
+                    for dim in (1, 3):  # of the view and of the cache it views (dynamo tracks both)
+                        torch._dynamo.mark_static(t, dim)
+                        torch._dynamo.mark_static(t._base, dim)
+            return self.compiled(*inputs)
         packed = pack and flat is not None
         if packed:  # token-wise work on the N real positions ([1, N]); attention on the padded [B, T]
             tokens, positions = tokens.reshape(-1)[flat].unsqueeze(0), positions.reshape(-1)[flat].unsqueeze(0)
