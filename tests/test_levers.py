@@ -390,8 +390,10 @@ def test_inductor_compiled_int8_decode_is_the_same_alone_and_in_a_batch(tiny_mod
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
     try:
         alone = [eng.submit(x, greedy).result().text for x in prompts]
-        graphs = counters["stats"]["unique_graphs"]
-        assert graphs == 1, dict(counters["stats"])
+        # the first compiled step warms up (no load ran it here): both graphs, with the heads
+        # static (traced at the batch's own sizes instead, batch 2 and this model's 2 KV heads
+        # became one symbol, and a batch of 3 compiled again)
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
         assert [h.result().text for h in [eng.submit(x, greedy) for x in prompts]] == alone
         assert [h.result().text for h in [eng.submit(x, greedy) for x in prompts[1:3]]] == alone[1:3]
         assert counters["stats"]["unique_graphs"] == 2  # batch 1, and one graph for every larger batch

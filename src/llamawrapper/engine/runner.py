@@ -19,6 +19,10 @@ With ``attention_per_row`` (the default for int8, int4 and w8a8 models, whose GE
 each row on its own) each row's attention is bit for bit
 what it is alone: decode steps use ``_attend_invariant`` over key blocks of ``KV_ALIGN``,
 prefill chunks of several rows attend one row at a time.
+
+With ``compile`` (``compile_decode``) a decode step of a fully fused model runs as one graph
+compiled by torch's inductor (``_decode_step``, built at load by ``warm_up``, cached on disk under
+the home), with the same batch-invariant attention.
 """
 
 from __future__ import annotations
@@ -308,6 +312,7 @@ class LlamaRunner:
         backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
         self._static_heads = False  # set while warm_up traces the compiled step
+        self._warmed = False  # warm_up has built the compiled step's graphs
 
     def _step_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple:
         """The compiled decode step's inputs: the batch's slots up to whole key blocks, cut here
@@ -319,7 +324,8 @@ class LlamaRunner:
 
     def warm_up(self) -> None:
         """Build the compiled decode step's two graphs (one row; several) now, on a scratch
-        cache, so that no request waits for the compiler (run it on the executor thread).
+        cache, so that no request waits for the compiler (run it on the executor thread; the
+        first compiled step runs it too, for a runner built without the load).
 
         The cache's head count and head size are marked static: dynamo would otherwise make one
         symbol of every pair of sizes equal at the first call ("duck" shapes) — the warm-up's 64
@@ -344,6 +350,7 @@ class LlamaRunner:
                     "C++ compiler (g++; `apt-get install g++`). Turn compile_decode off to run uncompiled.") from exc
             finally:
                 self._static_heads = False
+        self._warmed = True
 
     def bind_rows(self, namespaces: list[str]) -> None:
         """Tell per-row modules (adapters) which request each row of the next forward belongs to."""
@@ -388,6 +395,9 @@ class LlamaRunner:
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
+            if not (self._warmed or self._static_heads):  # a runner used without the load's warm-up
+                with torch.inference_mode(False):  # its inputs made as the engine makes them
+                    self.warm_up()
             inputs = self._step_inputs(tokens, positions, kv, mask)
             if self._static_heads:  # warm_up: the heads and head size are the model's, not symbols
                 for t in inputs[2] + inputs[3]:
