@@ -163,8 +163,10 @@ class SlotCache:
             [torch.stack((self.k[i][slot, :, start:end], self.v[i][slot, :, start:end])) for i in range(self.n_layers)]
         )
 
-    def decode_view(self, batch: int, positions: torch.Tensor, length: int) -> "_DecodeWriter":
-        return _DecodeWriter(self, batch, positions, length)
+    def decode_view(self, batch: int, positions: torch.Tensor, length: int, shared: list | None = None) -> "_DecodeWriter":
+        """KV view for one decode step of slots ``0..batch-1``; ``shared`` names, per row, the
+        ``SharedPrefix`` its attention reads its first positions from (None: all from its slot)."""
+        return _DecodeWriter(self, batch, positions, length, shared)
 
     def span_view(self, positions: torch.Tensor, length: int) -> "_SpanWriter":
         """KV view for a step that feeds T tokens per slot (positions ``[B, T]``): a speculative
@@ -175,19 +177,27 @@ class SlotCache:
 class _DecodeWriter:
     """KV view for one decode step of slots ``0..batch-1``, each writing at its own position."""
 
-    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int) -> None:
+    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int, shared: list | None = None) -> None:
         self.cache, self.batch, self.length = cache, batch, length
         self.rows = torch.arange(batch)
         self.positions = positions
-        # where row b, head h writes in a layer's cache seen as [slots * heads * capacity, head_dim]:
-        # one index_copy_ per tensor and layer instead of an advanced-index assignment
-        heads, cap = cache.n_kv_heads, cache.capacity
-        self.flat = ((self.rows * heads).unsqueeze(1) + torch.arange(heads)) * cap + positions.view(batch, 1)
+        self.shared = shared if shared and any(s is not None for s in shared) else None
+        self._flat: torch.Tensor | None = None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """Where row b, head h writes in a layer's cache seen as [slots * heads * capacity,
+        head_dim]: one index_copy_ per tensor and layer instead of an advanced-index assignment
+        (made at the first eager write; the compiled step writes at ``rows``/``positions``)."""
+        if self._flat is None:
+            heads, cap = self.cache.n_kv_heads, self.cache.capacity
+            self._flat = (((self.rows * heads).unsqueeze(1) + torch.arange(heads)) * cap + self.positions.view(self.batch, 1)).view(-1)
+        return self._flat
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc = self.cache.k[layer]
         vc = self.cache.v[layer]
-        flat = self.flat.view(-1)
+        flat = self.flat
         D = kc.shape[-1]
         kc.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))
         vc.view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
