@@ -139,18 +139,14 @@ def test_w8a8_engine_greedy_alone_in_batch_no_speculation_and_seeded(tiny_models
     assert results[4] == results[0] and results[4][2] == 0
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["own-slots", "shared-prefixes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models, dtype, shared):
+def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models, dtype):
     """The decode attention of a runner with ``attention_per_row``, read from a real slot cache
     (strided views, lengths 1 to 1,500, batches of 2 to 16) and queries strided as the fused
     projection leaves them: every row is bit for bit what it is alone, and within float rounding
-    of SDPA. (SDPA itself fails this: its rows change with the batch.) With shared prefixes, rows
-    read their first 64 or 192 positions from one of two ``SharedPrefix`` copies (others from
-    their own slots only), in mixed batches: the same holds."""
+    of SDPA. (SDPA itself fails this: its rows change with the batch.)"""
     from llamawrapper.engine.kv_cache import SlotCache
     from llamawrapper.engine.runner import _attend
-    from llamawrapper.engine.shared_prefix import SharedPrefixes
 
     model = tiny_models["w8a8" if dtype == torch.float32 else "int4"]
     runner = LlamaRunner(model, attention_per_row=True)
@@ -162,22 +158,6 @@ def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models
     for t in (cache.k[0], cache.v[0]):
         t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
 
-    # two prefixes every slot starts with (so any row may read either), as the engine makes them
-    registry, prefixes = SharedPrefixes(), []
-    for n, key in ((64, b"a"), (192, b"b")):
-        kv = torch.stack((cache.k[0][0, :, :n], cache.v[0][0, :, :n])).unsqueeze(0)
-        prefixes.append(registry.get(key, kv))
-    for store in (cache.k, cache.v):
-        store[0][:, :, :192] = store[0][0, :, :192]
-    uses = {"none": 0, "a": 0, "b": 0}
-
-    def share(n: int, row: int):
-        if not shared:
-            return None
-        sp = [None, *[p for p in prefixes if p.length < n]][row % 3 if n > 192 else row % 2 if n > 64 else 0]
-        uses["none" if sp is None else sp.key.decode()] += 1
-        return sp
-
     def attention(q: torch.Tensor, lengths: list[int], rows: list[int]) -> torch.Tensor:
         B, length = len(lengths), max(lengths)
         positions = torch.tensor(lengths) - 1
@@ -185,10 +165,9 @@ def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models
         if rows != list(range(B)):  # a row alone sits in slot 0 of its own step
             for store in (cache.k, cache.v):
                 store[0][0, :, :length] = store[0][rows[0], :, :length]
-        view = cache.decode_view(B, positions, length, [share(n, r) for n, r in zip(lengths, rows)])
-        kv, attend = runner._attention(view, mask, 1)
+        kv, attend = runner._attention(cache.decode_view(B, positions, length), mask, 1)
         keys, values = kv.cache.k[0][:B, :, : kv.length], kv.cache.v[0][:B, :, : kv.length]
-        return attend(0, q, keys, values), mask, keys[:, :, :length], values[:, :, :length]
+        return attend(q, keys, values), mask, keys[:, :, :length], values[:, :, :length]
 
     mismatches = compared = 0
     for trial in range(24):
@@ -206,7 +185,6 @@ def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models
             mismatches += not torch.equal(alone, out[i : i + 1])
             cache.k[0].copy_(saved[0]), cache.v[0].copy_(saved[1])
     assert compared > 150 and mismatches == 0
-    assert not shared or min(uses.values()) > 30  # every kind of row, alone and in batches
 
 
 def test_w8a8_rows_do_not_depend_on_the_rows_beside_them():
@@ -525,43 +503,3 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()
-
-
-@pytest.mark.parametrize("mode", ["int8", "fp32"])
-def test_rows_read_a_cached_system_prompt_from_one_shared_copy(tiny_models, tiny_llm, mode):
-    """Chats that share a cached system prompt of 150 tokens: each row's decode attention reads its
-    first 128 positions (whole key blocks of the hit) from one copy, all of them together from the
-    same one. For a per-row-exact model (int8) the text is the same alone and in a batch, and a
-    seeded sample repeats; for both, the first decode step's logits are within float rounding of
-    every row reading its own slot (``share_prefix`` off)."""
-    model, tok = tiny_models[mode], tiny_llm.tokenizer
-    gen = torch.Generator().manual_seed(21)
-    system = torch.randint(10, 40000, (150,), generator=gen).tolist()
-    prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (4, 19, 33, 9)]
-    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=True)
-    sampled = SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)
-    first = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=5)
-    runs = {}
-    for share in (True, False):
-        eng = Engine(LlamaRunner(model), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8, share_prefix=share))
-        try:
-            eng.submit(system + [11], SamplingParams(max_tokens=1, ignore_eos=True)).result()  # caches the system prompt
-            runs[share] = [eng.submit(p, first).result() for p in prompts]
-            if not share:
-                assert eng.shared is None and eng.stats.shared_prefix_rows == 0
-                continue
-            alone = [eng.submit(p, greedy).result().token_ids for p in prompts]
-            assert eng.stats.shared_prefix_rows == 8 and eng.stats.shared_prefix_copies == 8  # one at a time
-            batch = [h.result().token_ids for h in [eng.submit(p, greedy) for p in prompts]]
-            assert eng.stats.shared_prefix_rows == 12 and eng.stats.shared_prefix_copies == 9  # together: one copy
-            seeded = [eng.submit(prompts[2], sampled).result().token_ids for _ in range(2)]
-            assert eng.stats.shared_prefix_rows == 14
-            if mode == "int8":
-                assert alone == batch and seeded[0] == seeded[1]
-        finally:
-            eng.shutdown()
-    for a, b in zip(runs[True], runs[False]):  # the first decode step's candidates, through both attentions
-        assert a.token_ids[0] == b.token_ids[0]  # (the prefill's token: the same forward)
-        top = {t.token: t.logprob for t in b.logprobs[1].top_logprobs}
-        assert len(top) == 5
-        assert all(abs(t.logprob - top[t.token]) < 1e-4 for t in a.logprobs[1].top_logprobs if t.token in top)

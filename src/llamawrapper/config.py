@@ -73,11 +73,6 @@ class EngineSettings(BaseSettings):
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
                            "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "
                            "cached on disk.")
-    share_prefix: bool = Field(
-        True, description="Decode steps read a prompt prefix found in the prefix cache (whole 64-token blocks) from one "
-                          "copy shared by every row that has it, instead of each row's own (16 chats sharing a system "
-                          "prompt read and cast it once a step); off = every row reads its own slot. Not with "
-                          "compile_decode or prompt_lookup.")
     prompt_lookup: int = Field(
         0, ge=0, le=32, description="Prompt-lookup speculative decoding: most draft tokens per step, verified in one "
                                     "forward (greedy requests of float32 models only; same text); 0 = off.")
@@ -94,7 +89,6 @@ class EngineSettings(BaseSettings):
             prefill_chunk=self.prefill_chunk,
             prefix_cache_bytes=int(self.prefix_cache_mb * 1024 * 1024),
             prompt_lookup=self.prompt_lookup,
-            share_prefix=self.share_prefix,
         )
 
 

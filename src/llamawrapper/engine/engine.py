@@ -24,7 +24,6 @@ from .detokenizer import StreamingDetokenizer
 from .executor import Executor, get_executor
 from .kv_cache import PackWriter, SequenceKV, SlotCache
 from .prefix_cache import PrefixCache
-from .shared_prefix import SharedPrefixes
 from .request import Request, RequestHandle
 from .runner import LlamaRunner
 from .sampling import Sampler, make_generator
@@ -45,7 +44,6 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 * 1024 * 1024
     prefix_block_size: int = 16
     prompt_lookup: int = 0  # max draft tokens of prompt-lookup speculative decoding; 0 = off
-    share_prefix: bool = True  # decode attention reads a cached prompt prefix from one copy (shared_prefix.py)
 
 
 @dataclass
@@ -62,8 +60,6 @@ class EngineStats:
     verify_steps: int = 0  # decode steps that verified prompt-lookup drafts
     draft_tokens: int = 0  # draft tokens proposed (and verified)
     accepted_draft_tokens: int = 0  # ...of which the answer took
-    shared_prefix_rows: int = 0  # requests whose decode attention read a cached prefix from a shared copy
-    shared_prefix_copies: int = 0  # ...and the copies made for them (fewer: rows running together share one)
 
 
 class Engine:
@@ -93,9 +89,6 @@ class Engine:
         self.pack_prefill = True  # several requests' prompt chunks in one forward (False: one forward per request)
         self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, self.config.max_batch_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
-        # rows attend over a cached prompt prefix from one shared copy; not with the compiled step
-        # (its graph reads every row from its slot) nor with verify steps (they read the slots)
-        self.shared = SharedPrefixes() if self.config.share_prefix and runner.compiled is None and not self.speculate else None
         self.stats = EngineStats()
         self.sampler = Sampler(tokenizer)
         self._lock = threading.Lock()
@@ -400,12 +393,6 @@ class Engine:
         if cached is not None:
             req.kv.load_prefix(cached)
             req.prefilled = req.cached_tokens = cached.shape[3]
-            P = SharedPrefixes.length(req.cached_tokens)
-            if self.shared is not None and P:
-                made = self.shared.made
-                req.shared = self.shared.get(self.prefix_cache.key(req.prompt_ids, req.namespace, P), cached[:, :, :, :P])
-                self.stats.shared_prefix_rows += 1
-                self.stats.shared_prefix_copies += self.shared.made - made
         req.detok = StreamingDetokenizer(self.tokenizer)
         req.stopper = StopStringMatcher(req.params.stop)
         req.generator = None if req.params.greedy else make_generator(req.params.seed)
@@ -427,8 +414,7 @@ class Engine:
         tokens = torch.tensor([[r.output_ids[-1]] for r in running])
         mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, length)
         self.runner.bind_rows([r.namespace for r in running])
-        view = self.slots.decode_view(B, positions, length, [r.shared for r in running])
-        logits = self.runner.forward(tokens, positions.unsqueeze(1), view, mask)
+        logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length), mask)
         self.stats.decode_steps += 1
         greedy = logits.argmax(dim=-1).tolist()
         self._select_and_accept(running, logits, greedy)
@@ -571,16 +557,12 @@ class Engine:
     def _compact(self, keep: list[Request]) -> None:
         """Keep ``keep`` (in order) in slots 0..n-1; cache the finished ones' KV as prefixes."""
         old = {id(r): i for i, r in enumerate(self._running)}
-        shared = {id(r): r.shared for r in self._running}
         for req in self._running:
             if req.handle.done and req.output_ids and not req.handle.cancelled:
                 slot = old[id(req)]
                 seq = req.prompt_ids + req.output_ids[:-1]
                 self.prefix_cache.insert(seq, lambda a, b, s=slot: self.slots.export(s, a, b), req.namespace)
-        for req in self._running:
-            req.shared = None  # kept rows take theirs back below
         for j, req in enumerate(keep):
-            req.shared = shared[id(req)]
             i = old[id(req)]
             if i != j:
                 self.slots.move(i, j, req.kv_length)

@@ -163,10 +163,8 @@ class SlotCache:
             [torch.stack((self.k[i][slot, :, start:end], self.v[i][slot, :, start:end])) for i in range(self.n_layers)]
         )
 
-    def decode_view(self, batch: int, positions: torch.Tensor, length: int, shared: list | None = None) -> "_DecodeWriter":
-        """KV view for one decode step of slots ``0..batch-1``; ``shared`` names, per row, the
-        ``SharedPrefix`` its attention reads its first positions from (None: all from its slot)."""
-        return _DecodeWriter(self, batch, positions, length, shared)
+    def decode_view(self, batch: int, positions: torch.Tensor, length: int) -> "_DecodeWriter":
+        return _DecodeWriter(self, batch, positions, length)
 
     def span_view(self, positions: torch.Tensor, length: int) -> "_SpanWriter":
         """KV view for a step that feeds T tokens per slot (positions ``[B, T]``): a speculative
@@ -177,11 +175,10 @@ class SlotCache:
 class _DecodeWriter:
     """KV view for one decode step of slots ``0..batch-1``, each writing at its own position."""
 
-    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int, shared: list | None = None) -> None:
+    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int) -> None:
         self.cache, self.batch, self.length = cache, batch, length
         self.rows = torch.arange(batch)
         self.positions = positions
-        self.shared = shared if shared and any(s is not None for s in shared) else None
         self._flat: torch.Tensor | None = None
 
     @property

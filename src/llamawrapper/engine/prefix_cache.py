@@ -78,10 +78,6 @@ class PrefixCache:
         self.stats.hit_tokens += len(found) * self.block_size
         return torch.cat([b for _, b in found], dim=3)
 
-    def key(self, tokens: Sequence[int], namespace: str, length: int) -> bytes:
-        """The chain hash that names ``tokens[:length]`` (a whole number of blocks) and all before it."""
-        return self._hashes(tokens[:length], namespace)[-1]
-
     def cached_tokens(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> int:
         """How many leading tokens of ``tokens[:limit]`` a ``lookup`` would find now (no stats, no
         change of LRU order)."""

@@ -152,7 +152,6 @@ class Request:
     first_token_at: Optional[float] = None
     prompt_logprobs: Optional[list[Any]] = None  # filled while prefilling when the params ask for them
     lookup: Any = None  # speculative.PromptLookup, once the request drafts
-    shared: Any = None  # shared_prefix.SharedPrefix its decode attention reads its first positions from
 
     @property
     def kv_length(self) -> int:

@@ -157,7 +157,7 @@ def _mask_bias(mask: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Ten
 
 
 def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                      attn32: bool, shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                      attn32: bool) -> torch.Tensor:
     """Grouped-query attention whose every row is bit for bit what it is alone, whatever the
     batch's padded length, for keys read in whole ``KV_ALIGN`` blocks (``_DecodeWriter.widened``).
 
@@ -166,13 +166,7 @@ def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     and the softmax change with the number of keys unless it is a whole number of blocks (then
     padded keys add exact zeros to the same vector lanes); ``p @ v`` adds exact zeros for
     positions past a row's length; and a query strided by the batch (a view of the fused
-    projection) changes the GEMM's result, so it is made contiguous first.
-
-    With ``shared`` (keys and values ``[kv_heads, P, D]`` in the attention's dtype, P whole blocks)
-    the rows' first P positions come from that one copy and ``keys``/``values`` hold the rest
-    (``shared_prefix.py``): one GEMM per KV head with the copy broadcast over the rows, which
-    gives each row the scores it gets from its own copy, bit for bit; ``p @ v`` then sums the
-    two parts, so a row's output depends on P (a property of the row, not of its batch)."""
+    projection) changes the GEMM's result, so it is made contiguous first."""
     dtype = q.dtype
     if attn32:
         q, keys, values = q.float(), keys.float(), values.float()
@@ -180,50 +174,10 @@ def _attend_invariant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     KVH, L = keys.shape[1], keys.shape[2]
     g = H // KVH
     # q arrives as a view of the fused projection, strided by the batch: one layout for any batch
-    q = q.contiguous().view(B, KVH, g * T, D)
-    s = torch.matmul(q, keys.transpose(-1, -2))  # [B, KVH, g*T, L]
-    P = 0
-    if shared is not None:
-        sk, sv = shared
-        P = sk.shape[1]
-        s = torch.cat((torch.stack([torch.bmm(q[:, h], sk[h].t().expand(B, D, P)) for h in range(KVH)], 1), s), -1)
-    s = s.view(B, KVH, g, T, P + L).mul_(D ** -0.5).add_(bias)
-    p = torch.softmax(s, dim=-1).view(B, KVH, g * T, P + L)
-    if shared is None:
-        return torch.matmul(p, values).view(B, H, T, D).to(dtype)
-    o = torch.matmul(p[..., P:], values)
-    o += torch.stack([torch.bmm(p[:, h, :, :P], sv[h].expand(B, P, D)) for h in range(KVH)], 1)
-    return o.view(B, H, T, D).to(dtype)
-
-
-def _share_groups(shared: list) -> list[tuple[Any, Optional[torch.Tensor]]]:
-    """The decode batch's rows by the ``SharedPrefix`` they read (None: none), in order of first
-    appearance: (prefix, row indices, or None when it is every row)."""
-    groups: dict[int, tuple[Any, list[int]]] = {}
-    for i, sp in enumerate(shared):
-        groups.setdefault(id(sp), (sp, []))[1].append(i)
-    if len(groups) == 1:
-        return [(shared[0], None)]
-    return [(sp, torch.tensor(rows)) for sp, rows in groups.values()]
-
-
-def _attend_shared(layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                   attn32: bool, groups: list[tuple[Any, Optional[torch.Tensor]]]) -> torch.Tensor:
-    """``_attend_invariant`` for a decode batch some of whose rows read a shared prefix: each group
-    of rows (``_share_groups``) attends over its prefix's copy and its own slots past it."""
-    out = None if len(groups) == 1 else q.new_empty(q.shape)
-    adtype = torch.float32 if attn32 else q.dtype
-    for sp, rows in groups:
-        P = 0 if sp is None else sp.length
-        k, v = keys[:, :, P:], values[:, :, P:]
-        if rows is not None:
-            k, v = k[rows], v[rows]
-        o = _attend_invariant(q if rows is None else q[rows], k, v, bias if rows is None else bias[rows], attn32,
-                              None if sp is None else sp.layer(layer, adtype))
-        if out is None:
-            return o
-        out[rows] = o
-    return out
+    s = torch.matmul(q.contiguous().view(B, KVH, g * T, D), keys.transpose(-1, -2))  # [B, KVH, g*T, L]
+    s = s.view(B, KVH, g, T, L).mul_(D ** -0.5).add_(bias)
+    p = torch.softmax(s, dim=-1).view(B, KVH, g * T, L)
+    return torch.matmul(p, values).view(B, H, T, D).to(dtype)
 
 
 def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -418,25 +372,17 @@ class LlamaRunner:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
 
     def _attention(self, kv: KVView, mask: torch.Tensor, T: int) -> tuple[KVView, Callable[..., torch.Tensor]]:
-        """The KV view and attention (``attend(layer, q, keys, values)``) this forward uses: over the
-        batch at once, or (with ``attention_per_row``) so that each row's result is what it is
-        alone — batch-invariant attention over whole key blocks for decode steps, one row at a
-        time for prefill chunks. A decode step some of whose rows read a shared prefix
-        (``shared_prefix.py``) uses the batch-invariant attention with those prefixes, whatever
-        ``attention_per_row`` says."""
+        """The KV view and attention this forward uses: over the batch at once, or (with
+        ``attention_per_row``) so that each row's result is what it is alone — batch-invariant
+        attention over whole key blocks for decode steps, one row at a time for prefill chunks."""
         attn32 = self.attention_fp32
-        decode = T == 1 and isinstance(kv, _DecodeWriter)
-        if decode and kv.shared is not None:
+        if self.attention_per_row and T == 1 and isinstance(kv, _DecodeWriter):
             kv, bias = self._decode_bias(kv, mask)
-            groups = _share_groups(kv.shared)
-            return kv, lambda i, q, k, v: _attend_shared(i, q, k, v, bias, attn32, groups)
-        if self.attention_per_row and decode:
-            kv, bias = self._decode_bias(kv, mask)
-            return kv, lambda i, q, k, v: _attend_invariant(q, k, v, bias, attn32)
+            return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)
         if self.attention_per_row:  # every other forward (prefill chunks, packed prompts, verify steps) row by row
             lengths, counts = _visible_lengths(mask), getattr(kv, "counts", None)
-            return kv, lambda i, q, k, v: _attend_rows(q, k, v, mask, attn32, lengths, counts)
-        return kv, lambda i, q, k, v: _attend(q, k, v, mask, attn32)
+            return kv, lambda q, k, v: _attend_rows(q, k, v, mask, attn32, lengths, counts)
+        return kv, lambda q, k, v: _attend(q, k, v, mask, attn32)
 
     @torch.inference_mode()
     def forward(
@@ -452,8 +398,7 @@ class LlamaRunner:
         logits_at: torch.Tensor | None = None,  # with ``pack``: logits only of these of the N positions
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
-        if (self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and kv.shared is None and last is None
-                and flat is None and not every):
+        if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
             if not (self._warmed or self._static_heads):  # a runner used without the load's warm-up
                 with torch.inference_mode(False):  # its inputs made as the engine makes them
                     self.warm_up()
@@ -488,7 +433,7 @@ class LlamaRunner:
             if self.kv_dtype != self.dtype:
                 k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
             keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = attend(i, q, keys, values)
+            o = attend(q, keys, values)
             o = o.transpose(1, 2).reshape(B, T, H * D)
             if packed:
                 o = o.reshape(B * T, H * D)[flat].unsqueeze(0)

@@ -68,9 +68,6 @@ _ENGINE_COUNTERS: list[tuple[str, str, str]] = [
     ("prefill_forwards", "llamawrapper_engine_prefill_forwards", "Prefill forwards run (one may carry several requests' prompt chunks)."),
     ("draft_tokens", "llamawrapper_engine_spec_draft_tokens", "Prompt-lookup draft tokens verified (speculative decoding)."),
     ("accepted_draft_tokens", "llamawrapper_engine_spec_accepted_tokens", "Prompt-lookup draft tokens the answers took."),
-    ("shared_prefix_rows", "llamawrapper_engine_shared_prefix_rows",
-     "Requests whose decode steps read their cached prompt prefix from a copy shared with other rows."),
-    ("shared_prefix_copies", "llamawrapper_engine_shared_prefix_copies", "Shared prefix copies made for those requests."),
 ]
 
 
