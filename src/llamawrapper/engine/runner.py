@@ -311,7 +311,6 @@ class LlamaRunner:
                         "off, or int4 blocks that do not line up)")
         backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
-        self._static_heads = False  # set while warm_up traces the compiled step
         self._warmed = False  # warm_up has built the compiled step's graphs
 
     def _decode_bias(self, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple["_DecodeWriter", torch.Tensor]:
@@ -340,21 +339,25 @@ class LlamaRunner:
             return
         from .kv_cache import SlotCache
 
-        for B in (1, 2):  # the inputs made as the engine makes them (dynamo guards on inference mode)
-            cache = SlotCache(self.n_layers, self.n_kv_heads, self.head_dim, self.kv_dtype, B)
-            cache.ensure(B, 1)
+        for B in (1, 2):  # the inputs made as the engine makes them (dynamo guards on inference mode):
+            cache = SlotCache(self.n_layers, self.n_kv_heads, self.head_dim, self.kv_dtype, B)  # what the engine
+            cache.ensure(B, 1)  # hands ``forward`` outside it,
             positions = torch.zeros(B, dtype=torch.long)
-            self._static_heads = True
-            try:
-                self.forward(torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1),
-                             cache.decode_view(B, positions, 1), torch.ones(B, 1, 1, 1, dtype=torch.bool))
-            except Exception as exc:  # the inductor's errors (no C++ compiler, a failed build) are long
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                raise UnsupportedModelError(
-                    f"compile_decode could not compile the decode step ({type(exc).__name__}: {first}); it needs a "
-                    "C++ compiler (g++; `apt-get install g++`). Turn compile_decode off to run uncompiled.") from exc
-            finally:
-                self._static_heads = False
+            args = (torch.zeros(B, 1, dtype=torch.long), positions.unsqueeze(1), cache.decode_view(B, positions, 1),
+                    torch.ones(B, 1, 1, 1, dtype=torch.bool))
+            with torch.inference_mode():  # the step's views and mask inside it, as ``forward`` makes them
+                inputs = self._step_inputs(*args)
+                for t in inputs[2] + inputs[3]:  # the heads and head size are the model's, not symbols
+                    for dim in (1, 3):  # of the view and of the cache it views (dynamo tracks both)
+                        torch._dynamo.mark_static(t, dim)
+                        torch._dynamo.mark_static(t._base, dim)
+                try:
+                    self.compiled(*inputs)
+                except Exception as exc:  # the inductor's errors (no C++ compiler, a failed build) are long
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise UnsupportedModelError(
+                        f"compile_decode could not compile the decode step ({type(exc).__name__}: {first}); it needs a "
+                        "C++ compiler (g++; `apt-get install g++`). Turn compile_decode off to run uncompiled.") from exc
         self._warmed = True
 
     def bind_rows(self, namespaces: list[str]) -> None:
@@ -399,16 +402,10 @@ class LlamaRunner:
     ) -> torch.Tensor:  # [B, vocab] float32
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
-            if not (self._warmed or self._static_heads):  # a runner used without the load's warm-up
-                with torch.inference_mode(False):  # its inputs made as the engine makes them
+            if not self._warmed:  # a runner used without the load's warm-up
+                with torch.inference_mode(False):  # its cache made as the engine makes it
                     self.warm_up()
-            inputs = self._step_inputs(tokens, positions, kv, mask)
-            if self._static_heads:  # warm_up: the heads and head size are the model's, not symbols
-                for t in inputs[2] + inputs[3]:
-                    for dim in (1, 3):  # of the view and of the cache it views (dynamo tracks both)
-                        torch._dynamo.mark_static(t, dim)
-                        torch._dynamo.mark_static(t._base, dim)
-            return self.compiled(*inputs)
+            return self.compiled(*self._step_inputs(tokens, positions, kv, mask))
         packed = pack and flat is not None
         if packed:  # token-wise work on the N real positions ([1, N]); attention on the padded [B, T]
             tokens, positions = tokens.reshape(-1)[flat].unsqueeze(0), positions.reshape(-1)[flat].unsqueeze(0)
