@@ -131,3 +131,35 @@ def test_http_layer_never_imports_torch():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "torch" or n.startswith("torch.") for n in names), path.name
+
+
+def test_log_records_follow_sys_stderr_after_it_is_swapped_and_closed(monkeypatch):
+    """``logs.configure()`` without a stream writes each record to the ``sys.stderr`` of that
+    moment: after a caller swaps it and closes the old one (as pytest's capture does after a test
+    that ran the CLI in process), records from any thread still land, with no logging error."""
+    import io
+    import logging
+    import sys
+    import threading
+
+    from llamawrapper import logs
+
+    root = logging.getLogger("llamawrapper")
+    saved = (root.handlers[:], root.level, root.propagate)
+    errors: list = []
+    monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: errors.append(record))
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        logs.configure("INFO", "text")
+        logging.getLogger("llamawrapper.engine").warning("one")
+        assert "one" in first.getvalue()
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        t = threading.Thread(target=lambda: logging.getLogger("llamawrapper.engine").warning("two"))
+        t.start()
+        t.join()
+        assert "WARNING llamawrapper.engine: two" in second.getvalue() and not errors
+    finally:
+        root.handlers[:], root.level, root.propagate = saved

@@ -28,9 +28,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment, not as it was when logging
+    was set up: a program that swaps ``sys.stderr`` (a test runner capturing output, an app
+    redirecting it) and closes the old one would otherwise get "I/O operation on closed file"
+    from every later record, from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def configure(level: str = "INFO", fmt: str = "text", stream=None) -> None:
-    """Set up the ``llamawrapper`` loggers once (idempotent)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    """Set up the ``llamawrapper`` loggers once (idempotent); records go to ``stream``, or to
+    whatever ``sys.stderr`` is when each is written."""
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
