@@ -503,3 +503,58 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()
+
+
+def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_models, tiny_llm, adapter_dirs, monkeypatch):
+    """A float32 runner calls oneDNN on packed copies of its plain projections (fused q/k/v and
+    gate/up, o, down, the head): logits within float rounding of torch's own linears, the same
+    greedy text, one packed copy per module shared by runners, a weight changed in place packed
+    again; quantized and LoRA-wrapped projections keep their own modules."""
+    from llamawrapper.engine.packed import PackedLinear, available
+    from llamawrapper.models import adapters as adapterlib
+
+    if not available():
+        pytest.skip("this torch has no oneDNN")
+    model, tok = tiny_models["fp32"], tiny_llm.tokenizer
+    ids = torch.randint(10, 40000, (37,), generator=torch.Generator().manual_seed(4)).tolist()
+    plain, packed = LlamaRunner(model, onednn=False), LlamaRunner(model)
+    assert not plain.onednn and packed.onednn and isinstance(packed.lm_head, PackedLinear)
+    assert all(isinstance(m, PackedLinear) for f in packed.fused for m in (f.qkv, f.gate_up, f.o, f.down))
+    assert all(isinstance(m, torch.nn.Linear) and not isinstance(m, PackedLinear) for f in plain.fused for m in (f.qkv, f.o))
+    calls = []
+    forward = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    a, b = prefill_logits(plain, ids), prefill_logits(packed, ids)
+    assert len(calls) == 4 * packed.n_layers + 1  # every projection of every layer, and the head
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    texts = []
+    for runner in (plain, packed):
+        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+        try:
+            texts.append([eng.submit(p, greedy).result().text for p in (ids, ids[:9])])
+        finally:
+            eng.shutdown()
+    assert texts[0] == texts[1] and texts[0][0]
+    assert LlamaRunner(model).fused[0].o is packed.fused[0].o  # one packed copy per module
+    o_proj = model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        o_proj.weight.mul_(2.0)
+    try:
+        again = LlamaRunner(model)
+        assert again.fused[0].o is not packed.fused[0].o
+        x = torch.randn(3, o_proj.in_features)
+        assert torch.allclose(again.fused[0].o(x), o_proj(x), atol=1e-4)
+    finally:
+        with torch.no_grad():
+            o_proj.weight.div_(2.0)
+    for mode in ("int8", "int4", "w8a8"):  # quantized projections: their own kernels
+        r = LlamaRunner(tiny_models[mode])
+        assert not any(isinstance(m, PackedLinear) for f in r.fused for m in (f.qkv, f.gate_up, f.o, f.down))
+    lora = copy.deepcopy(tiny_llm.loaded.model)
+    adapterlib.attach(lora, {"sql": str(adapter_dirs["sql"])}, torch.float32)
+    r = LlamaRunner(lora)
+    assert r.onednn and all(f.qkv is None for f in r.fused)  # q_proj and v_proj carry the adapter: unfused
+    for layer, f in zip(lora.model.layers, r.fused):  # a wrapped projection is called as it is, a plain one packed
+        own = layer.self_attn.o_proj
+        assert f.o is own if type(own) is not torch.nn.Linear else isinstance(f.o, PackedLinear)

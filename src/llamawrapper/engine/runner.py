@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from .fusion import fuse_linears
+from .packed import available as onednn_available, packed_linear
 from .kv_cache import _DecodeWriter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -70,9 +71,10 @@ def _fused(layer: torch.nn.Module, key: str, parts: tuple) -> Optional[torch.nn.
 
 
 class _Fused:
-    """One layer's fused projections (None where the layer keeps separate ones)."""
+    """One layer's fused projections (None where the layer keeps separate ones), and the output
+    and down projections the runner calls (the layer's own, or packed copies: ``packed.py``)."""
 
-    __slots__ = ("qkv", "gate_up", "act")
+    __slots__ = ("qkv", "gate_up", "act", "o", "down")
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -81,6 +83,13 @@ class _Fused:
         ok = None not in parts and hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn")
         self.gate_up = _fused(layer, "gate_up", parts) if ok else None
         self.act = mlp.act_fn if ok else None
+        self.o, self.down = attn.o_proj, getattr(mlp, "down_proj", None)
+
+    def pack(self) -> None:
+        """Use oneDNN packed copies of the plain float32 projections (``packed.py``)."""
+        for name in self.__slots__:
+            if name != "act":
+                setattr(self, name, packed_linear(getattr(self, name)))
 
 
 def prefuse(model: torch.nn.Module) -> None:
@@ -191,7 +200,7 @@ def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor
 def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
     """The MLP with gate and up in one projection."""
     gate, up = fused.gate_up(x).chunk(2, dim=-1)
-    return layer.mlp.down_proj(fused.act(gate) * up)
+    return fused.down(fused.act(gate) * up)
 
 
 def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
@@ -212,7 +221,7 @@ def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.T
         kc[at[0], :, at[1]] = k[:, :, 0].to(kc.dtype)
         vc[at[0], :, at[1]] = v[:, :, 0].to(vc.dtype)
         o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * D))
+        h = h + fused.o(o.transpose(1, 2).reshape(B, 1, H * D))
         h = h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
     return runner.lm_head(runner.norm(h[:, -1])).float()
 
@@ -247,7 +256,7 @@ class LlamaRunner:
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
-                 kv_dtype: torch.dtype | str | None = None) -> None:
+                 kv_dtype: torch.dtype | str | None = None, onednn: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -312,6 +321,13 @@ class LlamaRunner:
         backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
         self._warmed = False  # warm_up has built the compiled step's graphs
+        # float32 projections through oneDNN's packed kernel (packed.py), on the fused layout; the
+        # compiled step keeps torch's own linears
+        self.onednn = bool(onednn and fuse) and self.dtype == torch.float32 and self.compiled is None and onednn_available()
+        if self.onednn:
+            for f in self.fused:
+                f.pack()
+            self.lm_head = packed_linear(model.lm_head)
 
     def _decode_bias(self, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple["_DecodeWriter", torch.Tensor]:
         """A decode step's KV view read up to whole key blocks, and the attention's additive mask over it."""
@@ -434,7 +450,7 @@ class LlamaRunner:
             o = o.transpose(1, 2).reshape(B, T, H * D)
             if packed:
                 o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
-            h = h + attn.o_proj(o)
+            h = h + (attn.o_proj if fused is None else fused.o)(o)
             x = layer.post_attention_layernorm(h)
             if fused is not None and fused.gate_up is not None:
                 h = h + _fused_mlp(layer, fused, x)

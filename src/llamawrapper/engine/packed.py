@@ -1,0 +1,58 @@
+"""float32 projections through oneDNN with weights packed once (``onednn_linear``, issue 14).
+
+torch's ``F.linear`` on float32 CPU tensors calls MKL's sgemm. On the AVX-512 AMD EPYC this
+project is benchmarked on, oneDNN's matmul with its weights reordered once into its own blocked
+layout (the kernel torch's inductor uses for frozen float32 linears) computed 16 rows 2.3-2.7x
+faster and a 640-row prefill chunk 2.2x faster (docs/BENCHMARKS.md section 13). ``packed_linear``
+wraps a plain float32 ``nn.Linear`` in a module that calls that kernel; the model's own module is
+left as it is (``model(...)``, LoRA, evaluation and export still use it), so the packed copy costs
+the weight's memory once more. One packed copy per module, shared by every runner on the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+# the batch size oneDNN packs the weights for: one layout serves every row count; measured no
+# slower than packing for one row at one row, 1.3x faster at 16
+PACK_ROWS = 16
+
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, Optional[nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def available() -> bool:
+    """Whether torch has oneDNN's packed-linear kernels (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """``linear(x)`` through oneDNN, on a packed copy of ``linear``'s weight (float32, CPU)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.source = weakref.ref(linear)  # the module whose weight was packed (checked on reuse)
+        self.weight_version = linear.weight._version
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` packed for oneDNN if it is a plain float32 CPU ``nn.Linear`` (not a subclass, so
+    LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""
+    if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+        return module
+    hit = _PACKED.get(module)
+    if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
+        return hit[1]
+    packed = PackedLinear(module)
+    _PACKED[module] = (module.weight, packed)
+    return packed
