@@ -509,7 +509,8 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
     """A float32 runner calls oneDNN on packed copies of its plain projections (fused q/k/v and
     gate/up, o, down, the head): logits within float rounding of torch's own linears, the same
     greedy text, one packed copy per module shared by runners, a weight changed in place packed
-    again; quantized and LoRA-wrapped projections keep their own modules."""
+    again; a bfloat16 runner gets bit for bit torch's results; quantized and LoRA-wrapped
+    projections keep their own modules."""
     from llamawrapper.engine.packed import PackedLinear, available
     from llamawrapper.models import adapters as adapterlib
 
@@ -548,6 +549,10 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
     finally:
         with torch.no_grad():
             o_proj.weight.div_(2.0)
+    half = copy.deepcopy(model).to(torch.bfloat16)  # bfloat16: the same oneDNN kernel, its weights packed once
+    bf = LlamaRunner(half)
+    assert bf.onednn and isinstance(bf.fused[0].qkv, PackedLinear)
+    assert torch.equal(prefill_logits(LlamaRunner(half, onednn=False), ids), prefill_logits(bf, ids))
     for mode in ("int8", "int4", "w8a8"):  # quantized projections: their own kernels
         r = LlamaRunner(tiny_models[mode])
         assert not any(isinstance(m, PackedLinear) for f in r.fused for m in (f.qkv, f.gate_up, f.o, f.down))

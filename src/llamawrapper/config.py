@@ -70,9 +70,10 @@ class EngineSettings(BaseSettings):
                           "model doubles the KV memory and spares attention_fp32 casting the context each step "
                           "(decode steps of 16 rows x 300 tokens 1.06-1.08x faster, no gain end to end on smollm2).")
     onednn_linear: bool = Field(
-        True, description="float32 projections through oneDNN's matmul on weights packed once at load (2.2-2.7x faster "
-                          "than torch's MKL linear at 16 rows and in prefill on an AVX-512 AMD EPYC; the packed copy "
-                          "costs the float32 weights' memory once more); off = torch's own linear.")
+        True, description="float32 and bfloat16 projections through oneDNN's matmul on weights packed once at load "
+                          "(float32 decode ~2x faster than torch's MKL linear on an AVX-512 AMD EPYC; bfloat16 the "
+                          "same results, sooner); the packed copy costs the weights' memory once more; off = torch's "
+                          "own linear. Not with compile_decode.")
     compile_decode: bool = Field(
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
                            "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "

@@ -1,12 +1,14 @@
-"""float32 projections through oneDNN with weights packed once (``onednn_linear``, issue 14).
+"""float32 and bfloat16 projections through oneDNN with weights packed once (``onednn_linear``, issue 14).
 
-torch's ``F.linear`` on float32 CPU tensors calls MKL's sgemm. On the AVX-512 AMD EPYC this
-project is benchmarked on, oneDNN's matmul with its weights reordered once into its own blocked
-layout (the kernel torch's inductor uses for frozen float32 linears) computed 16 rows 2.3-2.7x
-faster and a 640-row prefill chunk 2.2x faster (docs/BENCHMARKS.md section 13). ``packed_linear``
-wraps a plain float32 ``nn.Linear`` in a module that calls that kernel; the model's own module is
-left as it is (``model(...)``, LoRA, evaluation and export still use it), so the packed copy costs
-the weight's memory once more. One packed copy per module, shared by every runner on the model.
+torch's ``F.linear`` on float32 CPU tensors calls MKL's sgemm, and on bfloat16 ones oneDNN with
+the weights reordered on every call. oneDNN's matmul on weights reordered once into its own
+blocked layout (the kernel torch's inductor uses for frozen linears) made a float32 decode step
+~2x faster on the AVX-512 AMD EPYC this project is benchmarked on, at 1 row and at 16
+(docs/BENCHMARKS.md section 13); for bfloat16 it gives the same results as ``F.linear``, sooner.
+``packed_linear`` wraps a plain ``nn.Linear`` in a module that calls that kernel; the model's own
+module is left as it is (``model(...)``, LoRA, evaluation and export still use it), so the packed
+copy costs the weight's memory once more. One packed copy per module, shared by every runner on
+the model.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-# the batch size oneDNN packs the weights for: one layout serves every row count; measured no
-# slower than packing for one row at one row, 1.3x faster at 16
+# the batch size oneDNN packs the weights for: one layout serves every row count (in a probe,
+# packing for 16 rows was as fast as packing for 1 at one row, and 1.3x faster at 16)
 PACK_ROWS = 16
+DTYPES = (torch.float32, torch.bfloat16)
 
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, Optional[nn.Module]]]" = weakref.WeakKeyDictionary()
 
@@ -30,7 +33,7 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``linear(x)`` through oneDNN, on a packed copy of ``linear``'s weight (float32, CPU)."""
+    """``linear(x)`` through oneDNN, on a packed copy of ``linear``'s weight (float32 or bfloat16, CPU)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -46,9 +49,9 @@ class PackedLinear(nn.Module):
 
 
 def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
-    """``module`` packed for oneDNN if it is a plain float32 CPU ``nn.Linear`` (not a subclass, so
-    LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""
-    if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+    """``module`` packed for oneDNN if it is a plain float32/bfloat16 CPU ``nn.Linear`` (not a subclass,
+    so LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""
+    if type(module) is not nn.Linear or module.weight.dtype not in DTYPES or module.weight.device.type != "cpu":
         return module
     hit = _PACKED.get(module)
     if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from .fusion import fuse_linears
-from .packed import available as onednn_available, packed_linear
+from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_linear
 from .kv_cache import _DecodeWriter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -321,9 +321,10 @@ class LlamaRunner:
         backend = "inductor" if compile is True else compile
         self.compiled: Optional[Callable[..., torch.Tensor]] = _compiled_step(self, backend) if compile and whole else None
         self._warmed = False  # warm_up has built the compiled step's graphs
-        # float32 projections through oneDNN's packed kernel (packed.py), on the fused layout; the
-        # compiled step keeps torch's own linears
-        self.onednn = bool(onednn and fuse) and self.dtype == torch.float32 and self.compiled is None and onednn_available()
+        # float32/bfloat16 projections through oneDNN's packed kernel (packed.py), on the fused
+        # layout; the compiled step keeps torch's own linears
+        self.onednn = (bool(onednn and fuse) and self.dtype in ONEDNN_DTYPES and self.compiled is None
+                       and onednn_available())
         if self.onednn:
             for f in self.fused:
                 f.pack()
