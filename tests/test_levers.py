@@ -538,6 +538,18 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
             eng.shutdown()
     assert texts[0] == texts[1] and texts[0][0]
     assert LlamaRunner(model).fused[0].o is packed.fused[0].o  # one packed copy per module
+    # the packed copies count in the model's memory, once: every projection and the head, in float32
+    import types
+
+    from llamawrapper.models.loaders import memory_bytes
+
+    weights = sum(m.weight.numel() for layer in model.model.layers
+                  for m in (*vars(layer.self_attn)["_modules"].values(), *vars(layer.mlp)["_modules"].values())
+                  if type(m) is torch.nn.Linear) + model.lm_head.weight.numel()
+    assert packed.packed_bytes == 4 * weights and plain.packed_bytes == 0
+    runner = tiny_llm.engine.runner
+    weights_only = memory_bytes(types.SimpleNamespace(loaded=tiny_llm.loaded))  # no engine: its weights alone
+    assert runner.onednn and weights_only > 0 and memory_bytes(tiny_llm) == weights_only + runner.packed_bytes
     o_proj = model.model.layers[0].self_attn.o_proj
     with torch.no_grad():
         o_proj.weight.mul_(2.0)

@@ -48,6 +48,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
+    """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
+    seen = {id(m): m for m in modules if isinstance(m, PackedLinear)}
+    return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
+
+
 def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     """``module`` packed for oneDNN if it is a plain float32/bfloat16 CPU ``nn.Linear`` (not a subclass,
     so LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""

@@ -330,6 +330,13 @@ class LlamaRunner:
                 f.pack()
             self.lm_head = packed_linear(model.lm_head)
 
+    @property
+    def packed_bytes(self) -> int:
+        """Memory of the oneDNN packed copies this runner calls (``packed.py``; 0 without them)."""
+        from .packed import packed_bytes
+
+        return packed_bytes([self.lm_head, *(getattr(f, n) for f in self.fused if f is not None for n in ("qkv", "gate_up", "o", "down"))])
+
     def _decode_bias(self, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple["_DecodeWriter", torch.Tensor]:
         """A decode step's KV view read up to whole key blocks, and the attention's additive mask over it."""
         kv = kv.widened()

@@ -24,7 +24,8 @@ def close_model(model: Any) -> None:
 
 
 def memory_bytes(model: Any) -> int:
-    """Bytes of the model's weights and buffers (shared storages counted once)."""
+    """Bytes of the model's weights and buffers (shared storages counted once), and of the packed
+    copies its engine's runner calls (``onednn_linear``)."""
     inner = getattr(getattr(model, "loaded", None), "model", None) or getattr(model, "module", None)
     if inner is None or not hasattr(inner, "state_dict"):
         return 0
@@ -35,7 +36,8 @@ def memory_bytes(model: Any) -> int:
             if ptr not in seen:
                 seen.add(ptr)
                 total += t.untyped_storage().nbytes()
-    return total
+    runner = getattr(getattr(model, "engine", None), "runner", None)
+    return total + int(getattr(runner, "packed_bytes", 0) or 0)
 
 
 def default_loader(dtype: Optional[str] = None, quantization: Optional[str] = None, engine: Any = None) -> Loader:
