@@ -152,14 +152,27 @@ def test_remove_drains_then_refuses(host, tiny_model_dir):
 
 
 def test_keep_alive_unloads_and_the_next_request_reloads(tiny_model_dir):
+    """An idle model unloads, and its weights (and their oneDNN packed copies) are freed then, not
+    held by the executor's last step; the next request loads it again."""
+    import gc
+    import weakref
+
     host = ModelHost(default_loader(), keep_alive=0.5)
     try:
         host.put("chat", str(tiny_model_dir), wait=True)
+        with host.acquire("chat") as lease:
+            weights = weakref.ref(lease.model.loaded.model)
+            packed = weakref.ref(lease.model.engine.runner.lm_head)
+        del lease
         _answer(host)
         deadline = time.monotonic() + 10
         while host.statuses()["chat"] != "unloaded" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert host.statuses()["chat"] == "unloaded" and host.ready
+        while (weights() is not None or packed() is not None) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.1)
+        assert weights() is None and packed() is None
         assert host.describe("chat")["versions"][0]["memory_bytes"] >= 0
         version, result = _answer(host)  # waits for the reload
         assert version == "v1" and result.usage.completion_tokens == 4

@@ -130,6 +130,7 @@ class Executor:
             if not jobs and not workers and not idle_done:
                 for w in self._snapshot():
                     _quietly(w.on_idle)
+                jobs = workers = w = None
                 idle_done = True
                 continue
             idle_done = False
@@ -140,6 +141,9 @@ class Executor:
                 except Exception as exc:  # one worker's failure fails its requests, not the others'
                     log.exception("a step failed")
                     _quietly(functools.partial(w.fail_all, exc))
+            # this loop's locals would hold the last job and worker while it waits: an engine that
+            # left (a model closed or unloaded) must not stay alive, with its weights, until the next step
+            jobs = workers = fn = future = w = None
         for fn, future in jobs:
             future.set_exception(RuntimeError("the executor is shut down"))
 
