@@ -511,7 +511,7 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
     greedy text, one packed copy per module shared by runners, a weight changed in place packed
     again; a bfloat16 runner gets bit for bit torch's results; quantized and LoRA-wrapped
     projections keep their own modules."""
-    from llamawrapper.engine.packed import PackedLinear, available
+    from llamawrapper.engine.packed import PackedLinear, available, packed_linear
     from llamawrapper.models import adapters as adapterlib
 
     if not available():
@@ -561,6 +561,13 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
     finally:
         with torch.no_grad():
             o_proj.weight.div_(2.0)
+    for dtype in (torch.float32, torch.bfloat16):  # a projection with a bias (qwen2's q/k/v), on [B, T, in] inputs
+        lin = torch.nn.Linear(96, 40, bias=True).to(dtype)
+        x = torch.randn(3, 5, 96).to(dtype)
+        out = packed_linear(lin)(x)
+        assert isinstance(packed_linear(lin), PackedLinear) and out.shape == (3, 5, 40) and out.dtype == dtype
+        assert (out.float() - lin(x).float()).abs().max() < (1e-5 if dtype == torch.float32 else 3e-2)
+    assert packed_linear(torch.nn.Linear(8, 8).half()).__class__ is torch.nn.Linear  # float16: torch's own
     half = copy.deepcopy(model).to(torch.bfloat16)  # bfloat16: the same oneDNN kernel, its weights packed once
     bf = LlamaRunner(half)
     assert bf.onednn and isinstance(bf.fused[0].qkv, PackedLinear)
