@@ -38,8 +38,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.source = weakref.ref(linear)  # the module whose weight was packed (checked on reuse)
-        self.weight_version = linear.weight._version
+        self.weight_version = linear.weight._version  # a weight changed in place is packed again
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = None if linear.bias is None else linear.bias.detach()
