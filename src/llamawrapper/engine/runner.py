@@ -80,6 +80,7 @@ class _Fused:
     and down projections the runner calls (the layer's own, or packed copies: ``packed.py``)."""
 
     __slots__ = ("qkv", "gate_up", "act", "o", "down")
+    PROJECTIONS = ("qkv", "gate_up", "o", "down")  # the slots that hold projections (None: separate ones)
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -92,9 +93,8 @@ class _Fused:
 
     def pack(self) -> None:
         """Use oneDNN packed copies of the plain float32/bfloat16 projections (``packed.py``)."""
-        for name in self.__slots__:
-            if name != "act":
-                setattr(self, name, packed_linear(getattr(self, name)))
+        for name in self.PROJECTIONS:
+            setattr(self, name, packed_linear(getattr(self, name)))
 
 
 def prefuse(model: torch.nn.Module) -> None:
@@ -338,7 +338,7 @@ class LlamaRunner:
     @property
     def packed_bytes(self) -> int:
         """Memory of the oneDNN packed copies this runner calls (``packed.py``; 0 without them)."""
-        return packed_bytes([self.lm_head, *(getattr(f, n) for f in self.fused if f is not None for n in ("qkv", "gate_up", "o", "down"))])
+        return packed_bytes([self.lm_head, *(getattr(f, n) for f in self.fused if f is not None for n in _Fused.PROJECTIONS)])
 
     def _decode_bias(self, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple["_DecodeWriter", torch.Tensor]:
         """A decode step's KV view read up to whole key blocks, and the attention's additive mask over it."""
