@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 		echo "warning: could not install chromium; the browser tests will be skipped"
-	# compile_decode builds the decode step with torch's inductor, which needs a C++ compiler.
+	# The decode-attention kernel (engine/csrc) and compile_decode's inductor need a C++ compiler.
 	command -v g++ >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) || \
-		echo "warning: could not install g++; compile_decode and its tests will fail"
+		echo "warning: could not install g++; decode uses torch attention, and compile_decode and its tests will fail"
 	touch $(STAMP)
 
 ## run: set up, convert the default model on first use, and serve it over the OpenAI HTTP API
@@ -36,6 +36,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 run: setup
 	$(BIN)/llamawrapper pull $(MODEL)
+	$(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
 	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (chat page at http://$(HOST):$(PORT)/, OpenAI API at /v1; Ctrl-C stops)"
 	@echo "Try:  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'"
 	$(BIN)/llamawrapper serve $(MODEL) --host $(HOST) --port $(PORT)
@@ -44,6 +45,7 @@ run: setup
 test: setup
 	$(BIN)/llamawrapper pull $(MODEL) --quiet
 	$(BIN)/llamawrapper pull minilm --quiet
+	$(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -265,7 +265,7 @@ def build(spec: str, model: str, folder: Path, gguf: Optional[Path], threads: in
         return LlamaCppSystem(gguf, threads, extra_bufts=bool(opts.get("extra_bufts", 0)), **bounded)
     if kind == "engine":
         engine_keys = {"max_batch_size", "max_queue", "max_tokens_in_flight", "prefill_chunk", "prefix_cache_mb", "compile_decode",
-                       "onednn_linear"}
+                       "onednn_linear", "attention_kernel"}
         engine_opts = {k: v for k, v in opts.items() if k in engine_keys}
         load_opts = {k: v for k, v in opts.items() if k not in engine_keys}
         return EngineSystem(model, threads, load_opts, engine_opts)

@@ -3,9 +3,17 @@ uses the real tokenizer, for fast unit tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The decode-attention kernel is built once for the session (make test builds it first), in the
+# home the suite starts with: tests that give a server an empty home must not compile it again.
+if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+    from llamawrapper.config import home_dir
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(home_dir() / "cache" / "extensions")
 
 
 @pytest.fixture(scope="session")

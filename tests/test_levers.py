@@ -139,9 +139,11 @@ def test_w8a8_engine_greedy_alone_in_batch_no_speculation_and_seeded(tiny_models
     assert results[4] == results[0] and results[4][2] == 0
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models, dtype):
-    """The decode attention of a runner with ``attention_per_row``, read from a real slot cache
+def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models, dtype, kernel):
+    """The decode attention of a runner with ``attention_per_row`` (the C++ kernel, or torch's
+    batch-invariant attention over whole key blocks), read from a real slot cache
     (strided views, lengths 1 to 1,500, batches of 2 to 16) and queries strided as the fused
     projection leaves them: every row is bit for bit what it is alone, and within float rounding
     of SDPA. (SDPA itself fails this: its rows change with the batch.)"""
@@ -149,7 +151,8 @@ def test_per_row_decode_attention_is_the_same_alone_and_in_any_batch(tiny_models
     from llamawrapper.engine.runner import _attend
 
     model = tiny_models["w8a8" if dtype == torch.float32 else "int4"]
-    runner = LlamaRunner(model, attention_per_row=True)
+    runner = LlamaRunner(model, attention_per_row=True, kernel=kernel)
+    assert (runner.kernel is not None) == kernel
     H, KVH, D = runner.n_heads, runner.n_kv_heads, runner.head_dim
     gen = torch.Generator().manual_seed(11)
     cache = SlotCache(1, KVH, D, dtype, 16)
@@ -492,14 +495,17 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
     try:
         assert all(f is None for f in llm.engine.runner.fused) and llm.engine.runner.compiled is None
         assert not llm.engine.runner.attention_per_row  # a float model attends over the batch at once
+        assert llm.engine.runner.kernel is not None  # decode steps attend through the C++ kernel by default
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()
     monkeypatch.setenv("LLAMAWRAPPER_ATTENTION_PER_ROW", "true")  # the environment reaches it too
     monkeypatch.setenv("LLAMAWRAPPER_KV_CACHE_DTYPE", "float32")
+    monkeypatch.setenv("LLAMAWRAPPER_ATTENTION_KERNEL", "false")
     llm = LlamaWrapper.load(str(tiny_model_dir), dtype="bfloat16", progress=False)
     try:
         assert llm.engine.runner.attention_per_row and llm.engine.slots.k[0].dtype == torch.float32
+        assert llm.engine.runner.kernel is None
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()

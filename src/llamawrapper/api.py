@@ -103,7 +103,8 @@ class LlamaWrapper:
             rows = adapterlib.attach(loaded.model, adapters, next(loaded.model.parameters()).dtype) if adapters else None
             runner = LlamaRunner(loaded.model, fuse=settings.fuse_projections, attention_fp32=settings.attention_fp32,
                                  compile=settings.compile_decode, attention_per_row=settings.attention_per_row,
-                                 kv_dtype=settings.kv_cache_dtype, onednn=settings.onednn_linear)
+                                 kv_dtype=settings.kv_cache_dtype, onednn=settings.onednn_linear,
+                                 kernel=settings.attention_kernel)
             runner.row_hook = rows.bind if rows is not None else None
             if runner.compiled is not None:  # compile_decode: its graphs now, not in the first request
                 get_executor().call(runner.warm_up).result()

@@ -74,6 +74,10 @@ class EngineSettings(BaseSettings):
                           "(float32 decode ~2x faster than torch's MKL linear on an AVX-512 AMD EPYC; bfloat16 the "
                           "same results, sooner); the packed copy costs the weights' memory once more; off = torch's "
                           "own linear. Not with compile_decode.")
+    attention_kernel: bool = Field(
+        True, description="Decode steps' attention through the project's C++ kernel (built with g++ at the first load, "
+                          "cached under the home): reads a float32 or bfloat16 KV cache in place, each row exactly what "
+                          "it is alone; off (or without a compiler) = torch's attention. Not with compile_decode.")
     compile_decode: bool = Field(
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
                            "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "

@@ -25,6 +25,11 @@ run through oneDNN's matmul on weights packed once (``packed.py``): torch's floa
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
 reorders the weights on every call.
 
+With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
+project's C++ kernel (``attention_kernel.py``): it reads a float32 or bfloat16 cache in place,
+stops at each row's own length, and gives each row what it gives it alone, so it serves both the
+batched and the per-row decode; prefill chunks keep torch's attention.
+
 With ``compile`` (``compile_decode``) a decode step of a fully fused model runs as one graph
 compiled by torch's inductor (``_decode_step``, built at load by ``warm_up``, cached on disk under
 the home), with the same batch-invariant attention.
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 
 from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
+from . import attention_kernel
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
 from .kv_cache import _DecodeWriter
@@ -261,7 +267,7 @@ class LlamaRunner:
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
-                 kv_dtype: torch.dtype | str | None = None, onednn: bool = True) -> None:
+                 kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -334,6 +340,12 @@ class LlamaRunner:
             for f in self.fused:
                 f.pack()
             self.lm_head = packed_linear(model.lm_head)
+        # decode attention through the C++ kernel (attention_kernel.py), which computes in float32:
+        # for float32 models and for half models attended in float32; built here, at load
+        in_fp32 = self.dtype == torch.float32 or self.attention_fp32
+        usable = bool(kernel) and self.compiled is None and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
+        module = attention_kernel.load() if usable else None
+        self.kernel = module if module is not None and self.head_dim % module.width() == 0 else None
 
     @property
     def packed_bytes(self) -> int:
@@ -402,10 +414,15 @@ class LlamaRunner:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
 
     def _attention(self, kv: KVView, mask: torch.Tensor, T: int) -> tuple[KVView, Callable[..., torch.Tensor]]:
-        """The KV view and attention this forward uses: over the batch at once, or (with
+        """The KV view and attention this forward uses: the C++ kernel for decode steps (each
+        row's result what it is alone); otherwise over the batch at once, or (with
         ``attention_per_row``) so that each row's result is what it is alone — batch-invariant
         attention over whole key blocks for decode steps, one row at a time for prefill chunks."""
         attn32 = self.attention_fp32
+        if self.kernel is not None and T == 1 and isinstance(kv, _DecodeWriter):
+            # a decode step's mask lets each row see its keys up to its own position (the engine's)
+            module, lengths = self.kernel, kv.positions + 1
+            return kv, lambda q, k, v: attention_kernel.decode_attention(module, q, k, v, lengths)
         if self.attention_per_row and T == 1 and isinstance(kv, _DecodeWriter):
             kv, bias = self._decode_bias(kv, mask)
             return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)

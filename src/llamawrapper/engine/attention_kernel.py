@@ -1,0 +1,95 @@
+"""The decode-attention kernel (``attention_kernel``, issue 14): ``csrc/decode_attention.cpp``,
+built on this machine with torch's ``cpp_extension`` at the first load of a model (or by
+``main``, which make's ``run`` and ``test`` call), cached under the home (``cache/extensions``, or
+torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU capability and torch version.
+
+A decode step's attention is one query per row over that row's cached keys. torch's SDPA and
+matmuls treat it as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first; the
+kernel reads the keys and values in place (float32 or bfloat16, widened in registers), groups a
+KV head's query heads, and stops at each row's own length. Each row is one task in a fixed
+order, so its result is bit for bit the same alone and in any batch. Without a C++ compiler
+``load`` returns None (and says why, once) and the runner keeps torch's attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ..config import home_dir
+
+log = logging.getLogger("llamawrapper.engine")
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
+# compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
+_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": [],
+}
+
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+_failed: Optional[str] = None
+
+
+def capability() -> str:
+    """The CPU capability torch dispatches to here, as the build names it."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap if cap in _FLAGS else "DEFAULT"
+
+
+def load() -> Optional[ModuleType]:
+    """The built kernel (built now if needed, once per process), or None if it cannot be built
+    here (the reason is logged once)."""
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed is not None:
+            return _module
+        cap = capability()
+        name = f"llamawrapper_decode_attention_{cap.lower()}"
+        root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else home_dir() / "cache" / "extensions"
+        build = root / f"{name}-torch{torch.__version__.split('+')[0]}"
+        try:
+            from torch.utils.cpp_extension import load as build_extension
+
+            if shutil.which("ninja") is None:  # the pip package's binary, when the venv is not on PATH
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            build.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_FLAGS[cap]]
+            _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                      build_directory=str(build), verbose=False)
+        except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
+            lines = str(exc).strip().splitlines() or [""]
+            errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
+            _failed = f"{type(exc).__name__}: {(errors or lines)[0][:300]}"
+            log.warning("the decode-attention kernel could not be built (%s); decode steps use torch's attention "
+                        "(it needs g++; `apt-get install g++`)", _failed)
+        return _module
+
+
+def decode_attention(module: ModuleType, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """q [B, H, 1, D] over keys/values [B, KVH, >= max(lengths), D] (views of the slot cache),
+    row b over its first ``lengths[b]`` keys -> [B, H, 1, D] in q's dtype, computed in float32."""
+    B, H, _, D = q.shape
+    out = module.decode_attention(q.reshape(B, H, D).float().contiguous(), keys, values, lengths)
+    return out.view(B, H, 1, D).to(q.dtype)
+
+
+
+def main() -> None:
+    """Build it now and say where it is (make run / make test), so that no model load waits for the compiler."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    module = load()
+    print(f"decode-attention kernel: {module.__file__ if module else 'not built; decode steps use torch attention'}")

@@ -1,0 +1,147 @@
+"""The decode-attention kernel (``engine/attention_kernel.py``, issue 14): built here by the
+project's set-up, within float rounding of float32 SDPA, every row bit for bit what it is alone,
+used by every decode step of an engine, and torch's attention when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llamawrapper import SamplingParams
+from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, attention_kernel
+from llamawrapper.engine.kv_cache import SlotCache
+from llamawrapper.engine.runner import _attend
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = attention_kernel.load()
+    assert module is not None, "the kernel did not build (make's set-up installs g++)"
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16), (8, 8, 128), (6, 1, 48)])
+def test_kernel_is_float32_attention_and_each_row_alone(kernel, dtype, heads, kv_heads, head_dim):
+    """Over views of a real slot cache (rows of lengths 1 to 700 in batches of 1 to 16) and a
+    query strided as the fused projection leaves it: within float rounding of SDPA in float32,
+    and every row bit for bit what it is alone in a one-row step."""
+    if head_dim % kernel.width():
+        pytest.skip(f"head_dim {head_dim} is not a multiple of this CPU's vector width {kernel.width()}")
+    gen = torch.Generator().manual_seed(head_dim)
+    cache = SlotCache(1, kv_heads, head_dim, dtype, 16)
+    cache.ensure(16, 700)
+    for t in (cache.k[0], cache.v[0]):
+        t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
+    k_all, v_all = cache.k[0], cache.v[0]
+    for trial, B in enumerate((1, 2, 5, 16)):
+        lengths = torch.randint(1, (30, 700)[trial % 2], (B,), generator=gen)
+        lengths[0] = 1  # a row that sees only its own key
+        L = int(lengths.max())
+        q = torch.randn(B, 1, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)[:, :, :heads].transpose(1, 2)
+        out = attention_kernel.decode_attention(kernel, q, k_all[:B, :, :L], v_all[:B, :, :L], lengths)
+        assert out.shape == (B, heads, 1, head_dim) and out.dtype == dtype
+        mask = (torch.arange(L) < lengths.unsqueeze(1)).view(B, 1, 1, L)
+        ref = _attend(q.float(), k_all[:B, :, :L].float(), v_all[:B, :, :L].float(), mask, False)
+        assert (out.float() - ref).abs().max() < (2e-6 if dtype == torch.float32 else 1e-2)
+        for i in range(B):  # alone: its own slot, its own length, the view cut at it
+            n = int(lengths[i])
+            alone = attention_kernel.decode_attention(kernel, q[i : i + 1], k_all[i : i + 1, :, :n], v_all[i : i + 1, :, :n],
+                                                      lengths[i : i + 1])
+            assert torch.equal(alone, out[i : i + 1])
+
+
+def test_kernel_refuses_what_it_cannot_read(kernel):
+    q = torch.randn(2, 4, 16)
+    k = torch.randn(2, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="length is out of range"):
+        kernel.decode_attention(q, k, k, torch.tensor([3, 9]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernel.decode_attention(q, k.half(), k.half(), torch.tensor([3, 4]))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel.decode_attention(q, torch.randn(2, 2, 16, 8).transpose(2, 3), k, torch.tensor([3, 4]))
+
+
+def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tiny_llm, monkeypatch):
+    """An engine on a float32 runner: each decode step calls the kernel once per
+    layer; a request's greedy text is the same alone and inside a batch; each step's logits are
+    within float rounding of torch's attention (the same engine with ``kernel=False``)."""
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (4, 21, 60, 9, 33)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    calls = []
+    real = attention_kernel.decode_attention
+    monkeypatch.setattr(attention_kernel, "decode_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    runner = LlamaRunner(model)
+    assert runner.kernel is not None
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+    try:
+        alone = [(r.text, r.token_ids) for r in (eng.submit(p, greedy).result() for p in prompts)]
+        steps = eng.stats.decode_steps
+        assert len(calls) == runner.n_layers * steps and steps == len(prompts) * 9  # the first token comes from prefill
+        batch = [(r.text, r.token_ids) for r in (h.result() for h in [eng.submit(p, greedy) for p in prompts])]
+    finally:
+        eng.shutdown()
+    assert alone == batch and all(len(ids) == 10 for _, ids in alone)
+    assert max(calls) == len(prompts)  # the batch ran as one step of five rows
+    # one decode step of five rows against torch's attention
+    torch_runner = LlamaRunner(model, kernel=False)
+    assert torch_runner.kernel is None
+    logits = []
+    for r in (runner, torch_runner):
+        cache = SlotCache(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, 8)
+        cache.ensure(5, 64)
+        g = torch.Generator().manual_seed(3)
+        for store in (cache.k, cache.v):
+            for t in store:
+                t.copy_(torch.randn(t.shape, generator=g))
+        positions = torch.tensor([3, 20, 59, 8, 32])
+        mask = (torch.arange(60) <= positions.unsqueeze(1)).view(5, 1, 1, 60)
+        logits.append(r.forward(torch.tensor([[p[-1]] for p in prompts]), positions.unsqueeze(1),
+                                cache.decode_view(5, positions, 60), mask))
+    assert (logits[0] - logits[1]).abs().max() < 1e-4 * logits[1].abs().max()
+
+
+def test_without_a_compiler_decode_uses_torchs_attention(tiny_llm, tmp_path, monkeypatch, caplog):
+    """A kernel that cannot be built (here: its source is missing) is said once in the log, and
+    the runner decodes with torch's attention."""
+    monkeypatch.setattr(attention_kernel, "_module", None)
+    monkeypatch.setattr(attention_kernel, "_failed", None)
+    monkeypatch.setattr(attention_kernel, "SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
+    with caplog.at_level(logging.WARNING, logger="llamawrapper.engine"):
+        runner = LlamaRunner(tiny_llm.loaded.model)
+        LlamaRunner(tiny_llm.loaded.model)
+    assert runner.kernel is None
+    assert sum("decode-attention kernel could not be built" in r.getMessage() for r in caplog.records) == 1
+    tok = tiny_llm.tokenizer
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        res = eng.submit([5, 6, 7, 8], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).result()
+    finally:
+        eng.shutdown()
+    assert res.usage.completion_tokens == 6 and res.text
+
+
+@pytest.mark.slow
+def test_smollm2_answers_the_same_with_and_without_the_kernel(smollm2):
+    """The real model, float32: sixteen chats decoded together give the same text through the
+    kernel (the default) as through torch's attention."""
+    from llamawrapper import LlamaWrapper
+    from test_real_model import QUESTIONS
+
+    assert smollm2.engine.runner.kernel is not None
+    plain = LlamaWrapper.load("smollm2", engine={"attention_kernel": False}, progress=False)
+    try:
+        assert plain.engine.runner.kernel is None
+        texts = []
+        for llm in (smollm2, plain):
+            handles = [llm.submit(llm.chat_prompt_ids([{"role": "user", "content": q}]),
+                                  SamplingParams(max_tokens=40, temperature=0)) for q in QUESTIONS]
+            texts.append([h.result().text for h in handles])
+    finally:
+        plain.close()
+    assert texts[0] == texts[1] and all(texts[0])
