@@ -69,6 +69,8 @@ def load() -> Optional[ModuleType]:
             flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_FLAGS[cap]]
             _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                       build_directory=str(build), verbose=False)
+            # the compiled decode step traces the operator: its output's shape, without running it
+            torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
@@ -78,12 +80,15 @@ def load() -> Optional[ModuleType]:
         return _module
 
 
-def decode_attention(module: ModuleType, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def decode_attention(module: Optional[ModuleType], q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      lengths: torch.Tensor) -> torch.Tensor:
     """q [B, H, 1, D] over keys/values [B, KVH, >= max(lengths), D] (views of the slot cache),
-    row b over its first ``lengths[b]`` keys -> [B, H, 1, D] in q's dtype, computed in float32."""
+    row b over its first ``lengths[b]`` keys -> [B, H, 1, D] in q's dtype, computed in float32.
+    With ``module`` None it calls the operator (inside a compiled graph), else the module's
+    binding, which lets other Python threads run meanwhile."""
     B, H, _, D = q.shape
-    out = module.decode_attention(q.reshape(B, H, D).float().contiguous(), keys, values, lengths)
+    call = torch.ops.llamawrapper.decode_attention if module is None else module.decode_attention
+    out = call(q.reshape(B, H, D).float().contiguous(), keys, values, lengths)
     return out.view(B, H, 1, D).to(q.dtype)
 
 

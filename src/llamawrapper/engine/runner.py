@@ -231,7 +231,10 @@ def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.T
         q, k, v = _fused_qkv(fused, layer.input_layernorm(h), cos4, sin4, H, KVH, D)
         kc[at[0], :, at[1]] = k[:, :, 0].to(kc.dtype)
         vc[at[0], :, at[1]] = v[:, :, 0].to(vc.dtype)
-        o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
+        if runner.kernel is not None:  # the C++ kernel as an operator of the graph, each row over its own keys
+            o = attention_kernel.decode_attention(None, q, kc, vc, at[1] + 1)
+        else:
+            o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
         h = h + fused.o(o.transpose(1, 2).reshape(B, 1, H * D))
         h = h + _fused_mlp(layer, fused, layer.post_attention_layernorm(h))
     return runner.lm_head(runner.norm(h[:, -1])).float()
@@ -343,7 +346,7 @@ class LlamaRunner:
         # decode attention through the C++ kernel (attention_kernel.py), which computes in float32:
         # for float32 models and for half models attended in float32; built here, at load
         in_fp32 = self.dtype == torch.float32 or self.attention_fp32
-        usable = bool(kernel) and self.compiled is None and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
+        usable = bool(kernel) and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
         module = attention_kernel.load() if usable else None
         self.kernel = module if module is not None and self.head_dim % module.width() == 0 else None
 

@@ -113,21 +113,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto out = torch::empty({B, H, D}, q.options());
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  {
-    pybind11::gil_scoped_release free_gil;  // the server's event loop runs while a step attends
-    if (k.scalar_type() == at::kBFloat16)
-      attend<at::BFloat16>(q.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), len,
-                           out.data_ptr<float>(), B, H, KVH, D, ks, vs, scale);
-    else
-      attend<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), len, out.data_ptr<float>(), B, H,
-                    KVH, D, ks, vs, scale);
-  }
+  if (k.scalar_type() == at::kBFloat16)
+    attend<at::BFloat16>(q.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), len,
+                         out.data_ptr<float>(), B, H, KVH, D, ks, vs, scale);
+  else
+    attend<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), len, out.data_ptr<float>(), B, H,
+                  KVH, D, ks, vs, scale);
   return out;
 }
 
 }  // namespace
 
+// an operator too (torch.ops.llamawrapper.decode_attention), so that the compiled decode step
+// (compile_decode) calls it from its graph
+TORCH_LIBRARY(llamawrapper, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
+TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention);
+  m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+    pybind11::gil_scoped_release free_gil;  // the server's event loop runs while a step attends
+    return decode_attention(q, k, v, lengths);
+  });
   m.def("width", [] { return static_cast<int64_t>(Vec::size()); });  // head_dim must be a multiple of it
 }
