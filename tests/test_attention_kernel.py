@@ -5,6 +5,7 @@ used by every decode step of an engine, and torch's attention when it cannot be 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -145,3 +146,22 @@ def test_smollm2_answers_the_same_with_and_without_the_kernel(smollm2):
     finally:
         plain.close()
     assert texts[0] == texts[1] and all(texts[0])
+
+
+def test_a_build_killed_half_way_does_not_stop_the_next_load(kernel, tmp_path):
+    """torch's build lock is a plain file, left behind when a build is killed (Ctrl-C during the
+    first ``make run``): the next process still loads the kernel, at once, instead of waiting on it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    built = Path(kernel.__file__).parent
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext / built.name)
+    (ext / built.name / "lock").write_text("")  # what a killed build leaves
+    code = "from llamawrapper.engine import attention_kernel as a; m = a.load(); print('loaded', m is not None)"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "loaded True" in out.stdout, out.stderr[-2000:]
+    assert not (ext / built.name / "lock").exists()

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from filelock import FileLock
 
 from ..config import home_dir
 
@@ -29,6 +30,7 @@ log = logging.getLogger("llamawrapper.engine")
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
+BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
 _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
@@ -67,8 +69,13 @@ def load() -> Optional[ModuleType]:
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             build.mkdir(parents=True, exist_ok=True)
             flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_FLAGS[cap]]
-            _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                      build_directory=str(build), verbose=False)
+            # torch's own lock is a file that a build killed half-way (Ctrl-C, SIGKILL) leaves behind,
+            # and every later load would wait on it forever: builds take an OS lock here instead
+            # (released when its holder dies), under which torch's file can only be stale
+            with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
+                (build / "lock").unlink(missing_ok=True)
+                _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                          build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
