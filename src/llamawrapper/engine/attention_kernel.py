@@ -74,6 +74,8 @@ def load() -> Optional[ModuleType]:
             # (released when its holder dies), under which torch's file can only be stale
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
+                if not any(build.glob("*.so")):
+                    log.info("building the decode-attention kernel for this CPU (%s), once: ~20 s", cap)
                 _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
@@ -102,6 +104,6 @@ def decode_attention(module: Optional[ModuleType], q: torch.Tensor, keys: torch.
 
 def main() -> None:
     """Build it now and say where it is (make run / make test), so that no model load waits for the compiler."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()
     print(f"decode-attention kernel: {module.__file__ if module else 'not built; decode steps use torch attention'}")
