@@ -54,6 +54,44 @@ def test_kernel_is_float32_attention_and_each_row_alone(kernel, dtype, heads, kv
             assert torch.equal(alone, out[i : i + 1])
 
 
+@pytest.mark.parametrize("act,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16)])
+def test_rope_write_attention_is_the_step_by_step_path_bit_for_bit(kernel, act, cache, heads, kv_heads, head_dim):
+    """The one-call decode block (RoPE, cache write, attention) against the runner's ops one by
+    one (``_rotate``, the write at each row's position, the kernel): the same output and the same
+    cache, bit for bit, in float32 and bfloat16 activations, with a cache of their dtype or float32."""
+    from llamawrapper.engine.runner import _rotate
+
+    if head_dim % kernel.width():
+        pytest.skip(f"head_dim {head_dim} is not a multiple of this CPU's vector width {kernel.width()}")
+    gen = torch.Generator().manual_seed(heads)
+    B, R = 6, heads + 2 * kv_heads
+    caches = []
+    for _ in range(2):
+        c = SlotCache(1, kv_heads, head_dim, cache, 8)
+        c.ensure(8, 300)
+        caches.append(c)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        a.copy_(torch.randn(a.shape, generator=gen).to(cache))
+        b.copy_(a)
+    positions = torch.tensor([0, 5, 63, 64, 200, 17])
+    y = (torch.randn(B, 1, R * head_dim, generator=gen) * 2).to(act)
+    angle = positions.view(B, 1, 1).float() * torch.rand(1, 1, head_dim, generator=gen) * 0.3
+    cos, sin = angle.cos().to(act), angle.sin().to(act)  # [B, 1, D], as the rotary embedding gives them
+    out = attention_kernel.rope_write_attention(kernel, y, cos[:, 0].contiguous(), sin[:, 0].contiguous(),
+                                                caches[0].k[0], caches[0].v[0], positions, heads)
+    yv = y.view(B, 1, R, head_dim)
+    qk = _rotate(yv[:, :, : heads + kv_heads], cos.unsqueeze(2), sin.unsqueeze(2))
+    q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), yv[:, :, heads + kv_heads :].transpose(1, 2)
+    rows = torch.arange(B)
+    caches[1].k[0][rows, :, positions] = k[:, :, 0].to(cache)
+    caches[1].v[0][rows, :, positions] = v[:, :, 0].to(cache)
+    ref = attention_kernel.decode_attention(kernel, q, caches[1].k[0], caches[1].v[0], positions + 1)
+    assert out.dtype == act and torch.equal(out, ref.transpose(1, 2).reshape(B, 1, heads * head_dim))
+    assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
+
+
 def test_kernel_refuses_what_it_cannot_read(kernel):
     q = torch.randn(2, 4, 16)
     k = torch.randn(2, 2, 8, 16)
@@ -66,16 +104,16 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
 
 
 def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tiny_llm, monkeypatch):
-    """An engine on a float32 runner: each decode step calls the kernel once per
-    layer; a request's greedy text is the same alone and inside a batch; each step's logits are
+    """An engine on a float32 runner: each decode step calls the kernel (RoPE, cache write and
+    attention in one call) once per layer; a request's greedy text is the same alone and inside a batch; each step's logits are
     within float rounding of torch's attention (the same engine with ``kernel=False``)."""
     model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (4, 21, 60, 9, 33)]
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     calls = []
-    real = attention_kernel.decode_attention
-    monkeypatch.setattr(attention_kernel, "decode_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    real = attention_kernel.rope_write_attention
+    monkeypatch.setattr(attention_kernel, "rope_write_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     runner = LlamaRunner(model)
     assert runner.kernel is not None
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))

@@ -28,7 +28,9 @@ reorders the weights on every call.
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
 project's C++ kernel (``attention_kernel.py``): it reads a float32 or bfloat16 cache in place,
 stops at each row's own length, and gives each row what it gives it alone, so it serves both the
-batched and the per-row decode; prefill chunks keep torch's attention.
+batched and the per-row decode; prefill chunks keep torch's attention. With ``kernel_block``
+(the default) an eager decode step's RoPE and cache write run in the same call, bit for bit as
+torch's ops compute them.
 
 With ``compile`` (``compile_decode``) a decode step of a fully fused model runs as one graph
 compiled by torch's inductor (``_decode_step``, built at load by ``warm_up``, cached on disk under
@@ -270,7 +272,8 @@ class LlamaRunner:
 
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
-                 kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True) -> None:
+                 kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
+                 kernel_block: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -349,6 +352,8 @@ class LlamaRunner:
         usable = bool(kernel) and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
         module = attention_kernel.load() if usable else None
         self.kernel = module if module is not None and self.head_dim % module.width() == 0 else None
+        # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
+        self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
 
     @property
     def packed_bytes(self) -> int:
@@ -462,9 +467,20 @@ class LlamaRunner:
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         kv, attend = self._attention(kv, mask, T)
+        # a decode step through the kernel: RoPE, the cache write and attention in one call a layer
+        whole = self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter)
+        if whole:
+            cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()
         for i, layer in enumerate(self.layers):
             attn, fused = layer.self_attn, self.fused[i]
             x = layer.input_layernorm(h)
+            if whole and fused is not None and fused.qkv is not None:
+                o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
+                                                          kv.positions, H)
+                h = h + fused.o(o)
+                x = layer.post_attention_layernorm(h)
+                h = h + (_fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x))
+                continue
             if fused is not None and fused.qkv is not None:
                 q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
             else:
