@@ -10,8 +10,9 @@ see the same machine load; medians are reported.
     python -m bench.levers --profile int4 --batch 1        # torch.profiler table of one variant
     python -m bench.levers --e2e "int4:before=fuse_projections=0,attention_fp32=0;int4:after=" --rounds 5
 
-``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead (``engine.<attr>=`` sets an
-engine attribute that is not a setting, e.g. ``engine.pack_prefill=0``): W1 (the bench's 46-token
+``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead (``engine.<attr>=`` or
+``runner.<attr>=`` sets an attribute that is not a setting, e.g. ``engine.pack_prefill=0``,
+``runner.kernel_block=0``; any other key must be an ``EngineSettings`` field): W1 (the bench's 46-token
 chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token system prompt,
 64 new tokens each), every variant its own loaded model with its own engine settings, the
 variants taking turns round by round.
@@ -183,14 +184,21 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             k, _, v = kv.partition("=")
             settings[k] = False if v in ("0", "false", "off") else True if v in ("", "1", "true", "on") else v
         specs.append((f"{model}:{label or 'default'}", model, settings))
+    from llamawrapper.config import EngineSettings
+
     llms = {}
     for label, model, settings in specs:
-        attrs = {k[len("engine."):]: settings.pop(k) for k in list(settings) if k.startswith("engine.")}
+        attrs = {k: settings.pop(k) for k in list(settings) if k.startswith(("engine.", "runner."))}
+        unknown = set(settings) - set(EngineSettings.model_fields)
+        if unknown:  # EngineSettings ignores unknown keys: a misspelt lever would measure nothing
+            raise SystemExit(f"not engine settings: {', '.join(sorted(unknown))} (engine.<attr>= or runner.<attr>= for attributes)")
         llms[label] = load_model(model, args.threads, **settings)
-        for k, v in attrs.items():  # engine attributes that are not settings, e.g. engine.pack_prefill=0
-            if not hasattr(llms[label].engine, k):
-                raise SystemExit(f"the engine has no attribute {k!r}")
-            setattr(llms[label].engine, k, v)
+        for k, v in attrs.items():  # attributes that are not settings, e.g. engine.pack_prefill=0, runner.kernel_block=0
+            where, _, name = k.partition(".")
+            obj = llms[label].engine if where == "engine" else llms[label].engine.runner
+            if not hasattr(obj, name):
+                raise SystemExit(f"the {where} has no attribute {name!r}")
+            setattr(obj, name, v)
     tok = next(iter(llms.values())).tokenizer
     w1, w2 = w1_prompt(tok), w2_prompts(tok, args.w2_requests)
     rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": []} for label in llms}
