@@ -101,6 +101,11 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
         kernel.decode_attention(q, k.half(), k.half(), torch.tensor([3, 4]))
     with pytest.raises(RuntimeError, match="contiguous"):
         kernel.decode_attention(q, torch.randn(2, 2, 16, 8).transpose(2, 3), k, torch.tensor([3, 4]))
+    y, cs = torch.randn(2, 8, 16), torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="position is out of range"):  # the cache holds 8 positions
+        kernel.rope_write_attention(y, cs, cs, k, k, torch.tensor([3, 8]), 4)
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # 4 query heads + 2 x 2 KV heads is 8 rows of y
+        kernel.rope_write_attention(y, cs, cs, k, k, torch.tensor([3, 4]), 6)
 
 
 def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tiny_llm, monkeypatch):

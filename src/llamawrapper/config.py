@@ -77,7 +77,7 @@ class EngineSettings(BaseSettings):
     attention_kernel: bool = Field(
         True, description="Decode steps' attention through the project's C++ kernel (built with g++ at the first load, "
                           "cached under the home): reads a float32 or bfloat16 KV cache in place, each row exactly what "
-                          "it is alone; off (or without a compiler) = torch's attention. Not with compile_decode.")
+                          "it is alone (compile_decode's graph calls it too); off (or without a compiler) = torch's attention.")
     compile_decode: bool = Field(
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
                            "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "

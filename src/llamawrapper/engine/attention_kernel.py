@@ -6,11 +6,11 @@ torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU capability and tor
 A decode step's attention is one query per row over that row's cached keys. torch's SDPA and
 matmuls treat it as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first; the
 kernel reads the keys and values in place (float32 or bfloat16, widened in registers), groups a
-KV head's query heads, and stops at each row's own length. ``rope_write_attention`` also does
-the step's RoPE and cache write in the same call, which spares the eager step ~40 torch calls a
-layer. Each row is one task in a fixed
-order, so its result is bit for bit the same alone and in any batch. Without a C++ compiler
-``load`` returns None (and says why, once) and the runner keeps torch's attention.
+KV head's query heads, and stops at each row's own length. Each row is one task in a fixed
+order, so its result is bit for bit the same alone and in any batch. ``rope_write_attention``
+also does the step's RoPE and cache write in the same call, which spares the eager step ~40
+torch calls a layer. Without a C++ compiler ``load`` returns None (and says why, once) and the
+runner keeps torch's attention.
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ def decode_attention(module: Optional[ModuleType], q: torch.Tensor, keys: torch.
     call = torch.ops.llamawrapper.decode_attention if module is None else module.decode_attention
     out = call(q.reshape(B, H, D).float().contiguous(), keys, values, lengths)
     return out.view(B, H, 1, D).to(q.dtype)
-
 
 
 def rope_write_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -173,6 +173,19 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// rope_write_attend for activations A, over a float32 or bfloat16 cache
+template <typename A>
+void rope_write_attend_cache(torch::Tensor& y, torch::Tensor& cos, torch::Tensor& sin, torch::Tensor& k, torch::Tensor& v,
+                             const int64_t* pos, torch::Tensor& out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                             const int64_t* ks, const int64_t* vs, float scale) {
+  if (k.scalar_type() == at::kBFloat16)
+    rope_write_attend<A, at::BFloat16>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<at::BFloat16>(),
+                                       v.data_ptr<at::BFloat16>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
+  else
+    rope_write_attend<A, float>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<float>(),
+                                v.data_ptr<float>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
+}
+
 // y [B, H + 2 KVH, D] (the fused q/k/v projection of one decode step), cos/sin [B, D], in the
 // activations' dtype (float32 or bfloat16); k, v one layer's slot cache [slots, KVH, capacity, D]
 // (float32 or bfloat16, head_dim contiguous), written at [b, :, positions[b]]; -> [B, H, D] in y's dtype
@@ -200,25 +213,10 @@ torch::Tensor rope_write_attention(torch::Tensor y, torch::Tensor cos, torch::Te
   auto out = torch::empty({B, H, D}, y.options());
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  AT_DISPATCH_SWITCH(y.scalar_type(), "rope_write_attention",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using A = float;
-      if (k.scalar_type() == at::kBFloat16)
-        rope_write_attend<A, at::BFloat16>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<at::BFloat16>(),
-                                           v.data_ptr<at::BFloat16>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
-      else
-        rope_write_attend<A, float>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<float>(),
-                                    v.data_ptr<float>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using A = at::BFloat16;
-      if (k.scalar_type() == at::kBFloat16)
-        rope_write_attend<A, at::BFloat16>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<at::BFloat16>(),
-                                           v.data_ptr<at::BFloat16>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
-      else
-        rope_write_attend<A, float>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<float>(),
-                                    v.data_ptr<float>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
-    }));
+  if (y.scalar_type() == at::kBFloat16)
+    rope_write_attend_cache<at::BFloat16>(y, cos, sin, k, v, pos, out, B, H, KVH, D, ks, vs, scale);
+  else
+    rope_write_attend_cache<float>(y, cos, sin, k, v, pos, out, B, H, KVH, D, ks, vs, scale);
   return out;
 }
 
