@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2
+# builds the decode-attention kernel for this CPU once (engine/attention_kernel.py), so no load waits for it
+BUILD_KERNEL := $(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
 
 .PHONY: setup run chat test test-fast bench clean
 
@@ -36,7 +38,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 run: setup
 	$(BIN)/llamawrapper pull $(MODEL)
-	$(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
+	$(BUILD_KERNEL)
 	@echo "Serving $(MODEL) on http://$(HOST):$(PORT)  (chat page at http://$(HOST):$(PORT)/, OpenAI API at /v1; Ctrl-C stops)"
 	@echo "Try:  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'"
 	$(BIN)/llamawrapper serve $(MODEL) --host $(HOST) --port $(PORT)
@@ -45,7 +47,7 @@ run: setup
 test: setup
 	$(BIN)/llamawrapper pull $(MODEL) --quiet
 	$(BIN)/llamawrapper pull minilm --quiet
-	$(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
+	$(BUILD_KERNEL)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

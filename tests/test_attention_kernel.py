@@ -149,9 +149,9 @@ def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tin
     assert (logits[0] - logits[1]).abs().max() < 1e-4 * logits[1].abs().max()
 
 
-def test_without_a_compiler_decode_uses_torchs_attention(tiny_llm, tmp_path, monkeypatch, caplog):
-    """A kernel that cannot be built (here: its source is missing) is said once in the log, and
-    the runner decodes with torch's attention."""
+def test_a_kernel_that_cannot_be_built_leaves_torchs_attention(tiny_llm, tmp_path, monkeypatch, caplog):
+    """A kernel that cannot be built (no compiler, a failed build; here: its source is missing)
+    is said once in the log, and the runner decodes with torch's attention."""
     monkeypatch.setattr(attention_kernel, "_module", None)
     monkeypatch.setattr(attention_kernel, "_failed", None)
     monkeypatch.setattr(attention_kernel, "SOURCE", tmp_path / "missing.cpp")

@@ -217,7 +217,7 @@ def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.
 
 
 def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
-                 vs: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+                 vs: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """One whole decode step (T = 1) of a model whose every layer is fused: the unit ``compile``
     hands to ``torch.compile``, all layers in one graph. ``ks``/``vs`` are each layer's slot
     cache as the batch reads it (``[B, kv_heads, L, D]`` views, L in whole ``KV_ALIGN`` blocks);
@@ -367,8 +367,12 @@ class LlamaRunner:
 
     def _step_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple:
         """The compiled decode step's inputs: the batch's slots up to whole key blocks, cut here
-        (views: the step's writes land in the cache), and the attention's additive mask."""
-        kv, bias = self._decode_bias(kv, mask)
+        (views: the step's writes land in the cache), and the attention's additive mask (None with
+        the kernel, which reads each row up to its own position)."""
+        if self.kernel is not None:
+            kv, bias = kv.widened(), None
+        else:
+            kv, bias = self._decode_bias(kv, mask)
         B, cache, L = tokens.shape[0], kv.cache, kv.length
         return (tokens, positions, [k[:B, :, :L] for k in cache.k], [v[:B, :, :L] for v in cache.v],
                 (kv.rows, kv.positions), bias)
