@@ -4,6 +4,7 @@ used by every decode step of an engine, and torch's attention when it cannot be 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -29,8 +30,8 @@ def test_kernel_is_float32_attention_and_each_row_alone(kernel, dtype, heads, kv
     """Over views of a real slot cache (rows of lengths 1 to 700 in batches of 1 to 16) and a
     query strided as the fused projection leaves it: within float rounding of SDPA in float32,
     and every row bit for bit what it is alone in a one-row step."""
-    if head_dim % kernel.width():
-        pytest.skip(f"head_dim {head_dim} is not a multiple of this CPU's vector width {kernel.width()}")
+    if not kernel.supports(head_dim):
+        pytest.skip(f"head_dim {head_dim} is not one this CPU's build of the kernel takes (vector width {kernel.width()})")
     gen = torch.Generator().manual_seed(head_dim)
     cache = SlotCache(1, kv_heads, head_dim, dtype, 16)
     cache.ensure(16, 700)
@@ -63,8 +64,8 @@ def test_rope_write_attention_is_the_step_by_step_path_bit_for_bit(kernel, act, 
     cache, bit for bit, in float32 and bfloat16 activations, with a cache of their dtype or float32."""
     from llamawrapper.engine.runner import _rotate
 
-    if head_dim % kernel.width():
-        pytest.skip(f"head_dim {head_dim} is not a multiple of this CPU's vector width {kernel.width()}")
+    if not kernel.supports(head_dim):
+        pytest.skip(f"head_dim {head_dim} is not one this CPU's build of the kernel takes (vector width {kernel.width()})")
     gen = torch.Generator().manual_seed(heads)
     B, R = 6, heads + 2 * kv_heads
     caches = []
@@ -106,6 +107,109 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
         kernel.rope_write_attention(y, cs, cs, k, k, torch.tensor([3, 8]), 4)
     with pytest.raises(RuntimeError, match="shapes do not match"):  # 4 query heads + 2 x 2 KV heads is 8 rows of y
         kernel.rope_write_attention(y, cs, cs, k, k, torch.tensor([3, 4]), 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_reads_its_shared_prefix_from_another_row_with_the_same_result(kernel, dtype):
+    """Rows whose first positions hold the same values as another row's read them from that row
+    (``src``/``shared``): bit for bit what their own copies give, through ``decode_attention`` and
+    ``rope_write_attention``. Values that differ there change the result: the kernel reads the source."""
+    gen = torch.Generator().manual_seed(7)
+    B, H, KVH, D, P = 5, 9, 3, 64, 37  # a shared length that is no multiple of the kernel's blocks
+    k = torch.randn(B, KVH, 128, D, generator=gen).to(dtype)
+    v = torch.randn(B, KVH, 128, D, generator=gen).to(dtype)
+    k[:, :, :P], v[:, :, :P] = k[1:2, :, :P], v[1:2, :, :P]  # every row holds row 1's prefix
+    lengths = torch.tensor([50, 40, 90, 38, 120])
+    src, shared = torch.tensor([1, 1, 1, 3, 1]), torch.tensor([P, 0, P, 0, P])
+    q = torch.randn(B, H, D, generator=gen)
+    own = kernel.decode_attention(q, k, v, lengths)
+    assert torch.equal(kernel.decode_attention(q, k, v, lengths, src, shared), own)
+    y, cs = torch.randn(B, H + 2 * KVH, D, generator=gen), torch.randn(B, D, generator=gen)
+    outs = [kernel.rope_write_attention(y, cs, cs, k.clone(), v.clone(), lengths - 1, H, *sh)
+            for sh in ((None, None), (src, shared))]
+    assert torch.equal(outs[0], outs[1])
+    k2 = k.clone()
+    k2[1, :, :P] += 0.5  # the source row no longer holds the others' values
+    changed = kernel.decode_attention(q, k2, v, lengths, src, shared)
+    assert torch.equal(changed[1], kernel.decode_attention(q, k2, v, lengths)[1])
+    assert not torch.equal(changed[0], own[0]) and torch.equal(changed[3], own[3])
+
+
+def test_kernel_refuses_a_source_row_that_cannot_hold_the_shared_positions(kernel):
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 32, 16)
+    lengths = torch.tensor([10, 20, 5])
+    with pytest.raises(RuntimeError, match="source row does not hold"):  # row 2 holds 5 positions
+        kernel.decode_attention(q, k, k, lengths, torch.tensor([2, 0, 0]), torch.tensor([8, 0, 0]))
+    with pytest.raises(RuntimeError, match="shares more positions than it reads"):
+        kernel.decode_attention(q, k, k, lengths, torch.tensor([1, 1, 1]), torch.tensor([11, 0, 0]))
+    with pytest.raises(RuntimeError, match="go together"):
+        kernel.decode_attention(q, k, k, lengths, torch.tensor([1, 1, 1]), None)
+    y, cs = torch.randn(3, 8, 16), torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="source row does not hold"):  # row 1 writes its position 9 in this call
+        kernel.rope_write_attention(y, cs, cs, k, k, torch.tensor([12, 9, 4]), 4, torch.tensor([1, 1, 1]), torch.tensor([10, 0, 0]))
+
+
+def test_slot_cache_shares_the_blocks_rows_got_from_the_same_prefix_cache_blocks():
+    cache = SlotCache(1, 1, 16, torch.float32, 8, block=16)
+    from llamawrapper.engine.kv_cache import SequenceKV
+
+    seq = SequenceKV(1, 1, 16, torch.float32, capacity=80)
+    seq.length = 80
+    for slot, origin in enumerate([(7, 8, 9), (), (7, 8, 4, 5), (3,), (7, 8, 9, 10, 11, 12)]):
+        cache.put(slot, seq, origin)
+    src, shared = cache.sharing(5)
+    assert src.tolist() == [0, 1, 0, 3, 0] and shared.tolist() == [0, 0, 32, 0, 48]
+    assert cache.origins[4] == (7, 8, 9, 10, 11)  # cut to the 80 positions the slot holds
+    cache.move(4, 0, 40)  # a row moved with fewer positions keeps the blocks it holds
+    assert cache.sharing(5)[1].tolist() == [0, 0, 32, 0, 32]
+    assert cache.sharing(2) is None and cache.decode_view(5, torch.zeros(5, dtype=torch.long), 8, share=False).sharing is None
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_rows_sharing_a_system_prompt_read_it_once_and_answer_as_alone(tiny_llm, monkeypatch, mode):
+    """Requests with a common 70-token system prompt, submitted together: the first computes it,
+    the others read it from the prefix cache, and their decode steps read those positions from
+    the first's slot. Each request's text, ids and log-probabilities are bit for bit what the same
+    batch gets with sharing off, and (int8, whose GEMMs compute each row on its own) what it gets
+    alone after the first request filled the cache."""
+    from llamawrapper.models import quantization as quant
+
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    if mode == "int8":
+        model = quant.quantize_model(copy.deepcopy(model), "int8").eval()
+    gen = torch.Generator().manual_seed(12)
+    system = torch.randint(10, 40000, (70,), generator=gen).tolist()
+    prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (3, 11, 25, 6)]
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    seen = []
+    real = attention_kernel.rope_write_attention
+    monkeypatch.setattr(attention_kernel, "rope_write_attention", lambda *a: seen.append(a[-1]) or real(*a))
+    runner = LlamaRunner(model)
+    assert runner.kernel is not None
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+
+    def answer(r):
+        return r.text, r.token_ids, [(x.logprob, [(t.token, t.logprob) for t in x.top_logprobs]) for x in r.logprobs]
+    try:
+        eng.executor.call(eng.prefix_cache.clear).result()
+        alone = [answer(eng.submit(x, p).result()) for x in prompts]
+        assert not any(s is not None for s in seen)  # one row at a time: nothing to share
+        runs = {}
+        for share in (True, False):
+            eng.share_prefix = share
+            eng.executor.call(eng.prefix_cache.clear).result()
+            seen.clear()
+            runs[share] = [answer(h.result()) for h in [eng.submit(x, p) for x in prompts]]
+            if share:
+                shared = [s for s in seen if s is not None]
+                assert shared and max(s[1].tolist() for s in shared) == [0, 64, 64, 64]  # 4 whole blocks of 16
+            else:
+                assert all(s is None for s in seen)
+    finally:
+        eng.shutdown()
+    assert runs[True] == runs[False]
+    if mode == "int8":
+        assert runs[True] == alone
 
 
 def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tiny_llm, monkeypatch):

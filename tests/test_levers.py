@@ -81,7 +81,10 @@ def test_lora_wrapped_layers_keep_the_unfused_path(tiny_llm, adapter_dirs):
 
 def test_fused_engine_greedy_alone_in_batch_and_seeded_sampling(tiny_llm):
     """Fused vs unfused runner on one model: greedy ids equal alone and inside a batch, and a
-    seeded sampled answer is the same through both."""
+    seeded sampled answer is the same through both. With torch's linears (``onednn=False``): the
+    fused matmul is bit for bit the separate ones there, while oneDNN's packed kernel rounds the
+    fused and separate products differently in the last bit (~2e-7 in the logits), and sampling
+    from this random model's nearly flat distribution flips on that."""
     model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 17, 33, 9)]
@@ -89,7 +92,7 @@ def test_fused_engine_greedy_alone_in_batch_and_seeded_sampling(tiny_llm):
     sampled = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)
     out = {}
     for fuse in (False, True):
-        eng = Engine(LlamaRunner(model, fuse=fuse), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
+        eng = Engine(LlamaRunner(model, fuse=fuse, onednn=False), tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
         try:
             alone = [eng.submit(p, greedy).result().token_ids for p in prompts]
             batch = [h.result().token_ids for h in [eng.submit(p, greedy) for p in prompts]]

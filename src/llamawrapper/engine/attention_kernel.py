@@ -92,28 +92,38 @@ def load() -> Optional[ModuleType]:
         return _module
 
 
+Sharing = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
 def decode_attention(module: Optional[ModuleType], q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+                     lengths: torch.Tensor, sharing: Sharing = None) -> torch.Tensor:
     """q [B, H, 1, D] over keys/values [B, KVH, >= max(lengths), D] (views of the slot cache),
     row b over its first ``lengths[b]`` keys -> [B, H, 1, D] in q's dtype, computed in float32.
-    With ``module`` None it calls the operator (inside a compiled graph), else the module's
-    binding, which lets other Python threads run meanwhile."""
+    ``sharing`` (``src``, ``shared``): row b reads its first ``shared[b]`` positions from row
+    ``src[b]``, which holds the same values (``SlotCache.sharing``), so a prompt prefix common to
+    many rows is read once from memory; the result is the same as from the row's own copy.
+    With ``module`` None it calls the operator (inside a compiled graph; no ``sharing``), else the
+    module's binding, which lets other Python threads run meanwhile."""
     B, H, _, D = q.shape
-    call = torch.ops.llamawrapper.decode_attention if module is None else module.decode_attention
-    out = call(q.reshape(B, H, D).float().contiguous(), keys, values, lengths)
+    q32 = q.reshape(B, H, D).float().contiguous()
+    if module is None:  # the operator of a compiled graph reads every row's own keys
+        out = torch.ops.llamawrapper.decode_attention(q32, keys, values, lengths)
+    else:
+        out = module.decode_attention(q32, keys, values, lengths, *(sharing or (None, None)))
     return out.view(B, H, 1, D).to(q.dtype)
 
 
 def rope_write_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+                         v_cache: torch.Tensor, positions: torch.Tensor, heads: int, sharing: Sharing = None) -> torch.Tensor:
     """A decode step's attention block after the fused q/k/v projection, in one call: ``y``
     [B, 1, (H + 2 KVH) * D] rotated (q and k, RoPE exactly as torch's ops round it), k and v
     written at each row's position of one layer's slot cache ``[slots, KVH, capacity, D]``, q
     attended over the row's keys so far -> [B, 1, H * D] in y's dtype. The same numbers, bit for
-    bit, as ``_rotate``, the cache write and ``decode_attention``, for ~40 fewer torch calls a layer."""
+    bit, as ``_rotate``, the cache write and ``decode_attention`` (``sharing`` as there), for ~40
+    fewer torch calls a layer."""
     B = y.shape[0]
     D = k_cache.shape[-1]
-    out = module.rope_write_attention(y.view(B, -1, D), cos, sin, k_cache, v_cache, positions, heads)
+    out = module.rope_write_attention(y.view(B, -1, D), cos, sin, k_cache, v_cache, positions, heads, *(sharing or (None, None)))
     return out.view(B, 1, heads * D)
 
 

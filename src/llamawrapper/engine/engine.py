@@ -9,6 +9,7 @@ waits for another's length.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -87,7 +88,9 @@ class Engine:
                         "w8a8" if getattr(runner, "quantizes_activations", False) else str(runner.dtype).replace("torch.", ""))
         self.verify_packed = True  # verify steps run projections on real positions only (False: on the padded batch)
         self.pack_prefill = True  # several requests' prompt chunks in one forward (False: one forward per request)
-        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, self.config.max_batch_size)
+        self.share_prefix = True  # decode attention reads a prefix common to several rows from one of them (kv_cache.py)
+        self.slots = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, self.config.max_batch_size,
+                               block=self.config.prefix_block_size)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_block_size)
         self.stats = EngineStats()
         self.sampler = Sampler(tokenizer)
@@ -367,8 +370,11 @@ class Engine:
                 if req.prefilled < len(req.prompt_ids):
                     continue
                 self._prefilling.remove(req)
-                self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
-                self.slots.put(len(self._running), req.kv)  # room made above
+                stored = self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
+                # the blocks it read from the cache, then those it computed and stored (its own values)
+                own = stored[len(req.origin):]
+                req.origin += tuple(itertools.takewhile(lambda serial: serial is not None, own))
+                self.slots.put(len(self._running), req.kv, req.origin)  # room made above
                 req.kv = None
                 req.handle.prompt_logprobs = req.prompt_logprobs
                 self._running.append(req)
@@ -387,7 +393,7 @@ class Engine:
         req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=len(req.prompt_ids))
         cached = None
         if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
-            cached = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+            cached, req.origin = self.prefix_cache.lookup_blocks(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
         else:
             req.prompt_logprobs = [None]  # nothing predicts the first prompt token
         if cached is not None:
@@ -414,7 +420,7 @@ class Engine:
         tokens = torch.tensor([[r.output_ids[-1]] for r in running])
         mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, length)
         self.runner.bind_rows([r.namespace for r in running])
-        logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length), mask)
+        logits = self.runner.forward(tokens, positions.unsqueeze(1), self.slots.decode_view(B, positions, length, self.share_prefix), mask)
         self.stats.decode_steps += 1
         greedy = logits.argmax(dim=-1).tolist()
         self._select_and_accept(running, logits, greedy)

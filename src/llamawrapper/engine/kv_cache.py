@@ -7,6 +7,12 @@ step reads a view, never a copy. Capacity grows by doubling, only when a sequenc
 moved into a slot when prefill ends. ``PackWriter`` lets one forward prefill chunks of several
 sequences, each written to and read from its own ``SequenceKV``.
 
+A slot also records its prompt prefix's *origin*: the serial numbers of the prefix-cache blocks
+its first positions hold, bit for bit (``PrefixCache``). Rows whose origins begin alike hold the
+same keys and values there, so a decode step may read those positions from one of them for all
+(``sharing``): the decode-attention kernel then reads a shared system prompt from memory once, not
+once per row, and each row's result is what its own copy gives.
+
 A slot cache's capacity is always a multiple of ``KV_ALIGN`` positions, so a decode step may read
 up to the next multiple of it (``_DecodeWriter.widened``): the batch-invariant attention needs
 every row's keys in whole blocks of that size.
@@ -15,6 +21,7 @@ every row's keys in whole blocks of that size.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -105,17 +112,22 @@ class PackWriter:
 class SlotCache:
     """KV of the decoding batch: slot ``i`` holds running sequence ``i``."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, max_slots: int, capacity: int = 256) -> None:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, max_slots: int, capacity: int = 256,
+                 block: int = 16) -> None:
         self.n_layers, self.n_kv_heads, self.head_dim, self.dtype = n_layers, n_kv_heads, head_dim, dtype
         self.max_slots = max_slots
+        self.block = block  # positions per origin entry (the prefix cache's block size)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.origins: dict[int, tuple[int, ...]] = {}  # slot -> its prefix's block serials
+        self._sharing: tuple[int, Optional[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._alloc(0, capacity)
 
     def _alloc(self, slots: int, capacity: int) -> None:
         shape = (max(slots, 1), self.n_kv_heads, _aligned(capacity), self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        self.origins, self._sharing = {}, None
 
     @property
     def slots(self) -> int:
@@ -145,17 +157,46 @@ class SlotCache:
         """Drop all storage (when idle) so memory does not stay at its high-water mark."""
         self._alloc(0, capacity)
 
-    def put(self, slot: int, seq: SequenceKV) -> None:
+    def put(self, slot: int, seq: SequenceKV, origin: tuple[int, ...] = ()) -> None:
+        """Copy ``seq`` into ``slot``; ``origin``: the serials of the prefix-cache blocks its first
+        positions hold, bit for bit (empty: share nothing)."""
         n = seq.length
         self.ensure(slot + 1, n + 1)
         for layer in range(self.n_layers):
             self.k[layer][slot, :, :n] = seq.data[layer, 0, :, :n]
             self.v[layer][slot, :, :n] = seq.data[layer, 1, :, :n]
+        self.origins[slot] = tuple(origin)[: n // self.block]
+        self._sharing = None
 
     def move(self, src: int, dst: int, length: int) -> None:
         for store in (self.k, self.v):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]
+        self.origins[dst] = self.origins.get(src, ())[: length // self.block]
+        self._sharing = None
+
+    def sharing(self, batch: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """For a decode step of slots ``0..batch-1``: ``(src, shared)`` [batch] int64, where row b's
+        first ``shared[b]`` positions equal those of row ``src[b]`` (the first row whose origin
+        starts with the same block; ``shared`` counts their common blocks), or None when no two rows
+        share a block. Kept until a slot's content changes (``put``, ``move``, a reallocation)."""
+        if self._sharing is not None and self._sharing[0] == batch:
+            return self._sharing[1]
+        first: dict[int, int] = {}
+        src, shared = list(range(batch)), [0] * batch
+        for b in range(batch):
+            mine = self.origins.get(b, ())
+            if not mine:
+                continue
+            r = first.setdefault(mine[0], b)
+            theirs = self.origins[r]
+            n = 0
+            while r != b and n < min(len(mine), len(theirs)) and mine[n] == theirs[n]:
+                n += 1
+            src[b], shared[b] = r, n * self.block
+        result = (torch.tensor(src), torch.tensor(shared)) if any(shared) else None
+        self._sharing = (batch, result)
+        return result
 
     def export(self, slot: int, start: int, end: int) -> torch.Tensor:
         """KV of positions ``start..end`` of a slot as ``[layers, 2, kv_heads, n, head_dim]``."""
@@ -163,8 +204,9 @@ class SlotCache:
             [torch.stack((self.k[i][slot, :, start:end], self.v[i][slot, :, start:end])) for i in range(self.n_layers)]
         )
 
-    def decode_view(self, batch: int, positions: torch.Tensor, length: int) -> "_DecodeWriter":
-        return _DecodeWriter(self, batch, positions, length)
+    def decode_view(self, batch: int, positions: torch.Tensor, length: int, share: bool = True) -> "_DecodeWriter":
+        """The view of a decode step of slots ``0..batch-1`` (with ``share``, the rows' ``sharing``)."""
+        return _DecodeWriter(self, batch, positions, length, self.sharing(batch) if share else None)
 
     def span_view(self, positions: torch.Tensor, length: int) -> "_SpanWriter":
         """KV view for a step that feeds T tokens per slot (positions ``[B, T]``): a speculative
@@ -175,10 +217,12 @@ class SlotCache:
 class _DecodeWriter:
     """KV view for one decode step of slots ``0..batch-1``, each writing at its own position."""
 
-    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int) -> None:
+    def __init__(self, cache: SlotCache, batch: int, positions: torch.Tensor, length: int,
+                 sharing: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         self.cache, self.batch, self.length = cache, batch, length
         self.rows = torch.arange(batch)
         self.positions = positions
+        self.sharing = sharing  # (src, shared): positions a row may read from another row (SlotCache.sharing)
         self._flat: torch.Tensor | None = None
 
     @property

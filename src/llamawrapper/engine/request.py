@@ -145,6 +145,7 @@ class Request:
     kv: Any = None  # SequenceKV while prefilling
     prefilled: int = 0
     cached_tokens: int = 0
+    origin: tuple[int, ...] = ()  # serials of the prefix-cache blocks its KV's first positions hold (kv_cache.py)
     output_ids: list[int] = field(default_factory=list)
     detok: Any = None
     stopper: Any = None

@@ -351,7 +351,7 @@ class LlamaRunner:
         in_fp32 = self.dtype == torch.float32 or self.attention_fp32
         usable = bool(kernel) and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
         module = attention_kernel.load() if usable else None
-        self.kernel = module if module is not None and self.head_dim % module.width() == 0 else None
+        self.kernel = module if module is not None and module.supports(self.head_dim) else None
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
 
@@ -433,8 +433,8 @@ class LlamaRunner:
         attn32 = self.attention_fp32
         if self.kernel is not None and T == 1 and isinstance(kv, _DecodeWriter):
             # a decode step's mask lets each row see its keys up to its own position (the engine's)
-            module, lengths = self.kernel, kv.positions + 1
-            return kv, lambda q, k, v: attention_kernel.decode_attention(module, q, k, v, lengths)
+            module, lengths, sharing = self.kernel, kv.positions + 1, kv.sharing
+            return kv, lambda q, k, v: attention_kernel.decode_attention(module, q, k, v, lengths, sharing)
         if self.attention_per_row and T == 1 and isinstance(kv, _DecodeWriter):
             kv, bias = self._decode_bias(kv, mask)
             return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)
@@ -480,7 +480,7 @@ class LlamaRunner:
             x = layer.input_layernorm(h)
             if whole and fused is not None and fused.qkv is not None:
                 o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
-                                                          kv.positions, H)
+                                                          kv.positions, H, kv.sharing)
                 h = h + fused.o(o)
                 x = layer.post_attention_layernorm(h)
                 h = h + (_fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x))

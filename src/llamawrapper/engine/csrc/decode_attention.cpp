@@ -8,7 +8,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -16,89 +18,211 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// 2 * Vec::size() consecutive elements, widened to float32
-template <typename T>
-inline std::pair<Vec, Vec> load2(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {Vec::loadu(p), Vec::loadu(p + Vec::size())};
-  } else {
-    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-    return {a, b};
-  }
-}
-
-// Vec::size() consecutive elements, widened to float32 (a head_dim with an odd number of vectors)
+// Vec::size() consecutive elements, widened to float32 (bfloat16 -> float32 is exact: the 16 bits
+// moved up)
 template <typename T>
 inline Vec load1(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
   } else {
-    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, Vec::size())));
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
+#else
+    float f[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) f[i] = static_cast<float>(p[i]);
+    return Vec::loadu(f);
+#endif
   }
 }
 
-// One (row, KV head) task: the g query heads at ``qp`` (float32, g x D) over the first n keys and
-// values at ``kp``/``vp`` (rows ``kstride``/``vstride`` apart) -> g x D float32 at ``op``.
-// ``s`` and ``acc`` are the calling thread's scratch.
+// The sums of Vec::size() vectors' lanes as one vector: lane j holds the sum of v[j]'s lanes, added
+// in a fixed order (a tree of lane shuffles on AVX-512 and AVX2; one reduction per vector elsewhere).
+inline Vec lane_sums(const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i) {  // pairs of vectors: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3]
+    const __m512 a = v[2 * i], b = v[2 * i + 1];
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's sums of four vectors
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes added in pairs
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return Vec(_mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = v[2 * i], b = v[2 * i + 1];
+    t[i] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31)));
+#else
+  float s[Vec::size()];
+  for (int64_t j = 0; j < Vec::size(); ++j)
+    s[j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v[j]);
+  return Vec::loadu(s);
+#endif
+}
+
+// The calling thread's scratch: scores, a block of keys or values widened to float32, each head's
+// running weighted sum of the values.
+struct Scratch {
+  std::vector<float> s, rows;
+  std::vector<Vec> acc;
+};
+
+// Rows l0 .. l0 + m of a head's keys or values (``stride`` apart) as float32: in place for a float32
+// cache, else widened into ``buf`` (D floats a row). Sets ``ld`` to the rows' distance.
+template <typename T, int C>
+inline const float* rows_f32(const T* p, int64_t l0, int64_t m, int64_t stride, std::vector<float>& buf, int64_t& ld) {
+  constexpr int64_t W = Vec::size(), D = C * W;
+  if constexpr (std::is_same_v<T, float>) {
+    ld = stride;
+    return p + l0 * stride;
+  } else {
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t c = 0; c < C; ++c) load1(p + (l0 + j) * stride + c * W).store(buf.data() + j * D + c * W);
+    ld = D;
+    return buf.data();
+  }
+}
+
+// Where a task reads its keys and values: positions [0, n0) at ``k0``/``v0`` (another row that holds
+// the same values, shared by the rows of a common prompt prefix), [n0, n) at ``k``/``v`` (the row's
+// own); each pointer is its row's position 0 of one KV head, rows ``kstride``/``vstride`` apart.
 template <typename T>
-void attend_task(const float* qp, const T* kp, const T* vp, int64_t n, int64_t kstride, int64_t vstride, int64_t g,
-                 int64_t D, float scale, std::vector<float>& s, std::vector<Vec>& acc, float* op) {
-  const int64_t W = Vec::size(), C = D / W;
-  s.resize(g * n);
-  acc.resize(g * C);
-  for (int64_t l = 0; l < n; ++l) {  // scores: each query head of the group against key l
-    const T* kr = kp + l * kstride;
+struct Rows {
+  const T *k0, *v0, *k, *v;
+  int64_t n0, n, kstride, vstride;
+};
+
+// ``fn(keys_or_values, l0, m)`` for each block of up to Vec::size() positions, in order; a block
+// never spans the two sources (a score or a value's weight is the same in whichever block it falls)
+template <typename T, int C, typename F>
+inline void for_blocks(const Rows<T>& r, bool values, std::vector<float>& buf, F&& fn) {
+  constexpr int64_t W = Vec::size();
+  const T* base[2] = {values ? r.v0 : r.k0, values ? r.v : r.k};
+  const int64_t stride = values ? r.vstride : r.kstride, ends[2] = {r.n0, r.n};
+  int64_t l0 = 0;
+  for (int part = 0; part < 2; ++part) {
+    for (; l0 < ends[part]; l0 += W) {
+      const int64_t m = std::min(W, ends[part] - l0);
+      int64_t ld;
+      const float* rows = rows_f32<T, C>(base[part], l0, m, stride, buf, ld);
+      fn(rows, ld, l0, m);
+    }
+    l0 = ends[part];
+  }
+}
+
+// One (row, KV head) task: the g query heads at ``qp`` (float32, g x D, D = C vectors) over the
+// row's n keys and values (``r``) -> g x D float32 at ``op``. Both passes go Vec::size() positions
+// at a time, each block read (and widened) once for all the group's heads: the scores as one
+// dot-product vector per key whose lane sums come out together, the weighted sum of the values
+// with a head's accumulators in registers over the block. Every score and sum is computed in the
+// same order whichever rows share the call or where the keys are read from.
+template <typename T, int C>
+void attend_task(const float* qp, const Rows<T>& r, int64_t g, float scale, Scratch& sc, float* op) {
+  constexpr int64_t W = Vec::size(), D = C * W;
+  const int64_t n = r.n, npad = (n + W - 1) / W * W;
+  sc.s.resize(g * npad);
+  sc.rows.resize(W * D);
+  Vec dots[W];
+  for_blocks<T, C>(r, false, sc.rows, [&](const float* keys, int64_t ld, int64_t l0, int64_t m) {  // scores
     for (int64_t i = 0; i < g; ++i) {
-      Vec a(0.f);
-      int64_t c = 0;
-      for (; c + 1 < C; c += 2) {
-        auto [x0, x1] = load2(kr + c * W);
-        a = at::vec::fmadd(Vec::loadu(qp + i * D + c * W), x0, a);
-        a = at::vec::fmadd(Vec::loadu(qp + i * D + (c + 1) * W), x1, a);
+      const float* qi = qp + i * D;
+      for (int64_t j = 0; j < m; ++j) {
+        const float* kr = keys + j * ld;
+        Vec a = Vec::loadu(qi) * Vec::loadu(kr);
+        for (int64_t c = 1; c < C; ++c) a = at::vec::fmadd(Vec::loadu(qi + c * W), Vec::loadu(kr + c * W), a);
+        dots[j] = a;
       }
-      if (c < C) a = at::vec::fmadd(Vec::loadu(qp + i * D + c * W), load1(kr + c * W), a);
-      s[i * n + l] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a) * scale;
+      for (int64_t j = m; j < W; ++j) dots[j] = Vec(0.f);
+      (lane_sums(dots) * Vec(scale)).store(sc.s.data() + i * npad + l0, m);
     }
+  });
+  for (int64_t i = 0; i < g; ++i) {  // each head's softmax, normalised
+    float* si = sc.s.data() + i * npad;
+    const float mx = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, si, n);
+    at::vec::map([mx](Vec x) { return (x - Vec(mx)).exp(); }, si, si, n);
+    const float rs = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, si, n);
+    at::vec::map([rs](Vec x) { return x * Vec(rs); }, si, si, n);
   }
-  for (int64_t i = 0; i < g; ++i) {  // softmax of each head's scores
-    float* si = s.data() + i * n;
-    const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, si, n);
-    at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, si, si, n);
-    const float r = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, si, n);
-    at::vec::map([r](Vec x) { return x * Vec(r); }, si, si, n);
-  }
-  for (auto& a : acc) a = Vec(0.f);
-  for (int64_t l = 0; l < n; ++l) {  // the weighted sum of the values
-    const T* vr = vp + l * vstride;
-    int64_t c = 0;
-    for (; c + 1 < C; c += 2) {
-      auto [x0, x1] = load2(vr + c * W);
-      for (int64_t i = 0; i < g; ++i) {
-        const Vec p(s[i * n + l]);
-        acc[i * C + c] = at::vec::fmadd(p, x0, acc[i * C + c]);
-        acc[i * C + c + 1] = at::vec::fmadd(p, x1, acc[i * C + c + 1]);
+  sc.acc.assign(g * C, Vec(0.f));
+  for_blocks<T, C>(r, true, sc.rows, [&](const float* vals, int64_t ld, int64_t l0, int64_t m) {  // weighted sums
+    for (int64_t i = 0; i < g; ++i) {
+      const float* si = sc.s.data() + i * npad + l0;
+      Vec acc[C];
+      for (int64_t c = 0; c < C; ++c) acc[c] = sc.acc[i * C + c];
+      for (int64_t j = 0; j < m; ++j) {
+        const Vec p(si[j]);
+        for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vals + j * ld + c * W), acc[c]);
       }
+      for (int64_t c = 0; c < C; ++c) sc.acc[i * C + c] = acc[c];
     }
-    if (c < C) {
-      const Vec x = load1(vr + c * W);
-      for (int64_t i = 0; i < g; ++i) acc[i * C + c] = at::vec::fmadd(Vec(s[i * n + l]), x, acc[i * C + c]);
-    }
-  }
+  });
   for (int64_t i = 0; i < g; ++i)
-    for (int64_t c = 0; c < C; ++c) acc[i * C + c].store(op + i * D + c * W);
+    for (int64_t c = 0; c < C; ++c) sc.acc[i * C + c].store(op + i * D + c * W);
+}
+
+// head_dim / Vec::size() values the kernel is built for
+constexpr int64_t kVectorsPerHead[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32};
+
+inline bool supported(int64_t D) {
+  if (D % Vec::size()) return false;
+  for (int64_t c : kVectorsPerHead)
+    if (c * Vec::size() == D) return true;
+  return false;
 }
 
 template <typename T>
-void attend(const float* q, const T* k, const T* v, const int64_t* lengths, float* out, int64_t B, int64_t H,
+using TaskFn = void (*)(const float*, const Rows<T>&, int64_t, float, Scratch&, float*);
+
+// Row b's source of its first shared[b] positions (another row of the same slot cache, src[b]), or
+// itself (no ``shared``)
+struct Sharing {
+  const int64_t *src = nullptr, *shared = nullptr;
+  int64_t row(int64_t b) const { return shared && shared[b] > 0 ? src[b] : b; }
+  int64_t length(int64_t b) const { return shared ? shared[b] : 0; }
+};
+
+// tasks in KV-head-major order: the rows that share a prefix read it one after another, from cache
+
+// attend_task for head_dim D (which ``supported`` accepts)
+template <typename T>
+TaskFn<T> task_for(int64_t D) {
+  switch (D / Vec::size()) {
+    case 1: return attend_task<T, 1>;
+    case 2: return attend_task<T, 2>;
+    case 3: return attend_task<T, 3>;
+    case 4: return attend_task<T, 4>;
+    case 5: return attend_task<T, 5>;
+    case 6: return attend_task<T, 6>;
+    case 7: return attend_task<T, 7>;
+    case 8: return attend_task<T, 8>;
+    case 16: return attend_task<T, 16>;
+    default: return attend_task<T, 32>;
+  }
+}
+
+template <typename T>
+void attend(const float* q, const T* k, const T* v, const int64_t* lengths, Sharing sh, float* out, int64_t B, int64_t H,
             int64_t KVH, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
   const int64_t g = H / KVH;
+  const TaskFn<T> task = task_for<T>(D);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s;
-    std::vector<Vec> acc;
+    Scratch sc;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / KVH, h = t % KVH, off = (b * H + h * g) * D;
-      attend_task(q + off, k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1], lengths[b], ks[2], vs[2], g, D, scale,
-                  s, acc, out + off);
+      const int64_t h = t / B, b = t % B, off = (b * H + h * g) * D, s = sh.row(b);
+      const Rows<T> r{k + s * ks[0] + h * ks[1], v + s * vs[0] + h * vs[1], k + b * ks[0] + h * ks[1],
+                      v + b * vs[0] + h * vs[1], sh.length(b), lengths[b], ks[2], vs[2]};
+      task(q + off, r, g, scale, sc, out + off);
     }
   });
 }
@@ -119,14 +243,15 @@ inline void rotate(const A* x, const A* cos, const A* sin, int64_t D, float* dst
 // One decode step's attention block after the fused q/k/v projection: rotate q and k, write k and
 // v at each row's position of the layer's slot cache, attend over the row's keys so far.
 template <typename A, typename C>
-void rope_write_attend(const A* y, const A* cos, const A* sin, C* k, C* v, const int64_t* pos, A* out, int64_t B,
-                       int64_t H, int64_t KVH, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
+void rope_write_attend(const A* y, const A* cos, const A* sin, C* k, C* v, const int64_t* pos, Sharing sh, A* out,
+                       int64_t B, int64_t H, int64_t KVH, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
   const int64_t g = H / KVH, R = H + 2 * KVH;
+  const TaskFn<C> task = task_for<C>(D);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, q(g * D), kf(D), o(g * D);
-    std::vector<Vec> acc;
+    Scratch sc;
+    std::vector<float> q(g * D), kf(D), o(g * D);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / KVH, h = t % KVH;
+      const int64_t h = t / B, b = t % B, s = sh.row(b);
       const A* yb = y + b * R * D;
       for (int64_t i = 0; i < g; ++i) rotate(yb + (h * g + i) * D, cos + b * D, sin + b * D, D, q.data() + i * D);
       rotate(yb + (H + h) * D, cos + b * D, sin + b * D, D, kf.data());
@@ -137,17 +262,39 @@ void rope_write_attend(const A* y, const A* cos, const A* sin, C* k, C* v, const
         kp[pos[b] * ks[2] + d] = static_cast<C>(kf[d]);
         vp[pos[b] * vs[2] + d] = static_cast<C>(static_cast<float>(vy[d]));
       }
-      attend_task(q.data(), static_cast<const C*>(kp), static_cast<const C*>(vp), pos[b] + 1, ks[2], vs[2], g, D, scale,
-                  s, acc, o.data());
+      const Rows<C> r{k + s * ks[0] + h * ks[1], v + s * vs[0] + h * vs[1], kp, vp, sh.length(b), pos[b] + 1, ks[2], vs[2]};
+      task(q.data(), r, g, scale, sc, o.data());
       A* ob = out + (b * H + h * g) * D;
       for (int64_t j = 0; j < g * D; ++j) ob[j] = static_cast<A>(o[j]);
     }
   });
 }
 
+// ``src``/``shared`` ([B] int64, both or neither): row b reads its first shared[b] positions from row
+// src[b] of the same cache, which must hold them: ``filled[r]`` positions of row r are written before
+// the call (rows past ``filled``'s B, the cache's capacity).
+Sharing sharing_of(const std::optional<torch::Tensor>& src, const std::optional<torch::Tensor>& shared, int64_t B,
+                   int64_t slots, int64_t capacity, const int64_t* own, const int64_t* filled, const char* op) {
+  TORCH_CHECK(src.has_value() == shared.has_value(), op, ": src and shared go together");
+  if (!src.has_value()) return {};
+  for (const auto* t : {&*src, &*shared})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == at::kLong && t->is_contiguous(), op,
+                ": src and shared must be [B] int64");
+  Sharing sh{src->data_ptr<int64_t>(), shared->data_ptr<int64_t>()};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = sh.src[b], n = sh.shared[b];
+    TORCH_CHECK(n >= 0 && n <= own[b], op, ": row ", b, " shares more positions than it reads");
+    TORCH_CHECK(n == 0 || (r >= 0 && r < slots && n <= (r < B ? filled[r] : capacity)), op, ": row ", b,
+                "'s source row does not hold its shared positions");
+  }
+  return sh;
+}
+
 // q [B, H, D] float32 contiguous; k, v [B, KVH, >= max(lengths), D] (any strides but the last, 1),
-// float32 or bfloat16; lengths [B] int64: row b attends its first lengths[b] keys. -> [B, H, D] float32
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+// float32 or bfloat16; lengths [B] int64: row b attends its first lengths[b] keys (its first shared[b]
+// read from row src[b], see sharing_of). -> [B, H, D] float32
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                               std::optional<torch::Tensor> src, std::optional<torch::Tensor> shared) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && lengths.dim() == 1, "decode_attention: bad ranks");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "decode_attention: q must be contiguous float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
@@ -157,18 +304,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.size(0) >= B && v.size(0) >= B && v.size(1) == KVH && k.size(3) == D && v.size(3) == D && H % KVH == 0 &&
                   lengths.size(0) == B, "decode_attention: shapes do not match");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: head_dim must be contiguous");
-  TORCH_CHECK(D % Vec::size() == 0, "decode_attention: head_dim must be a multiple of ", Vec::size());
+  TORCH_CHECK(supported(D), "decode_attention: head_dim ", D, " is not one this kernel is built for");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= 1 && len[b] <= k.size(2) && len[b] <= v.size(2), "decode_attention: a length is out of range");
+  const Sharing sh = sharing_of(src, shared, B, std::min(k.size(0), v.size(0)), std::min(k.size(2), v.size(2)), len, len,
+                                 "decode_attention");
   auto out = torch::empty({B, H, D}, q.options());
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   if (k.scalar_type() == at::kBFloat16)
-    attend<at::BFloat16>(q.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), len,
+    attend<at::BFloat16>(q.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), len, sh,
                          out.data_ptr<float>(), B, H, KVH, D, ks, vs, scale);
   else
-    attend<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), len, out.data_ptr<float>(), B, H,
+    attend<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), len, sh, out.data_ptr<float>(), B, H,
                   KVH, D, ks, vs, scale);
   return out;
 }
@@ -176,21 +325,23 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // rope_write_attend for activations A, over a float32 or bfloat16 cache
 template <typename A>
 void rope_write_attend_cache(torch::Tensor& y, torch::Tensor& cos, torch::Tensor& sin, torch::Tensor& k, torch::Tensor& v,
-                             const int64_t* pos, torch::Tensor& out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                             const int64_t* ks, const int64_t* vs, float scale) {
+                             const int64_t* pos, Sharing sh, torch::Tensor& out, int64_t B, int64_t H, int64_t KVH,
+                             int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
   if (k.scalar_type() == at::kBFloat16)
     rope_write_attend<A, at::BFloat16>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<at::BFloat16>(),
-                                       v.data_ptr<at::BFloat16>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
+                                       v.data_ptr<at::BFloat16>(), pos, sh, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
   else
     rope_write_attend<A, float>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), k.data_ptr<float>(),
-                                v.data_ptr<float>(), pos, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
+                                v.data_ptr<float>(), pos, sh, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
 }
 
 // y [B, H + 2 KVH, D] (the fused q/k/v projection of one decode step), cos/sin [B, D], in the
 // activations' dtype (float32 or bfloat16); k, v one layer's slot cache [slots, KVH, capacity, D]
-// (float32 or bfloat16, head_dim contiguous), written at [b, :, positions[b]]; -> [B, H, D] in y's dtype
+// (float32 or bfloat16, head_dim contiguous), written at [b, :, positions[b]] (a row's first shared[b]
+// positions read from row src[b], see sharing_of); -> [B, H, D] in y's dtype
 torch::Tensor rope_write_attention(torch::Tensor y, torch::Tensor cos, torch::Tensor sin, torch::Tensor k, torch::Tensor v,
-                                   torch::Tensor positions, int64_t H) {
+                                   torch::Tensor positions, int64_t H, std::optional<torch::Tensor> src,
+                                   std::optional<torch::Tensor> shared) {
   TORCH_CHECK(y.dim() == 3 && cos.dim() == 2 && sin.dim() == 2 && k.dim() == 4 && v.dim() == 4 && positions.dim() == 1,
               "rope_write_attention: bad ranks");
   TORCH_CHECK(y.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_write_attention: y, cos, sin must be contiguous");
@@ -206,36 +357,51 @@ torch::Tensor rope_write_attention(torch::Tensor y, torch::Tensor cos, torch::Te
                   k.size(3) == D && v.size(3) == D && positions.size(0) == B && D % 2 == 0,
               "rope_write_attention: shapes do not match");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "rope_write_attention: head_dim must be contiguous");
-  TORCH_CHECK(D % Vec::size() == 0, "rope_write_attention: head_dim must be a multiple of ", Vec::size());
+  TORCH_CHECK(supported(D), "rope_write_attention: head_dim ", D, " is not one this kernel is built for");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(pos[b] >= 0 && pos[b] < k.size(2) && pos[b] < v.size(2), "rope_write_attention: a position is out of range");
+  std::vector<int64_t> own(pos, pos + B);  // a row reads up to its own new position, written by this call
+  for (auto& n : own) n += 1;
+  // a source row's positions before its own new one are written already (and not by this call)
+  const Sharing sh = sharing_of(src, shared, B, std::min(k.size(0), v.size(0)), std::min(k.size(2), v.size(2)), own.data(),
+                                pos, "rope_write_attention");
   auto out = torch::empty({B, H, D}, y.options());
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   if (y.scalar_type() == at::kBFloat16)
-    rope_write_attend_cache<at::BFloat16>(y, cos, sin, k, v, pos, out, B, H, KVH, D, ks, vs, scale);
+    rope_write_attend_cache<at::BFloat16>(y, cos, sin, k, v, pos, sh, out, B, H, KVH, D, ks, vs, scale);
   else
-    rope_write_attend_cache<float>(y, cos, sin, k, v, pos, out, B, H, KVH, D, ks, vs, scale);
+    rope_write_attend_cache<float>(y, cos, sin, k, v, pos, sh, out, B, H, KVH, D, ks, vs, scale);
   return out;
 }
 
 }  // namespace
 
-// an operator too (torch.ops.llamawrapper.decode_attention), so that the compiled decode step
-// (compile_decode) calls it from its graph
+// an operator too (torch.ops.llamawrapper.decode_attention, without sharing), so that the compiled
+// decode step (compile_decode) calls it from its graph. Its schema must not change: graphs compiled
+// by an earlier version and cached on disk call it with these arguments.
+torch::Tensor decode_attention_op(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+  return decode_attention(q, k, v, lengths, std::nullopt, std::nullopt);
+}
 TORCH_LIBRARY(llamawrapper, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
-TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_attention_op); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+  m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                                std::optional<torch::Tensor> src, std::optional<torch::Tensor> shared) {
     pybind11::gil_scoped_release free_gil;  // the server's event loop runs while a step attends
-    return decode_attention(q, k, v, lengths);
-  });
+    return decode_attention(q, k, v, lengths, src, shared);
+  }, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lengths"), pybind11::arg("src") = pybind11::none(),
+     pybind11::arg("shared") = pybind11::none());
   m.def("rope_write_attention", [](torch::Tensor y, torch::Tensor cos, torch::Tensor sin, torch::Tensor k, torch::Tensor v,
-                                   torch::Tensor positions, int64_t H) {
+                                   torch::Tensor positions, int64_t H, std::optional<torch::Tensor> src,
+                                   std::optional<torch::Tensor> shared) {
     pybind11::gil_scoped_release free_gil;
-    return rope_write_attention(y, cos, sin, k, v, positions, H);
-  });
-  m.def("width", [] { return static_cast<int64_t>(Vec::size()); });  // head_dim must be a multiple of it
+    return rope_write_attention(y, cos, sin, k, v, positions, H, src, shared);
+  }, pybind11::arg("y"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k"), pybind11::arg("v"),
+     pybind11::arg("positions"), pybind11::arg("H"), pybind11::arg("src") = pybind11::none(),
+     pybind11::arg("shared") = pybind11::none());
+  m.def("width", [] { return static_cast<int64_t>(Vec::size()); });  // of the vectors the kernel computes with
+  m.def("supports", [](int64_t head_dim) { return supported(head_dim); });  // a head_dim the kernel is built for
 }
