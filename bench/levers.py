@@ -13,9 +13,9 @@ see the same machine load; medians are reported.
 ``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead (``engine.<attr>=`` or
 ``runner.<attr>=`` sets an attribute that is not a setting, e.g. ``engine.pack_prefill=0``,
 ``runner.kernel_block=0``; any other key must be an ``EngineSettings`` field): W1 (the bench's 46-token
-chat prompt, 128 new tokens) and W2 (16 requests together, the shared ~300-token system prompt,
-64 new tokens each), every variant its own loaded model with its own engine settings, the
-variants taking turns round by round.
+chat prompt, 128 new tokens), W2 (16 requests together, the shared ~300-token system prompt,
+64 new tokens each) and a prefill (1,000 prompt tokens, one new), every variant its own loaded
+model with its own engine settings, the variants taking turns round by round.
 
 A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]
 [+attention_per_row|+noattention_per_row][+onednn|+noonednn][+kernel|+nokernel][+kernel_block|+nokernel_block][+kv=float32|+kv=bfloat16]``; model = fp32 | bf16 | int8 |
@@ -172,7 +172,7 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def e2e(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.workloads import w1_prompt, w2_prompts
+    from bench.workloads import long_prompt, w1_prompt, w2_prompts
     from llamawrapper import SamplingParams
 
     specs = []
@@ -200,8 +200,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"the {where} has no attribute {name!r}")
             setattr(obj, name, v)
     tok = next(iter(llms.values())).tokenizer
-    w1, w2 = w1_prompt(tok), w2_prompts(tok, args.w2_requests)
-    rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": []} for label in llms}
+    w1, w2, long = w1_prompt(tok), w2_prompts(tok, args.w2_requests), long_prompt(tok, 1000)
+    rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": [], "prefill": []} for label in llms}
     texts: dict[str, list[int]] = {}
     for r in range(args.rounds):
         for label, llm in llms.items():
@@ -218,18 +218,25 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             hs = [llm.submit(p, p2) for p in w2]
             n = sum(len(h.result().token_ids) for h in hs)
             rates[label]["w2"].append(n / (time.perf_counter() - t))
-        print(f"round {r}: " + ", ".join(f"{k} w1 {v['w1'][-1]:.1f} w2 {v['w2'][-1]:.1f}" for k, v in rates.items()),
-              file=sys.stderr, flush=True)
+            llm.engine.executor.call(llm.engine.prefix_cache.clear).result()  # prefill: 1,000 prompt tokens, one new
+            t = time.perf_counter()
+            llm.submit(long, SamplingParams(max_tokens=1, temperature=0)).result()
+            rates[label]["prefill"].append(len(long) / (time.perf_counter() - t))
+        print(f"round {r}: " + ", ".join(f"{k} w1 {v['w1'][-1]:.1f} w2 {v['w2'][-1]:.1f} prefill {v['prefill'][-1]:.0f}"
+                                         for k, v in rates.items()), file=sys.stderr, flush=True)
     out = {"threads": args.threads, "rounds": args.rounds, "variants": {}}
     base = specs[0][0]
     for label in llms:
         m1, m2 = statistics.median(rates[label]["w1"]), statistics.median(rates[label]["w2"])
-        out["variants"][label] = {"w1_tok_s": round(m1, 1), "w2_tok_s": round(m2, 1), "w1_runs": rates[label]["w1"],
-                                  "w2_runs": rates[label]["w2"], "w1_same_tokens_as_first": texts[label] == texts[base]}
+        mp = statistics.median(rates[label]["prefill"])
+        out["variants"][label] = {"w1_tok_s": round(m1, 1), "w2_tok_s": round(m2, 1), "prefill_tok_s": round(mp, 1),
+                                  "w1_runs": rates[label]["w1"], "w2_runs": rates[label]["w2"],
+                                  "prefill_runs": rates[label]["prefill"], "w1_same_tokens_as_first": texts[label] == texts[base]}
     for label, v in out["variants"].items():
         b = out["variants"][base]
         print(f"{label:28s} W1 {v['w1_tok_s']:7.1f} tok/s (x{v['w1_tok_s'] / b['w1_tok_s']:.2f})   "
               f"W2 {v['w2_tok_s']:7.1f} tok/s (x{v['w2_tok_s'] / b['w2_tok_s']:.2f})   "
+              f"prefill {v['prefill_tok_s']:7.1f} tok/s (x{v['prefill_tok_s'] / b['prefill_tok_s']:.2f})   "
               f"W1 tokens = first's: {v['w1_same_tokens_as_first']}", file=sys.stderr)
     for llm in llms.values():
         llm.close()

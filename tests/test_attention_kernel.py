@@ -258,7 +258,7 @@ def test_a_kernel_that_cannot_be_built_leaves_torchs_attention(tiny_llm, tmp_pat
     is said once in the log, and the runner decodes with torch's attention."""
     monkeypatch.setattr(attention_kernel, "_module", None)
     monkeypatch.setattr(attention_kernel, "_failed", None)
-    monkeypatch.setattr(attention_kernel, "SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(attention_kernel, "SOURCES", [tmp_path / "missing.cpp"])
     monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
     with caplog.at_level(logging.WARNING, logger="llamawrapper.engine"):
         runner = LlamaRunner(tiny_llm.loaded.model)
@@ -312,3 +312,65 @@ def test_a_build_killed_half_way_does_not_stop_the_next_load(kernel, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "loaded True" in out.stdout, out.stderr[-2000:]
     assert not (ext / built.name / "lock").exists()
+
+
+def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
+    """The unpacker reads torch's packed int4 layout here: every weight is (q - 8) * scale + zero
+    rounded to bfloat16, transposed ([in, out]); a GEMM over it is within bfloat16 rounding of
+    torch's int4 kernel and gives each row what it gives that row alone."""
+    from llamawrapper.models.quantization import quantize_int4_groups
+
+    unpack = attention_kernel.int4_unpacker()
+    assert unpack is not None
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(192, 128, generator=gen) * 0.05
+    q, sz = quantize_int4_groups(w, 32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale, zero = sz.float().unbind(2)  # [K/32, N] each
+    want = ((q.float() - 8).t() * scale.repeat_interleave(32, 0) + zero.repeat_interleave(32, 0)).bfloat16()
+    got = unpack(packed, sz, 32)
+    assert got.shape == (128, 192) and got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -8  # one bfloat16 step at most
+    x = torch.randn(40, 128, generator=gen).bfloat16()
+    y, ref = torch.mm(x, got), torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+    assert (y.float() - ref.float()).abs().max() < 0.02 * ref.float().abs().max()
+    assert torch.equal(torch.mm(x[3:4], got), y[3:4])
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        unpack(packed[:100], sz[:, :100].contiguous(), 32)
+
+
+def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm, monkeypatch):
+    """An int4 runner prefills through the unpacked bfloat16 weights (every projection of every
+    layer, once per forward) and decodes through torch's int4 kernel; its prefill logits are within
+    bfloat16 rounding of the int4 kernel's, and its greedy text alone is its text in a batch."""
+    from llamawrapper.models import quantization as quant
+
+    model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
+    tok = tiny_llm.tokenizer
+    calls = []
+    real = attention_kernel.int4_unpacker()
+    runner = LlamaRunner(model)
+    assert runner.int4_unpack is not None
+    runner.int4_unpack = lambda *a: calls.append(a[0].shape) or real(*a)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (30, 7, 52)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        assert len(calls) == len(prompts) * runner.n_layers * 4  # qkv, o, gate/up, down; none in the 15 decode steps
+        eng.executor.call(eng.prefix_cache.clear).result()
+        batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+    finally:
+        eng.shutdown()
+    assert alone == batch
+    logits = []
+    for r in (runner, LlamaRunner(model, int4_prefill_bf16=False)):
+        ids = torch.tensor([prompts[0]])
+        from llamawrapper.engine.kv_cache import SequenceKV
+
+        seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
+        mask = torch.ones(1, 1, 30, 30, dtype=torch.bool).tril()
+        logits.append(r.forward(ids, torch.arange(30).unsqueeze(0), seq.chunk(0, 30), mask))
+    assert not torch.equal(logits[0], logits[1])  # two different kernels ...
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()  # ... within bfloat16 rounding

@@ -3,6 +3,8 @@ built on this machine with torch's ``cpp_extension`` at the first load of a mode
 ``main``, which make's ``run`` and ``test`` call), cached under the home (``cache/extensions``, or
 torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU capability and torch version.
 
+``int4_weights.cpp`` unpacks an int4 model's weights to bfloat16 for the prefill (``int4_unpacker``).
+
 A decode step's attention is one query per row over that row's cached keys. torch's SDPA and
 matmuls treat it as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first; the
 kernel reads the keys and values in place (float32 or bfloat16, widened in registers), groups a
@@ -21,7 +23,7 @@ import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from filelock import FileLock
@@ -30,7 +32,8 @@ from ..config import home_dir
 
 log = logging.getLogger("llamawrapper.engine")
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+# the decode attention, and int4 weights unpacked to bfloat16 for prefill (int4_weights.cpp)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "int4_weights.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
@@ -79,7 +82,7 @@ def load() -> Optional[ModuleType]:
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
                     log.info("building the decode-attention kernel for this CPU (%s), once: ~20 s", cap)
-                _module = build_extension(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
@@ -125,6 +128,33 @@ def rope_write_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor,
     D = k_cache.shape[-1]
     out = module.rope_write_attention(y.view(B, -1, D), cos, sin, k_cache, v_cache, positions, heads, *(sharing or (None, None)))
     return out.view(B, 1, heads * D)
+
+
+_int4_checked: Optional[bool] = None
+
+
+def int4_unpacker() -> Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]:
+    """``unpack(weight, scales_and_zeros, group_size)`` -> an ``Int4Linear``'s weight as bfloat16
+    ``[in, out]`` (the C++ operator), if the kernels are built and read torch's packed int4 layout
+    here as they expect (checked once per process against torch's own kernel), else None."""
+    global _int4_checked
+    if load() is None:
+        return None
+    unpack = torch.ops.llamawrapper.int4_weight_bf16
+    if _int4_checked is None:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+        sz = torch.stack([torch.rand(2, 128, generator=g) / 8 + 0.01, torch.randn(2, 128, generator=g)], dim=2).bfloat16()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        eye = torch.eye(64, dtype=torch.bfloat16)
+        try:
+            want = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, 32, sz).float()  # rows of W.T
+            _int4_checked = packed.shape == (128, 32) and torch.allclose(unpack(packed, sz, 32).float(), want, rtol=1e-2, atol=1e-2)
+        except RuntimeError:
+            _int4_checked = False
+        if not _int4_checked:
+            log.warning("torch's packed int4 layout is not the one the int4 unpacker reads here: int4 prefill keeps torch's int4 kernel")
+    return unpack if _int4_checked else None
 
 
 def main() -> None:

@@ -54,7 +54,8 @@ from ..errors import InvalidRequestError, UnsupportedModelError
 from . import attention_kernel
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
-from .kv_cache import _DecodeWriter
+from .kv_cache import _DecodeWriter, _SpanWriter
+from ..models.quantization import Int4Linear, int4_unpacked
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -273,7 +274,7 @@ class LlamaRunner:
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
-                 kernel_block: bool = True) -> None:
+                 kernel_block: bool = True, int4_prefill_bf16: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -320,7 +321,7 @@ class LlamaRunner:
         # casts the whole context, at twice the KV memory) is attended in float32
         self.attention_fp32 = half and (bool(attention_fp32) or kv_dtype == torch.float32)
         self.kv_dtype = kv_dtype or self.dtype
-        from ..models.quantization import Int4Linear, Int8Linear, W8A8Linear
+        from ..models.quantization import Int8Linear, W8A8Linear
 
         kinds = {type(m) for m in model.modules()}
         self.quantizes_activations = W8A8Linear in kinds
@@ -354,6 +355,9 @@ class LlamaRunner:
         self.kernel = module if module is not None and module.supports(self.head_dim) else None
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
+        # an int4 model's prefill chunks through bfloat16 GEMMs over weights unpacked per forward
+        has_int4 = int4_prefill_bf16 and Int4Linear in kinds
+        self.int4_unpack = attention_kernel.int4_unpacker() if has_int4 else None
 
     @property
     def packed_bytes(self) -> int:
@@ -475,38 +479,42 @@ class LlamaRunner:
         whole = self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter)
         if whole:
             cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()
-        for i, layer in enumerate(self.layers):
-            attn, fused = layer.self_attn, self.fused[i]
-            x = layer.input_layernorm(h)
-            if whole and fused is not None and fused.qkv is not None:
-                o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
-                                                          kv.positions, H, kv.sharing)
-                h = h + fused.o(o)
+        # a prefill chunk of an int4 model: its projections as one bfloat16 GEMM each over weights
+        # unpacked for this forward (torch's int4 kernel is made for a few rows); decode steps keep it
+        unpacked = bool(self.int4_unpack) and not isinstance(kv, (_DecodeWriter, _SpanWriter))
+        with int4_unpacked(self.int4_unpack if unpacked else None):
+            for i, layer in enumerate(self.layers):
+                attn, fused = layer.self_attn, self.fused[i]
+                x = layer.input_layernorm(h)
+                if whole and fused is not None and fused.qkv is not None:
+                    o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
+                                                              kv.positions, H, kv.sharing)
+                    h = h + fused.o(o)
+                    x = layer.post_attention_layernorm(h)
+                    h = h + (_fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x))
+                    continue
+                if fused is not None and fused.qkv is not None:
+                    q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
+                else:
+                    q = attn.q_proj(x).view(Bt, Tt, H, D).transpose(1, 2)
+                    k = attn.k_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
+                    v = attn.v_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
+                    q, k = self._apply_rope(q, k, cos, sin)
+                if packed:
+                    q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
+                if self.kv_dtype != self.dtype:
+                    k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+                keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
+                o = attend(q, keys, values)
+                o = o.transpose(1, 2).reshape(B, T, H * D)
+                if packed:
+                    o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
+                h = h + (attn.o_proj if fused is None else fused.o)(o)
                 x = layer.post_attention_layernorm(h)
-                h = h + (_fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x))
-                continue
-            if fused is not None and fused.qkv is not None:
-                q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
-            else:
-                q = attn.q_proj(x).view(Bt, Tt, H, D).transpose(1, 2)
-                k = attn.k_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
-                v = attn.v_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
-                q, k = self._apply_rope(q, k, cos, sin)
-            if packed:
-                q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
-            if self.kv_dtype != self.dtype:
-                k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
-            keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-            o = attend(q, keys, values)
-            o = o.transpose(1, 2).reshape(B, T, H * D)
-            if packed:
-                o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
-            h = h + (attn.o_proj if fused is None else fused.o)(o)
-            x = layer.post_attention_layernorm(h)
-            if fused is not None and fused.gate_up is not None:
-                h = h + _fused_mlp(layer, fused, x)
-            else:
-                h = h + layer.mlp(x)
+                if fused is not None and fused.gate_up is not None:
+                    h = h + _fused_mlp(layer, fused, x)
+                else:
+                    h = h + layer.mlp(x)
         if packed:
             h = h[0] if logits_at is None else h[0, logits_at]
         elif flat is not None:

@@ -28,13 +28,15 @@ short built-in text, moves activation outliers into the weights.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -121,6 +123,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+# set while a forward runs its int4 projections on weights unpacked to bfloat16 (``int4_unpacked``)
+_UNPACK: contextvars.ContextVar[Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]] = \
+    contextvars.ContextVar("llamawrapper_int4_unpack", default=None)
+INT4_UNPACK_BLOCK = 64  # output channels of the packed layout's blocks: the unpacker takes multiples of it
+
+
+@contextlib.contextmanager
+def int4_unpacked(unpack: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]) -> Iterator[None]:
+    """Within it (on this thread), ``Int4Linear`` multiplies by ``unpack(weight, scales_and_zeros,
+    group_size)`` (``[in, out]`` bfloat16) in one bfloat16 GEMM instead of torch's packed int4
+    kernel: faster for the hundreds of rows of a prefill chunk. None: torch's kernel."""
+    token = _UNPACK.set(unpack)
+    try:
+        yield
+    finally:
+        _UNPACK.reset(token)
+
+
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4 weights (``group_size`` along the input), packed for the CPU kernel."""
 
@@ -146,7 +166,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        unpack = _UNPACK.get()
+        if unpack is not None and self.out_features % INT4_UNPACK_BLOCK == 0:  # a prefill chunk (int4_unpacked)
+            y = torch.mm(x2, unpack(self.weight, self.scales_and_zeros, self.group_size))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
