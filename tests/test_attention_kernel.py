@@ -320,8 +320,8 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
     torch's int4 kernel and gives each row what it gives that row alone."""
     from llamawrapper.models.quantization import quantize_int4_groups
 
-    unpack = attention_kernel.int4_unpacker()
-    assert unpack is not None
+    assert attention_kernel.int4_prefill_matmul() is not None  # the layout check passed
+    unpack = torch.ops.llamawrapper.int4_weight_bf16
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(192, 128, generator=gen) * 0.05
     q, sz = quantize_int4_groups(w, 32)
@@ -339,26 +339,27 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
         unpack(packed[:100], sz[:, :100].contiguous(), 32)
 
 
-def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm, monkeypatch):
+def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm):
     """An int4 runner prefills through the unpacked bfloat16 weights (every projection of every
     layer, once per forward) and decodes through torch's int4 kernel; its prefill logits are within
-    bfloat16 rounding of the int4 kernel's, and its greedy text alone is its text in a batch."""
+    bfloat16 rounding of torch's int4 kernel's, and its greedy text alone is its text in a batch."""
     from llamawrapper.models import quantization as quant
 
     model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
     tok = tiny_llm.tokenizer
     calls = []
-    real = attention_kernel.int4_unpacker()
     runner = LlamaRunner(model)
-    assert runner.int4_unpack is not None
-    runner.int4_unpack = lambda *a: calls.append(a[0].shape) or real(*a)
+    real = runner.int4_prefill
+    assert real is not None
+    runner.int4_prefill = lambda *a: calls.append(a[0].shape[0]) or real(*a)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (30, 7, 52)]
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
     try:
         alone = [eng.submit(x, p).result().token_ids for x in prompts]
-        assert len(calls) == len(prompts) * runner.n_layers * 4  # qkv, o, gate/up, down; none in the 15 decode steps
+        # qkv, o, gate/up, down of each layer, in each prompt's one prefill forward; none in the 15 decode steps
+        assert len(calls) == len(prompts) * runner.n_layers * 4
         eng.executor.call(eng.prefix_cache.clear).result()
         batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
     finally:

@@ -3,7 +3,8 @@ built on this machine with torch's ``cpp_extension`` at the first load of a mode
 ``main``, which make's ``run`` and ``test`` call), cached under the home (``cache/extensions``, or
 torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU capability and torch version.
 
-``int4_weights.cpp`` unpacks an int4 model's weights to bfloat16 for the prefill (``int4_unpacker``).
+``int4_weights.cpp`` unpacks an int4 model's weights to bfloat16 for its prefill chunks
+(``int4_prefill_matmul``).
 
 A decode step's attention is one query per row over that row's cached keys. torch's SDPA and
 matmuls treat it as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first; the
@@ -133,10 +134,12 @@ def rope_write_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor,
 _int4_checked: Optional[bool] = None
 
 
-def int4_unpacker() -> Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]:
-    """``unpack(weight, scales_and_zeros, group_size)`` -> an ``Int4Linear``'s weight as bfloat16
-    ``[in, out]`` (the C++ operator), if the kernels are built and read torch's packed int4 layout
-    here as they expect (checked once per process against torch's own kernel), else None."""
+def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
+    """``mm(x [M, in] bfloat16, weight, scales_and_zeros, group_size)`` -> ``[M, out]`` bfloat16
+    for ``Int4Linear``'s packed weights: one bfloat16 GEMM over the weight unpacked for the call
+    (``int4_weights.cpp``), for the hundreds of rows of a prefill chunk. None if the kernels are not
+    built, or do not read torch's packed int4 layout here as they expect (checked once per process
+    against torch's own kernel)."""
     global _int4_checked
     if load() is None:
         return None
@@ -146,15 +149,24 @@ def int4_unpacker() -> Optional[Callable[[torch.Tensor, torch.Tensor, int], torc
         q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
         sz = torch.stack([torch.rand(2, 128, generator=g) / 8 + 0.01, torch.randn(2, 128, generator=g)], dim=2).bfloat16()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        eye = torch.eye(64, dtype=torch.bfloat16)
+        x = torch.randn(3, 64, generator=g).bfloat16()
         try:
-            want = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, 32, sz).float()  # rows of W.T
-            _int4_checked = packed.shape == (128, 32) and torch.allclose(unpack(packed, sz, 32).float(), want, rtol=1e-2, atol=1e-2)
+            want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz).float()
+            got = torch.mm(x, unpack(packed, sz, 32)).float()
+            # within the rounding of the weights to bfloat16 (relative to the largest output)
+            _int4_checked = packed.shape == (128, 32) and float((got - want).abs().max()) <= 0.02 * float(want.abs().max())
         except RuntimeError:
             _int4_checked = False
         if not _int4_checked:
-            log.warning("torch's packed int4 layout is not the one the int4 unpacker reads here: int4 prefill keeps torch's int4 kernel")
-    return unpack if _int4_checked else None
+            log.warning("torch's packed int4 layout is not the one the int4 unpacker reads here: int4 prefill keeps "
+                        "torch's int4 kernel")
+    if not _int4_checked:
+        return None
+
+    def prefill(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+        return torch.mm(x, unpack(weight, scales_and_zeros, group_size))
+
+    return prefill
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from . import attention_kernel
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
 from .kv_cache import _DecodeWriter, _SpanWriter
-from ..models.quantization import Int4Linear, int4_unpacked
+from ..models.quantization import Int4Linear, int4_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -356,8 +356,7 @@ class LlamaRunner:
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
         # an int4 model's prefill chunks through bfloat16 GEMMs over weights unpacked per forward
-        has_int4 = int4_prefill_bf16 and Int4Linear in kinds
-        self.int4_unpack = attention_kernel.int4_unpacker() if has_int4 else None
+        self.int4_prefill = attention_kernel.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
 
     @property
     def packed_bytes(self) -> int:
@@ -479,10 +478,10 @@ class LlamaRunner:
         whole = self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter)
         if whole:
             cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()
-        # a prefill chunk of an int4 model: its projections as one bfloat16 GEMM each over weights
-        # unpacked for this forward (torch's int4 kernel is made for a few rows); decode steps keep it
-        unpacked = bool(self.int4_unpack) and not isinstance(kv, (_DecodeWriter, _SpanWriter))
-        with int4_unpacked(self.int4_unpack if unpacked else None):
+        # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
+        # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)
+        prefill = not isinstance(kv, (_DecodeWriter, _SpanWriter))
+        with int4_kernel(self.int4_prefill if prefill and self.int4_prefill else None):
             for i, layer in enumerate(self.layers):
                 attn, fused = layer.self_attn, self.fused[i]
                 x = layer.input_layernorm(h)

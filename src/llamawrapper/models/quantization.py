@@ -123,22 +123,23 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-# set while a forward runs its int4 projections on weights unpacked to bfloat16 (``int4_unpacked``)
-_UNPACK: contextvars.ContextVar[Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]] = \
-    contextvars.ContextVar("llamawrapper_int4_unpack", default=None)
-INT4_UNPACK_BLOCK = 64  # output channels of the packed layout's blocks: the unpacker takes multiples of it
+Int4MatMul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# set while a forward runs its int4 projections through another kernel (``int4_kernel``)
+_INT4_MM: contextvars.ContextVar[Optional[Int4MatMul]] = contextvars.ContextVar("llamawrapper_int4_mm", default=None)
+INT4_BLOCK = 64  # output channels of the packed layout's blocks: the project's int4 kernels take multiples of it
 
 
 @contextlib.contextmanager
-def int4_unpacked(unpack: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]) -> Iterator[None]:
-    """Within it (on this thread), ``Int4Linear`` multiplies by ``unpack(weight, scales_and_zeros,
-    group_size)`` (``[in, out]`` bfloat16) in one bfloat16 GEMM instead of torch's packed int4
-    kernel: faster for the hundreds of rows of a prefill chunk. None: torch's kernel."""
-    token = _UNPACK.set(unpack)
+def int4_kernel(matmul: Optional[Int4MatMul]) -> Iterator[None]:
+    """Within it (on this thread), ``Int4Linear`` computes ``matmul(x [M, in] bfloat16, weight,
+    scales_and_zeros, group_size)`` -> ``[M, out]`` instead of torch's packed int4 kernel (the
+    engine's runner: bfloat16 GEMMs over unpacked weights for prefill chunks, its own kernel for
+    decode steps). None: torch's kernel."""
+    token = _INT4_MM.set(matmul)
     try:
         yield
     finally:
-        _UNPACK.reset(token)
+        _INT4_MM.reset(token)
 
 
 class Int4Linear(nn.Module):
@@ -166,9 +167,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE)
-        unpack = _UNPACK.get()
-        if unpack is not None and self.out_features % INT4_UNPACK_BLOCK == 0:  # a prefill chunk (int4_unpacked)
-            y = torch.mm(x2, unpack(self.weight, self.scales_and_zeros, self.group_size))
+        matmul = _INT4_MM.get()
+        if matmul is not None and self.out_features % INT4_BLOCK == 0:  # the runner's kernel (int4_kernel)
+            y = matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
