@@ -375,3 +375,71 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
         logits.append(r.forward(ids, torch.arange(30).unsqueeze(0), seq.chunk(0, 30), mask))
     assert not torch.equal(logits[0], logits[1])  # two different kernels ...
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()  # ... within bfloat16 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_the_residual_add_and_transformers_rms_norm(kernel, dtype):
+    """``add_rms_norm``: h += delta (rounded as torch's add rounds it, in place) and the RMS norm of
+    each row within float rounding of transformers' LlamaRMSNorm, each row what it is alone."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(9)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=gen) + 0.5)
+    norm = norm.to(dtype)
+    h = (torch.randn(16, 1, 576, generator=gen) * 3).to(dtype)
+    delta = torch.randn(16, 1, 576, generator=gen).to(dtype)
+    want_h = h + delta
+    with torch.no_grad():
+        want = norm(want_h)
+    got_h = h.clone()
+    got = kernel.add_rms_norm(got_h, delta, norm.weight, norm.variance_epsilon)
+    assert torch.equal(got_h, want_h)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    one = h[5:6].clone()
+    assert torch.equal(kernel.add_rms_norm(one, delta[5:6].clone(), norm.weight, norm.variance_epsilon), got[5:6])
+    plain = want_h.clone()
+    assert torch.equal(kernel.add_rms_norm(plain, None, norm.weight, norm.variance_epsilon), got)  # no delta: the norm alone
+    assert torch.equal(plain, want_h)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        kernel.add_rms_norm(h.clone(), None, norm.weight[:100], 1e-5)
+    with pytest.raises(RuntimeError, match="delta must be"):
+        kernel.add_rms_norm(h.clone(), delta.float() if dtype != torch.float32 else delta.bfloat16(), norm.weight, 1e-5)
+
+
+def test_decode_steps_add_and_norm_in_the_kernel(tiny_llm, monkeypatch):
+    """A decode step calls ``add_rms_norm`` twice a layer (prefill keeps torch's norm); the text is
+    the same alone and in a batch, and within rounding of a runner without it."""
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    runner = LlamaRunner(model)
+    assert runner.kernel_norm
+    calls = []
+    module = runner.kernel
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def add_rms_norm(self, *a):
+            calls.append(a[0].shape[0])
+            return module.add_rms_norm(*a)
+    runner.kernel = Counting()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (12, 40, 7)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    plain = Engine(LlamaRunner(model, kernel_norm=False), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result() for x in prompts]
+        assert len(calls) == len(prompts) * 5 * 2 * runner.n_layers  # 5 decode steps each
+        batch = [h.result() for h in [eng.submit(x, p) for x in prompts]]
+        without = [plain.submit(x, p).result() for x in prompts]
+    finally:
+        eng.shutdown()
+        plain.shutdown()
+    # (float32 GEMMs round a row differently in a batch, so the text, not every bit of the logprobs)
+    assert [(r.text, r.token_ids) for r in alone] == [(r.text, r.token_ids) for r in batch]
+    for a, b in zip(alone, without):
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3

@@ -33,8 +33,8 @@ from ..config import home_dir
 
 log = logging.getLogger("llamawrapper.engine")
 
-# the decode attention, and int4 weights unpacked to bfloat16 for prefill (int4_weights.cpp)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "int4_weights.cpp")]
+# the decode attention, a decode layer's residual add + RMS norm, int4 weights unpacked to bfloat16 for prefill
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)

@@ -211,6 +211,14 @@ def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor
     return out.view(B, T, heads, D).transpose(1, 2)
 
 
+def _plain_rms_norm(norm: torch.nn.Module) -> bool:
+    """Whether ``norm`` is a Llama-family RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))``), whose
+    decode-step work the kernel can do (``add_rms_norm``)."""
+    weight = getattr(norm, "weight", None)
+    return (type(norm).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and isinstance(weight, torch.Tensor)
+            and weight.dim() == 1 and weight.dtype in attention_kernel.DTYPES and hasattr(norm, "variance_epsilon"))
+
+
 def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
     """The MLP with gate and up in one projection."""
     gate, up = fused.gate_up(x).chunk(2, dim=-1)
@@ -274,7 +282,7 @@ class LlamaRunner:
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
-                 kernel_block: bool = True, int4_prefill_bf16: bool = True) -> None:
+                 kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -355,6 +363,10 @@ class LlamaRunner:
         self.kernel = module if module is not None and module.supports(self.head_dim) else None
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
+        # ... and each residual add with the RMS norm after it (transformers' Llama-family RMSNorm)
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in attention_kernel.DTYPES
+                            and all(_plain_rms_norm(n) for n in norms))
         # an int4 model's prefill chunks through bfloat16 GEMMs over weights unpacked per forward
         self.int4_prefill = attention_kernel.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
 
@@ -481,16 +493,26 @@ class LlamaRunner:
         # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
         # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)
         prefill = not isinstance(kv, (_DecodeWriter, _SpanWriter))
+        # decode steps: each residual add and the RMS norm after it in one kernel call
+        kernel_norm = self.kernel_norm and T == 1 and isinstance(kv, _DecodeWriter)
+        module = self.kernel
+
+        def add_norm(norm: torch.nn.Module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            if kernel_norm:  # h updated in place (the forward's own tensor)
+                return h, module.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+            h = h if delta is None else h + delta
+            return h, norm(h)
+
+        pending = None  # the last MLP's output, added to h with the next norm
         with int4_kernel(self.int4_prefill if prefill and self.int4_prefill else None):
             for i, layer in enumerate(self.layers):
                 attn, fused = layer.self_attn, self.fused[i]
-                x = layer.input_layernorm(h)
+                h, x = add_norm(layer.input_layernorm, h, pending)
                 if whole and fused is not None and fused.qkv is not None:
                     o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
                                                               kv.positions, H, kv.sharing)
-                    h = h + fused.o(o)
-                    x = layer.post_attention_layernorm(h)
-                    h = h + (_fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x))
+                    h, x = add_norm(layer.post_attention_layernorm, h, fused.o(o))
+                    pending = _fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x)
                     continue
                 if fused is not None and fused.qkv is not None:
                     q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
@@ -508,12 +530,10 @@ class LlamaRunner:
                 o = o.transpose(1, 2).reshape(B, T, H * D)
                 if packed:
                     o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
-                h = h + (attn.o_proj if fused is None else fused.o)(o)
-                x = layer.post_attention_layernorm(h)
-                if fused is not None and fused.gate_up is not None:
-                    h = h + _fused_mlp(layer, fused, x)
-                else:
-                    h = h + layer.mlp(x)
+                h, x = add_norm(layer.post_attention_layernorm, h, (attn.o_proj if fused is None else fused.o)(o))
+                pending = _fused_mlp(layer, fused, x) if fused is not None and fused.gate_up is not None else layer.mlp(x)
+        if pending is not None:
+            h = h + pending
         if packed:
             h = h[0] if logits_at is None else h[0, logits_at]
         elif flat is not None:

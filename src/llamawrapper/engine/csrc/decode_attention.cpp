@@ -387,6 +387,9 @@ torch::Tensor decode_attention_op(torch::Tensor q, torch::Tensor k, torch::Tenso
 TORCH_LIBRARY(llamawrapper, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_attention_op); }
 
+// decode_layer.cpp
+torch::Tensor add_rms_norm(torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
                                 std::optional<torch::Tensor> src, std::optional<torch::Tensor> shared) {
@@ -402,6 +405,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, pybind11::arg("y"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k"), pybind11::arg("v"),
      pybind11::arg("positions"), pybind11::arg("H"), pybind11::arg("src") = pybind11::none(),
      pybind11::arg("shared") = pybind11::none());
+  m.def("add_rms_norm", [](torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+    pybind11::gil_scoped_release free_gil;
+    return add_rms_norm(h, delta, weight, eps);
+  });
   m.def("width", [] { return static_cast<int64_t>(Vec::size()); });  // of the vectors the kernel computes with
   m.def("supports", [](int64_t head_dim) { return supported(head_dim); });  // a head_dim the kernel is built for
 }
