@@ -426,6 +426,39 @@ def test_inductor_compiled_int8_decode_is_the_same_alone_and_in_a_batch(tiny_mod
 
 
 @pytest.mark.slow
+def test_compiled_int4_decode_is_one_graph_and_the_uncompiled_text(tiny_llm):
+    """An int4 model whose every layer fuses (k/v blocks of 64 channels) compiles its decode step
+    without graph breaks (a break inside ``Int4Linear.forward`` would let dynamo share that
+    forward's continuation among the modules, whose guards it skips: the wrong weights), and its
+    greedy text is the uncompiled runner's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_llm.tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    model = quant.quantize_model(LlamaForCausalLM(config).eval(), "int4").eval()
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (9, 30, 4)]
+    torch._dynamo.reset()
+    counters.clear()
+    out = {}
+    for compiled in (False, "eager"):
+        runner = LlamaRunner(model, compile=compiled)
+        assert (runner.compiled is not None) == bool(compiled)
+        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+        try:
+            out[compiled] = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+        finally:
+            eng.shutdown()
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert out[False] == out["eager"]
+
+
 def test_compile_decode_builds_its_graphs_at_load_not_in_a_request(smollm2_folder, monkeypatch, tmp_path):
     """``compile_decode`` compiles while the model loads, into the on-disk cache under the home:
     the first requests (one alone, then several together, short and past the first key block)

@@ -167,7 +167,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE)
-        matmul = _INT4_MM.get()
+        # (never inside a compiled graph: reading the context there would break the graph in this
+        # forward, whose continuation dynamo would then share among the modules)
+        matmul = None if torch.compiler.is_compiling() else _INT4_MM.get()
         if matmul is not None and self.out_features % INT4_BLOCK == 0:  # the runner's kernel (int4_kernel)
             y = matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
         else:
