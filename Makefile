@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2
-# builds the decode-attention kernel for this CPU once (engine/attention_kernel.py), so no load waits for it
+# builds the C++ kernels for this CPU once (engine/attention_kernel.py), so no load waits for them
 BUILD_KERNEL := $(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
 
 .PHONY: setup run chat test test-fast bench clean
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 		echo "warning: could not install chromium; the browser tests will be skipped"
-	# The decode-attention kernel (engine/csrc) and compile_decode's inductor need a C++ compiler.
+	# The C++ kernels (engine/csrc) and compile_decode's inductor need a C++ compiler.
 	command -v g++ >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) || \
 		echo "warning: could not install g++; decode uses torch attention, and compile_decode and its tests will fail"

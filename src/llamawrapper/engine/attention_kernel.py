@@ -1,19 +1,22 @@
-"""The decode-attention kernel (``attention_kernel``, issue 14): ``csrc/decode_attention.cpp``,
-built on this machine with torch's ``cpp_extension`` at the first load of a model (or by
-``main``, which make's ``run`` and ``test`` call), cached under the home (``cache/extensions``, or
-torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU capability and torch version.
+"""The project's C++ kernels (issue 14), built on this machine with torch's ``cpp_extension`` at
+the first load of a model (or by ``main``, which make's ``run`` and ``test`` call), cached under
+the home (``cache/extensions``, or torch's ``TORCH_EXTENSIONS_DIR`` when set), one build per CPU
+capability and torch version:
 
-``int4_weights.cpp`` unpacks an int4 model's weights to bfloat16 for its prefill chunks
-(``int4_prefill_matmul``).
+- ``csrc/decode_attention.cpp``, the decode attention (``attention_kernel``). A decode step's
+  attention is one query per row over that row's cached keys; torch's SDPA and matmuls treat it
+  as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first. The kernel reads the
+  keys and values in place (float32 or bfloat16, widened in registers), 16 keys at a time, with a
+  KV head's query heads together, and stops at each row's own length; a row may read the prompt
+  prefix it shares with another row from that row (``sharing``). Each row is one task in a fixed
+  order, so its result is bit for bit the same alone and in any batch. ``rope_write_attention``
+  also does the step's RoPE and cache write in the same call (~40 torch calls a layer fewer).
+- ``csrc/decode_layer.cpp``: a decode step's residual add and RMS norm in one call (``add_rms_norm``).
+- ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
+  (``int4_prefill_matmul``).
 
-A decode step's attention is one query per row over that row's cached keys. torch's SDPA and
-matmuls treat it as a tiny GEMM per head, and a bfloat16 cache is cast to float32 first; the
-kernel reads the keys and values in place (float32 or bfloat16, widened in registers), groups a
-KV head's query heads, and stops at each row's own length. Each row is one task in a fixed
-order, so its result is bit for bit the same alone and in any batch. ``rope_write_attention``
-also does the step's RoPE and cache write in the same call, which spares the eager step ~40
-torch calls a layer. Without a C++ compiler ``load`` returns None (and says why, once) and the
-runner keeps torch's attention.
+Without a C++ compiler ``load`` returns None (and says why, once) and the runner keeps torch's
+code for all three.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the decode-attention kernel for this CPU (%s), once: ~20 s", cap)
+                    log.info("building the C++ kernels (decode attention, norms, int4 unpacking) for this CPU (%s), once: ~40 s", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
@@ -91,7 +94,8 @@ def load() -> Optional[ModuleType]:
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
             _failed = f"{type(exc).__name__}: {(errors or lines)[0][:300]}"
-            log.warning("the decode-attention kernel could not be built (%s); decode steps use torch's attention "
+            log.warning("the C++ kernels could not be built (%s); decode steps use torch's attention and norms, "
+                        "int4 prefill torch's int4 kernel "
                         "(it needs g++; `apt-get install g++`)", _failed)
         return _module
 
@@ -173,4 +177,4 @@ def main() -> None:
     """Build it now and say where it is (make run / make test), so that no model load waits for the compiler."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()
-    print(f"decode-attention kernel: {module.__file__ if module else 'not built; decode steps use torch attention'}")
+    print(f"C++ kernels: {module.__file__ if module else 'not built; decode steps use torch attention'}")
