@@ -498,8 +498,9 @@ class LlamaRunner:
         module = self.kernel
 
         def add_norm(norm: torch.nn.Module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            if kernel_norm:  # h updated in place (the forward's own tensor)
-                return h, module.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+            # (an adapter's output of another dtype or layout takes torch's way, which promotes as torch does)
+            if kernel_norm and (delta is None or (delta.dtype == h.dtype and delta.is_contiguous())) and h.is_contiguous():
+                return h, module.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)  # h updated in place
             h = h if delta is None else h + delta
             return h, norm(h)
 
