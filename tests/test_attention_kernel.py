@@ -320,6 +320,8 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
     torch's int4 kernel and gives each row what it gives that row alone."""
     from llamawrapper.models.quantization import quantize_int4_groups
 
+    if attention_kernel.capability() != "AVX512":
+        pytest.skip("int4 prefill unpacks torch's AVX-512 int4 layout only")
     assert attention_kernel.int4_prefill_matmul() is not None  # the layout check passed
     unpack = torch.ops.llamawrapper.int4_weight_bf16
     gen = torch.Generator().manual_seed(4)
@@ -345,6 +347,9 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
     bfloat16 rounding of torch's int4 kernel's, and its greedy text alone is its text in a batch."""
     from llamawrapper.models import quantization as quant
 
+    if attention_kernel.capability() != "AVX512":
+        assert LlamaRunner(quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()).int4_prefill is None
+        pytest.skip("int4 prefill unpacks torch's AVX-512 int4 layout only")
     model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
     tok = tiny_llm.tokenizer
     calls = []

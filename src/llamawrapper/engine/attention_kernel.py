@@ -141,11 +141,13 @@ _int4_checked: Optional[bool] = None
 def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
     """``mm(x [M, in] bfloat16, weight, scales_and_zeros, group_size)`` -> ``[M, out]`` bfloat16
     for ``Int4Linear``'s packed weights: one bfloat16 GEMM over the weight unpacked for the call
-    (``int4_weights.cpp``), for the hundreds of rows of a prefill chunk. None if the kernels are not
-    built, or do not read torch's packed int4 layout here as they expect (checked once per process
-    against torch's own kernel)."""
+    (``int4_weights.cpp``), for the hundreds of rows of a prefill chunk. None on a CPU without
+    AVX-512, if the kernels are not built, or if they do not read torch's packed int4 layout here
+    as they expect (checked once per process against torch's own kernel)."""
     global _int4_checked
-    if load() is None:
+    # measured on AVX-512 only; torch packs int4 in other blocks elsewhere (32 channels on AVX2),
+    # and its bfloat16 GEMMs are slow without AVX-512
+    if capability() != "AVX512" or load() is None:
         return None
     unpack = torch.ops.llamawrapper.int4_weight_bf16
     if _int4_checked is None:
