@@ -241,10 +241,11 @@ class Engine:
                 break
             if active and in_flight + req.budget > cfg.max_tokens_in_flight:
                 break
-            self._waiting.popleft()
+            with self._lock:  # never in neither pool: ``in_flight`` (read by a draining host) counts both
+                self._waiting.popleft()
+                self._prefilling.append(req)
             req.handle.metrics["queue"] = time.perf_counter() - req.arrival
             in_flight += req.budget
-            self._prefilling.append(req)
 
     # -- prefill -----------------------------------------------------------------------------------
     def _prefill(self) -> None:
@@ -369,7 +370,6 @@ class Engine:
                 self.stats.prefill_tokens += count
                 if req.prefilled < len(req.prompt_ids):
                     continue
-                self._prefilling.remove(req)
                 stored = self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
                 # the blocks it read from the cache, then those it computed and stored (its own values)
                 own = stored[len(req.origin):]
@@ -377,7 +377,9 @@ class Engine:
                 self.slots.put(len(self._running), req.kv, req.origin)  # room made above
                 req.kv = None
                 req.handle.prompt_logprobs = req.prompt_logprobs
-                self._running.append(req)
+                with self._lock:  # from one pool to the other at once (``in_flight``)
+                    self._prefilling.remove(req)
+                    self._running.append(req)
                 done.append(i)
             except Exception as exc:
                 if req in self._prefilling:
