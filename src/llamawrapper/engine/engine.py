@@ -357,50 +357,53 @@ class Engine:
 
     def _prefilled(self, group: list[tuple[Request, int]], logits: torch.Tensor) -> None:
         """Count the chunks just prefilled (``logits`` [len(group), vocab], one row each); the
-        requests whose prompts are now complete join the decode batch with their first token."""
-        done = []
-        finishing = [r for r, count in group if r.prefilled + count == len(r.prompt_ids)]
-        if finishing:  # room for every request admitted so far at once, not one doubling after another
-            want = min(self.config.max_batch_size, len(self._running) + len(self._prefilling))
-            self.slots.ensure(want, max(len(r.prompt_ids) + r.max_tokens for r in finishing))
+        requests whose prompts are now complete get their first token at once, then store their
+        prompt's blocks in the prefix cache and join the decode batch (that copying is not in
+        their time to first token)."""
+        finishing = []
         for i, (req, count) in enumerate(group):
+            req.prefilled += count
+            req.kv.length = req.prefilled
+            self.stats.prefill_tokens += count
+            if req.prefilled == len(req.prompt_ids):
+                req.handle.prompt_logprobs = req.prompt_logprobs  # before the first event, which may end it
+                finishing.append(i)
+        if not finishing:
+            return
+        self._select_and_accept([group[i][0] for i in finishing], logits[torch.tensor(finishing)])
+        # room for every request admitted so far at once, not one doubling after another
+        want = min(self.config.max_batch_size, len(self._running) + len(self._prefilling))
+        self.slots.ensure(want, max(len(group[i][0].prompt_ids) + group[i][0].max_tokens for i in finishing))
+        for i in finishing:
+            req = group[i][0]
             try:
-                req.prefilled += count
-                req.kv.length = req.prefilled
-                self.stats.prefill_tokens += count
-                if req.prefilled < len(req.prompt_ids):
-                    continue
                 stored = self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
                 # the blocks it read from the cache, then those it computed and stored (its own values)
                 own = stored[len(req.origin):]
                 req.origin += tuple(itertools.takewhile(lambda serial: serial is not None, own))
-                self.slots.put(len(self._running), req.kv, req.origin)  # room made above
+                if not req.handle.done:  # (one that its first token ended has nothing more to keep)
+                    self.slots.put(len(self._running), req.kv, req.origin)  # room made above
                 req.kv = None
-                req.handle.prompt_logprobs = req.prompt_logprobs
                 with self._lock:  # from one pool to the other at once (``in_flight``)
                     self._prefilling.remove(req)
-                    self._running.append(req)
-                done.append(i)
+                    if not req.handle.done:
+                        self._running.append(req)
             except Exception as exc:
                 if req in self._prefilling:
                     self._prefilling.remove(req)
                 self._fail(req, exc)
-        if done:
-            self._select_and_accept([group[i][0] for i in done], logits[torch.tensor(done)])
-            if any(group[i][0].handle.done for i in done):
-                self._compact([r for r in self._running if not r.handle.done])
 
     def _start(self, req: Request) -> None:
         r = self.runner
         req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=len(req.prompt_ids))
-        cached = None
+        cached: list[torch.Tensor] = []
         if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
             cached, req.origin = self.prefix_cache.lookup_blocks(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
         else:
             req.prompt_logprobs = [None]  # nothing predicts the first prompt token
-        if cached is not None:
+        if cached:
             req.kv.load_prefix(cached)
-            req.prefilled = req.cached_tokens = cached.shape[3]
+            req.prefilled = req.cached_tokens = req.kv.length
         req.detok = StreamingDetokenizer(self.tokenizer)
         req.stopper = StopStringMatcher(req.params.stop)
         req.generator = None if req.params.greedy else make_generator(req.params.seed)

@@ -33,9 +33,10 @@ def _aligned(n: int) -> int:
 
 
 def _grow(t: torch.Tensor, dim: int, new_size: int) -> torch.Tensor:
+    """``t`` in a larger buffer along ``dim``; the new part is not zeroed (a ``SequenceKV``'s)."""
     shape = list(t.shape)
     shape[dim] = new_size
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out = torch.empty(shape, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
 
@@ -44,7 +45,9 @@ class SequenceKV:
     """One sequence's keys and values: ``[layers, 2, kv_heads, length, head_dim]`` (grows)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64) -> None:
-        self.data = torch.zeros(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
+        # not zeroed: every reader stops at the positions written so far (chunks are written in
+        # order, each before it is read; ``PackWriter`` and ``SlotCache.put`` copy up to the length)
+        self.data = torch.empty(n_layers, 2, n_kv_heads, capacity, head_dim, dtype=dtype)
         self.length = 0  # tokens whose KV is valid
 
     def reserve(self, length: int) -> None:
@@ -52,11 +55,11 @@ class SequenceKV:
         if length > cap:
             self.data = _grow(self.data, 3, max(length, 2 * cap))
 
-    def load_prefix(self, blocks: torch.Tensor) -> None:
-        """Copy cached prefix KV ``[layers, 2, kv_heads, n, head_dim]`` to the start."""
-        n = blocks.shape[3]
+    def load_prefix(self, blocks: list[torch.Tensor]) -> None:
+        """Copy cached prefix KV, blocks of ``[layers, 2, kv_heads, n_i, head_dim]`` in order, to the start."""
+        n = sum(b.shape[3] for b in blocks)
         self.reserve(n)
-        self.data[:, :, :, :n] = blocks
+        torch.cat(blocks, dim=3, out=self.data[:, :, :, :n])  # straight into place, no copy in between
         self.length = n
 
     def chunk(self, start: int, count: int) -> "_ChunkWriter":

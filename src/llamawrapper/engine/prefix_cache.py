@@ -75,21 +75,21 @@ class PrefixCache:
 
     def lookup(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> torch.Tensor | None:
         """KV for the longest cached block prefix of ``tokens[:limit]``, or None."""
-        return self.lookup_blocks(tokens, namespace, limit)[0]
+        blocks, _ = self.lookup_blocks(tokens, namespace, limit)
+        return torch.cat(blocks, dim=3) if blocks else None
 
     def lookup_blocks(self, tokens: Sequence[int], namespace: str = "",
-                      limit: int | None = None) -> tuple[torch.Tensor | None, tuple[int, ...]]:
-        """``lookup``'s KV and the serials of the blocks it is made of."""
+                      limit: int | None = None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """``lookup``'s KV as its blocks, in order (empty on a miss; the caller copies them where
+        it wants them, once), and the serials of those blocks."""
         self.stats.lookups += 1
         usable = tokens if limit is None else tokens[:limit]
         self.stats.lookup_tokens += len(usable)
         found = self._found(usable, namespace)
-        if not found:
-            return None, ()
         for h, _ in reversed(found):
             self._blocks.move_to_end(h)
         self.stats.hit_tokens += len(found) * self.block_size
-        return torch.cat([b for _, b in found], dim=3), tuple(self._serials[h] for h, _ in found)
+        return [b for _, b in found], tuple(self._serials[h] for h, _ in found)
 
     def cached_tokens(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> int:
         """How many leading tokens of ``tokens[:limit]`` a ``lookup`` would find now (no stats, no
