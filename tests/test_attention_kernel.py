@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llamawrapper import SamplingParams
 from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, attention_kernel
@@ -91,6 +92,135 @@ def test_rope_write_attention_is_the_step_by_step_path_bit_for_bit(kernel, act, 
     ref = attention_kernel.decode_attention(kernel, q, caches[1].k[0], caches[1].v[0], positions + 1)
     assert out.dtype == act and torch.equal(out, ref.transpose(1, 2).reshape(B, 1, heads * head_dim))
     assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
+
+
+@pytest.mark.parametrize("act,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.bfloat16, torch.float32)])
+def test_a_prefill_token_gets_what_a_decode_step_at_its_position_gets(kernel, act, cache):
+    """``prefill_attention`` over two prompts' chunks packed in one call (one after a cached prefix):
+    every token's output, and every key and value it writes, are bit for bit what the decode block
+    (``rope_write_attention``) gives that token alone at its position over the same cache; each
+    prompt's chunk alone gives the same bits; and the result is torch's causal float32 attention
+    within rounding."""
+    from llamawrapper.engine.runner import _rotate
+
+    heads, kv_heads, D = 9, 3, 64
+    gen = torch.Generator().manual_seed(5)
+    R, cap = heads + 2 * kv_heads, 128
+    starts, counts = [40, 0], [23, 9]  # the first prompt's 40 positions are a cached prefix
+    N = sum(counts)
+    seqs = torch.repeat_interleave(torch.arange(2), torch.tensor(counts))
+    positions = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)])
+    y = (torch.randn(1, N, R * D, generator=gen) * 2).to(act)
+    angle = positions.view(N, 1).float() * torch.rand(1, D, generator=gen) * 0.3
+    cos, sin = angle.cos().to(act), angle.sin().to(act)
+    prefix = [torch.randn(kv_heads, cap, D, generator=gen).to(cache) for _ in range(2)]
+
+    def buffers():  # [KVH, cap, D] per prompt; past each prompt's written positions: garbage, never read
+        ks = [prefix[0].clone(), torch.full((kv_heads, cap, D), float("nan")).to(cache)]
+        vs = [prefix[1].clone(), torch.full((kv_heads, cap, D), float("nan")).to(cache)]
+        return ks, vs
+
+    ks, vs = buffers()
+    out = attention_kernel.prefill_attention(kernel, y, cos, sin, ks, vs, seqs, positions, heads)
+    assert out.shape == (1, N, heads * D) and out.dtype == act and not out.isnan().any()
+    # each token alone, as a decode row at its position of a slot cache holding its prompt so far
+    for n in range(N):
+        s, p = int(seqs[n]), int(positions[n])
+        k_slot, v_slot = ks[s].clone().unsqueeze(0), vs[s].clone().unsqueeze(0)
+        one = attention_kernel.rope_write_attention(kernel, y[:, n].contiguous(), cos[n : n + 1], sin[n : n + 1], k_slot, v_slot,
+                                                    positions[n : n + 1], heads)
+        assert torch.equal(one[0, 0], out[0, n]), n
+        assert torch.equal(k_slot[0, :, p], ks[s][:, p]) and torch.equal(v_slot[0, :, p], vs[s][:, p])
+    # each prompt's chunk alone: the same bits
+    for s in range(2):
+        ks1, vs1 = buffers()
+        rows = seqs == s
+        alone = attention_kernel.prefill_attention(kernel, y[:, rows].contiguous(), cos[rows], sin[rows], [ks1[s]], [vs1[s]],
+                                                   torch.zeros(int(rows.sum()), dtype=torch.long), positions[rows], heads)
+        assert torch.equal(alone[0], out[0, rows])
+        end = starts[s] + counts[s]
+        assert torch.equal(ks1[s][:, :end], ks[s][:, :end]) and torch.equal(vs1[s][:, :end], vs[s][:, :end])
+    # torch's float32 attention, causal over each prompt
+    yv = y.view(1, N, R, D)
+    qk = _rotate(yv[:, :, : heads + kv_heads], cos.view(1, N, 1, D), sin.view(1, N, 1, D))
+    q = qk[0, :, :heads].transpose(0, 1).float()  # [H, N, D]
+    for s in range(2):
+        rows = (seqs == s).nonzero().view(-1)
+        end = starts[s] + counts[s]
+        mask = torch.arange(end).view(1, -1) <= positions[rows].view(-1, 1)
+        want = F.scaled_dot_product_attention(q[:, rows].unsqueeze(0), ks[s][:, :end].float().unsqueeze(0),
+                                              vs[s][:, :end].float().unsqueeze(0), attn_mask=mask, enable_gqa=True)
+        got = out[0, rows].view(-1, heads, D).transpose(0, 1).float()
+        tol = 1e-5 if act == torch.float32 else 2 ** -7
+        assert (got - want[0]).abs().max() <= tol * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_prefill_chunks_go_through_the_kernel_with_the_same_text(tiny_llm, mode):
+    """Every prefill forward (a lone prompt, a prompt after a cached prefix, prompts packed together)
+    calls ``prefill_attention`` once a layer; the answers equal a runner's with torch's attention
+    within rounding, and each request's answer is the same alone and in a batch (for int8, whose
+    GEMMs compute each row alone, to the last bit of every logprob)."""
+    from llamawrapper.models.quantization import quantize_model
+
+    model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
+    if mode == "int8":
+        model = quantize_model(copy.deepcopy(model), "int8")
+    runner = LlamaRunner(model)
+    assert runner.kernel_prefill
+    calls = []
+    module = runner.kernel
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def prefill_attention(self, *a):
+            calls.append(a[0].shape[0])
+            return module.prefill_attention(*a)
+    runner.kernel = Counting()
+    gen = torch.Generator().manual_seed(4)
+    system = torch.randint(10, 40000, (48,), generator=gen).tolist()
+    prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 19, 2)]
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=True)
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    plain = Engine(LlamaRunner(model, kernel_prefill=False), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result() for x in prompts]
+        # the first prompt whole (53 tokens); the others after the system prompt's 48 cached positions
+        assert calls == [n for n in (53, 19, 2) for _ in range(runner.n_layers)]
+        eng.prefix_cache.clear()
+        calls.clear()
+        batch = [h.result() for h in [eng.submit(x, p) for x in prompts]]
+        assert calls and all(n > 0 for n in calls)  # packed prompts' tokens through the kernel
+        without = [plain.submit(x, p).result() for x in prompts]
+    finally:
+        eng.shutdown()
+        plain.shutdown()
+    assert [(r.text, r.token_ids) for r in alone] == [(r.text, r.token_ids) for r in batch]
+    if mode == "int8":
+        assert [[x.logprob for x in r.logprobs] for r in alone] == [[x.logprob for x in r.logprobs] for r in batch]
+    for a, b in zip(alone, without):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+def test_prefill_attention_refuses_what_it_cannot_read(kernel):
+    heads, kvh, D = 4, 2, 16
+    y, cs = torch.randn(3, heads + 2 * kvh, D), torch.randn(3, D)
+    k = [torch.randn(kvh, 8, D)]
+    seqs = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="position is out of range"):
+        kernel.prefill_attention(y, cs, cs, k, k, seqs, torch.tensor([6, 7, 8]), heads)
+    with pytest.raises(RuntimeError, match="sequence is out of range"):
+        kernel.prefill_attention(y, cs, cs, k, k, torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2]), heads)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 alike"):
+        kernel.prefill_attention(y, cs, cs, k, [k[0].bfloat16()], seqs, torch.tensor([0, 1, 2]), heads)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernel.prefill_attention(y, cs[:2], cs[:2], k, k, seqs, torch.tensor([0, 1, 2]), heads)
+    with pytest.raises(RuntimeError, match="one key and one value buffer"):
+        kernel.prefill_attention(y, cs, cs, k, [], seqs, torch.tensor([0, 1, 2]), heads)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel):
@@ -415,8 +545,8 @@ def test_add_rms_norm_is_the_residual_add_and_transformers_rms_norm(kernel, dtyp
 
 
 def test_decode_steps_add_and_norm_in_the_kernel(tiny_llm, monkeypatch):
-    """A decode step calls ``add_rms_norm`` twice a layer (prefill keeps torch's norm); the text is
-    the same alone and in a batch, and within rounding of a runner without it."""
+    """Every forward calls ``add_rms_norm`` twice a layer (prefill chunks and decode steps alike);
+    the text is the same alone and in a batch, and within rounding of a runner without it."""
     model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
     runner = LlamaRunner(model)
     assert runner.kernel_norm
@@ -438,7 +568,7 @@ def test_decode_steps_add_and_norm_in_the_kernel(tiny_llm, monkeypatch):
     plain = Engine(LlamaRunner(model, kernel_norm=False), tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
     try:
         alone = [eng.submit(x, p).result() for x in prompts]
-        assert len(calls) == len(prompts) * 5 * 2 * runner.n_layers  # 5 decode steps each
+        assert len(calls) == len(prompts) * (1 + 5) * 2 * runner.n_layers  # one prefill forward and 5 decode steps each
         batch = [h.result() for h in [eng.submit(x, p) for x in prompts]]
         without = [plain.submit(x, p).result() for x in prompts]
     finally:

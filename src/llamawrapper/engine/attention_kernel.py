@@ -11,6 +11,9 @@ capability and torch version:
   prefix it shares with another row from that row (``sharing``). Each row is one task in a fixed
   order, so its result is bit for bit the same alone and in any batch. ``rope_write_attention``
   also does the step's RoPE and cache write in the same call (~40 torch calls a layer fewer).
+  ``prefill_attention`` does the same for the tokens of prefill chunks (one sequence's or several
+  packed), each token attending over its own sequence up to itself: only the keys the causal mask
+  lets it see, where torch's SDPA with a mask computes every score.
 - ``csrc/decode_layer.cpp``: a decode step's residual add and RMS norm in one call (``add_rms_norm``).
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
@@ -133,6 +136,20 @@ def rope_write_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor,
     D = k_cache.shape[-1]
     out = module.rope_write_attention(y.view(B, -1, D), cos, sin, k_cache, v_cache, positions, heads, *(sharing or (None, None)))
     return out.view(B, 1, heads * D)
+
+
+def prefill_attention(module: ModuleType, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: list[torch.Tensor],
+                      values: list[torch.Tensor], seqs: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """A prefill forward's attention block after the fused q/k/v projection, in one call: ``y``
+    [1, N, (H + 2 KVH) * D] of N prompt tokens, token n at ``positions[n]`` of sequence ``seqs[n]``,
+    whose layer buffers are ``keys``/``values[seqs[n]]`` [KVH, capacity, D]; q and k rotated (as
+    ``rope_write_attention`` rotates them), k and v written at the token's position, q attended over
+    the sequence's positions up to the token's -> [1, N, H * D] in y's dtype. Each token's result
+    is what a decode step at its position computes, in whichever chunk or batch it is prefilled."""
+    N = y.shape[1]
+    D = keys[0].shape[-1]
+    out = module.prefill_attention(y.view(N, -1, D), cos, sin, keys, values, seqs, positions, heads)
+    return out.view(1, N, heads * D)
 
 
 _int4_checked: Optional[bool] = None

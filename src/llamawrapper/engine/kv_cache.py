@@ -76,6 +76,13 @@ class _ChunkWriter:
 
     def __init__(self, seq: SequenceKV, start: int, count: int) -> None:
         self.seq, self.start, self.end = seq, start, start + count
+        self.token_seqs = torch.zeros(count, dtype=torch.long)  # each token's sequence (``buffers``)
+
+    def buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The sequence's keys and values of one layer, ``[kv_heads, capacity, head_dim]``, for a
+        kernel that writes and reads them in place (``prefill_attention``)."""
+        d = self.seq.data[layer]
+        return [d[0]], [d[1]]
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         d = self.seq.data[layer]
@@ -97,6 +104,11 @@ class PackWriter:
         self.seqs, self.starts, self.counts = seqs, starts, counts
         self.length = max(a + c for a, c in zip(starts, counts))
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the packed tokens' sequences, in the order of the real positions (``_ChunkWriter.buffers``)
+        self.token_seqs = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts))
+
+    def buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [s.data[layer, 0] for s in self.seqs], [s.data[layer, 1] for s in self.seqs]
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         B, heads, _, D = k.shape

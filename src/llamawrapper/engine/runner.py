@@ -28,9 +28,11 @@ reorders the weights on every call.
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
 project's C++ kernel (``attention_kernel.py``): it reads a float32 or bfloat16 cache in place,
 stops at each row's own length, and gives each row what it gives it alone, so it serves both the
-batched and the per-row decode; prefill chunks keep torch's attention. With ``kernel_block``
-(the default) an eager decode step's RoPE and cache write run in the same call, bit for bit as
-torch's ops compute them.
+batched and the per-row decode. With ``kernel_block`` (the default) an eager decode step's RoPE
+and cache write run in the same call, bit for bit as torch's ops compute them. With
+``kernel_prefill`` (the default) prefill chunks (one prompt's, or several packed) do too: each
+token attends over its own sequence up to itself, as a decode step at its position would, and
+only over the keys the causal mask lets it see (torch's SDPA with a mask computes them all).
 
 With ``compile`` (``compile_decode``) a decode step of a fully fused model runs as one graph
 compiled by torch's inductor (``_decode_step``, built at load by ``warm_up``, cached on disk under
@@ -54,7 +56,7 @@ from ..errors import InvalidRequestError, UnsupportedModelError
 from . import attention_kernel
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
-from .kv_cache import _DecodeWriter, _SpanWriter
+from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -282,7 +284,8 @@ class LlamaRunner:
     def __init__(self, model: torch.nn.Module, *, fuse: bool = True, attention_fp32: bool = True,
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
-                 kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True) -> None:
+                 kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
+                 kernel_prefill: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -363,6 +366,8 @@ class LlamaRunner:
         self.kernel = module if module is not None and module.supports(self.head_dim) else None
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
+        # ... and so do prefill chunks, in and out of the prompt's own KV buffer
+        self.kernel_prefill = self.kernel is not None and bool(kernel_prefill) and self.dtype in attention_kernel.DTYPES
         # ... and each residual add with the RMS norm after it (transformers' Llama-family RMSNorm)
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in attention_kernel.DTYPES
@@ -486,15 +491,22 @@ class LlamaRunner:
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         kv, attend = self._attention(kv, mask, T)
-        # a decode step through the kernel: RoPE, the cache write and attention in one call a layer
-        whole = self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter)
-        if whole:
-            cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        # the attention block (RoPE, the cache write, attention) in one kernel call a layer: a decode
+        # step's, or a prefill forward's (its chunks' tokens, Bt = 1: a lone chunk or packed ones)
+        block: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+        if self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter):
+            cos1, sin1, writer = cos[:, 0].contiguous(), sin[:, 0].contiguous(), kv
+            block = lambda y, i: attention_kernel.rope_write_attention(  # noqa: E731
+                self.kernel, y, cos1, sin1, writer.cache.k[i], writer.cache.v[i], writer.positions, H, writer.sharing)
+        elif self.kernel_prefill and Bt == 1 and isinstance(kv, (_ChunkWriter, PackWriter)):
+            cos1, sin1, pos1, chunks = cos[0].contiguous(), sin[0].contiguous(), positions[0].contiguous(), kv
+            block = lambda y, i: attention_kernel.prefill_attention(  # noqa: E731
+                self.kernel, y, cos1, sin1, *chunks.buffers(i), chunks.token_seqs, pos1, H)
         # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
         # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)
         prefill = not isinstance(kv, (_DecodeWriter, _SpanWriter))
-        # decode steps: each residual add and the RMS norm after it in one kernel call
-        kernel_norm = self.kernel_norm and T == 1 and isinstance(kv, _DecodeWriter)
+        # each residual add and the RMS norm after it in one kernel call
+        kernel_norm = self.kernel_norm
         module = self.kernel
 
         def add_norm(norm: torch.nn.Module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,10 +521,8 @@ class LlamaRunner:
             for i, layer in enumerate(self.layers):
                 attn, fused = layer.self_attn, self.fused[i]
                 h, x = add_norm(layer.input_layernorm, h, pending)
-                if whole and fused is not None and fused.qkv is not None:
-                    o = attention_kernel.rope_write_attention(self.kernel, fused.qkv(x), cos1, sin1, kv.cache.k[i], kv.cache.v[i],
-                                                              kv.positions, H, kv.sharing)
-                    h, x = add_norm(layer.post_attention_layernorm, h, fused.o(o))
+                if block is not None and fused is not None and fused.qkv is not None:
+                    h, x = add_norm(layer.post_attention_layernorm, h, fused.o(block(fused.qkv(x), i)))
                     pending = _fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x)
                     continue
                 if fused is not None and fused.qkv is not None:

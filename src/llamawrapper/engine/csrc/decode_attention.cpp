@@ -1,5 +1,6 @@
 // Decode attention over a slot cache: one query position per row, grouped-query heads, keys and
-// values read in place (float32 or bfloat16, widened to float32 in registers), float32 math.
+// values read in place (float32 or bfloat16, widened to float32 in registers), float32 math; and
+// the same attention for each token of a prefill chunk (``prefill_attention``).
 // Each (row, kv head) is one task over that row's own keys only, in a fixed order: a row's
 // result does not depend on the other rows of the call nor on how far the batch's view reaches.
 // Built by engine/attention_kernel.py with torch's cpp_extension (see there).
@@ -376,6 +377,141 @@ torch::Tensor rope_write_attention(torch::Tensor y, torch::Tensor cos, torch::Te
   return out;
 }
 
+
+// A prefill forward's attention block after the fused q/k/v projection, over the chunks of one or
+// more sequences packed together (N tokens, ``y`` [N, H + 2 KVH, D]): token n is at position
+// pos[n] of sequence seq[n], whose layer buffers are kb/vb[seq[n]] ([KVH, capacity, D], head and
+// position strides ks/vs). Its k (rotated) and v are written there first, for every token; then
+// its q heads (rotated) attend over positions [0, pos[n]] of its sequence, one task per token and KV
+// head, as rope_write_attend computes a decode row: a token's result is the same in whichever chunk
+// or batch it is prefilled, and what a decode step at that position would give. A bfloat16 buffer
+// is widened to float32 once per call (the same values the decode tasks widen in registers).
+template <typename A, typename C>
+void prefill_attend(const A* y, const A* cos, const A* sin, const std::vector<C*>& kb, const std::vector<C*>& vb,
+                    const std::vector<std::pair<int64_t, int64_t>>& ks, const std::vector<std::pair<int64_t, int64_t>>& vs,
+                    const int64_t* seq, const int64_t* pos, A* out, int64_t N, int64_t H, int64_t KVH, int64_t D, float scale) {
+  const int64_t g = H / KVH, R = H + 2 * KVH, S = static_cast<int64_t>(kb.size());
+  at::parallel_for(0, N * KVH, 16, [&](int64_t begin, int64_t end) {  // every token's k and v written
+    std::vector<float> kf(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / N, n = t % N, s = seq[n];
+      const A* yn = y + n * R * D;
+      rotate(yn + (H + h) * D, cos + n * D, sin + n * D, D, kf.data());
+      C* kp = kb[s] + h * ks[s].first + pos[n] * ks[s].second;
+      C* vp = vb[s] + h * vs[s].first + pos[n] * vs[s].second;
+      const A* vy = yn + (H + KVH + h) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kp[d] = static_cast<C>(kf[d]);
+        vp[d] = static_cast<C>(static_cast<float>(vy[d]));
+      }
+    }
+  });
+  // each sequence's keys and values up to its last token here, as float32 (in place for float32)
+  std::vector<int64_t> len(S, 0);
+  for (int64_t n = 0; n < N; ++n) len[seq[n]] = std::max(len[seq[n]], pos[n] + 1);
+  std::vector<const float*> kf(S), vf(S);
+  std::vector<std::pair<int64_t, int64_t>> kfs(S), vfs(S);  // (head, position) strides of kf/vf
+  std::vector<std::vector<float>> wide(2 * S);
+  for (int64_t s = 0; s < S; ++s) {
+    if constexpr (std::is_same_v<C, float>) {
+      kf[s] = kb[s], vf[s] = vb[s], kfs[s] = ks[s], vfs[s] = vs[s];
+    } else {
+      wide[2 * s].resize(KVH * len[s] * D), wide[2 * s + 1].resize(KVH * len[s] * D);
+      kf[s] = wide[2 * s].data(), vf[s] = wide[2 * s + 1].data();
+      kfs[s] = vfs[s] = {len[s] * D, D};
+    }
+  }
+  if constexpr (!std::is_same_v<C, float>) {
+    at::parallel_for(0, 2 * S * KVH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = t / (2 * KVH), h = t % KVH, which = (t / KVH) % 2;
+        const C* src = (which ? vb[s] : kb[s]) + h * (which ? vs[s] : ks[s]).first;
+        const int64_t step = (which ? vs[s] : ks[s]).second;
+        float* dst = wide[2 * s + which].data() + h * len[s] * D;
+        for (int64_t l = 0; l < len[s]; ++l)
+          for (int64_t d = 0; d < D; d += Vec::size()) load1(src + l * step + d).store(dst + l * D + d);
+      }
+    });
+  }
+  const TaskFn<float> task = task_for<float>(D);
+  at::parallel_for(0, N * KVH, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    std::vector<float> q(g * D), o(g * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / N, n = t % N, s = seq[n];
+      const A* yn = y + n * R * D;
+      for (int64_t i = 0; i < g; ++i) rotate(yn + (h * g + i) * D, cos + n * D, sin + n * D, D, q.data() + i * D);
+      const float* kp = kf[s] + h * kfs[s].first;
+      const float* vp = vf[s] + h * vfs[s].first;
+      const Rows<float> r{kp, vp, kp, vp, 0, pos[n] + 1, kfs[s].second, vfs[s].second};
+      task(q.data(), r, g, scale, sc, o.data());
+      A* on = out + (n * H + h * g) * D;
+      for (int64_t j = 0; j < g * D; ++j) on[j] = static_cast<A>(o[j]);
+    }
+  });
+}
+
+template <typename A>
+void prefill_attend_cache(torch::Tensor& y, torch::Tensor& cos, torch::Tensor& sin, std::vector<torch::Tensor>& k,
+                          std::vector<torch::Tensor>& v, const int64_t* seq, const int64_t* pos, torch::Tensor& out, int64_t N,
+                          int64_t H, int64_t KVH, int64_t D, float scale) {
+  std::vector<std::pair<int64_t, int64_t>> ks, vs;
+  for (size_t s = 0; s < k.size(); ++s) ks.emplace_back(k[s].stride(0), k[s].stride(1)), vs.emplace_back(v[s].stride(0), v[s].stride(1));
+  if (k[0].scalar_type() == at::kBFloat16) {
+    std::vector<at::BFloat16*> kb, vb;
+    for (size_t s = 0; s < k.size(); ++s) kb.push_back(k[s].data_ptr<at::BFloat16>()), vb.push_back(v[s].data_ptr<at::BFloat16>());
+    prefill_attend<A, at::BFloat16>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), kb, vb, ks, vs, seq, pos,
+                                    out.data_ptr<A>(), N, H, KVH, D, scale);
+  } else {
+    std::vector<float*> kb, vb;
+    for (size_t s = 0; s < k.size(); ++s) kb.push_back(k[s].data_ptr<float>()), vb.push_back(v[s].data_ptr<float>());
+    prefill_attend<A, float>(y.data_ptr<A>(), cos.data_ptr<A>(), sin.data_ptr<A>(), kb, vb, ks, vs, seq, pos,
+                             out.data_ptr<A>(), N, H, KVH, D, scale);
+  }
+}
+
+// y [N, H + 2 KVH, D] (the fused q/k/v projection of N prompt tokens), cos/sin [N, D], in the
+// activations' dtype (float32 or bfloat16); k[s], v[s] sequence s's layer buffers [KVH, capacity, D]
+// (float32 or bfloat16 alike, head_dim contiguous), whose positions before each of its tokens here
+// hold their keys and values already (a cached prefix, earlier chunks) or get them from this call;
+// seq, positions [N] int64: token n's sequence and position; -> [N, H, D] in y's dtype
+torch::Tensor prefill_attention(torch::Tensor y, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> k,
+                                std::vector<torch::Tensor> v, torch::Tensor seq, torch::Tensor positions, int64_t H) {
+  TORCH_CHECK(y.dim() == 3 && cos.dim() == 2 && sin.dim() == 2 && seq.dim() == 1 && positions.dim() == 1,
+              "prefill_attention: bad ranks");
+  TORCH_CHECK(y.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "prefill_attention: y, cos, sin must be contiguous");
+  TORCH_CHECK(cos.scalar_type() == y.scalar_type() && sin.scalar_type() == y.scalar_type() &&
+                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
+              "prefill_attention: y, cos and sin must be float32 or bfloat16 alike");
+  TORCH_CHECK(!k.empty() && k.size() == v.size(), "prefill_attention: one key and one value buffer per sequence");
+  TORCH_CHECK(seq.scalar_type() == at::kLong && seq.is_contiguous() && positions.scalar_type() == at::kLong &&
+                  positions.is_contiguous(), "prefill_attention: seq and positions must be int64");
+  const int64_t N = y.size(0), D = y.size(2), KVH = k[0].size(0), S = static_cast<int64_t>(k.size());
+  TORCH_CHECK(H > 0 && H % KVH == 0 && y.size(1) == H + 2 * KVH && cos.size(0) == N && cos.size(1) == D &&
+                  sin.size(0) == N && sin.size(1) == D && seq.size(0) == N && positions.size(0) == N && D % 2 == 0,
+              "prefill_attention: shapes do not match");
+  TORCH_CHECK(supported(D), "prefill_attention: head_dim ", D, " is not one this kernel is built for");
+  for (int64_t s = 0; s < S; ++s) {
+    for (const auto* t : {&k[s], &v[s]})
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == KVH && t->size(2) == D && t->stride(2) == 1 &&
+                      t->scalar_type() == k[0].scalar_type() &&
+                      (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                  "prefill_attention: buffers must be [KVH, capacity, D], head_dim contiguous, float32 or bfloat16 alike");
+  }
+  const int64_t *sq = seq.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(sq[n] >= 0 && sq[n] < S, "prefill_attention: a token's sequence is out of range");
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < k[sq[n]].size(1) && pos[n] < v[sq[n]].size(1), "prefill_attention: a position is out of range");
+  }
+  auto out = torch::empty({N, H, D}, y.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  if (y.scalar_type() == at::kBFloat16)
+    prefill_attend_cache<at::BFloat16>(y, cos, sin, k, v, sq, pos, out, N, H, KVH, D, scale);
+  else
+    prefill_attend_cache<float>(y, cos, sin, k, v, sq, pos, out, N, H, KVH, D, scale);
+  return out;
+}
+
 }  // namespace
 
 // an operator too (torch.ops.llamawrapper.decode_attention, without sharing), so that the compiled
@@ -405,6 +541,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, pybind11::arg("y"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k"), pybind11::arg("v"),
      pybind11::arg("positions"), pybind11::arg("H"), pybind11::arg("src") = pybind11::none(),
      pybind11::arg("shared") = pybind11::none());
+  m.def("prefill_attention", [](torch::Tensor y, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> k,
+                                std::vector<torch::Tensor> v, torch::Tensor seq, torch::Tensor positions, int64_t H) {
+    pybind11::gil_scoped_release free_gil;
+    return prefill_attention(y, cos, sin, k, v, seq, positions, H);
+  });
   m.def("add_rms_norm", [](torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
     pybind11::gil_scoped_release free_gil;
     return add_rms_norm(h, delta, weight, eps);
