@@ -357,9 +357,9 @@ class Engine:
 
     def _prefilled(self, group: list[tuple[Request, int]], logits: torch.Tensor) -> None:
         """Count the chunks just prefilled (``logits`` [len(group), vocab], one row each); the
-        requests whose prompts are now complete get their first token at once, then store their
-        prompt's blocks in the prefix cache and join the decode batch (that copying is not in
-        their time to first token)."""
+        requests whose prompts are now complete join the decode batch and get their first token,
+        then store their prompt's blocks in the prefix cache and their KV in their slot (that
+        copying is not in their time to first token)."""
         finishing = []
         for i, (req, count) in enumerate(group):
             req.prefilled += count
@@ -370,28 +370,28 @@ class Engine:
                 finishing.append(i)
         if not finishing:
             return
-        self._select_and_accept([group[i][0] for i in finishing], logits[torch.tensor(finishing)])
+        reqs = [group[i][0] for i in finishing]
         # room for every request admitted so far at once, not one doubling after another
         want = min(self.config.max_batch_size, len(self._running) + len(self._prefilling))
-        self.slots.ensure(want, max(len(group[i][0].prompt_ids) + group[i][0].max_tokens for i in finishing))
-        for i in finishing:
-            req = group[i][0]
+        self.slots.ensure(want, max(len(r.prompt_ids) + r.max_tokens for r in reqs))
+        first = len(self._running)
+        with self._lock:  # from one pool to the other at once (``in_flight``; the batch's size in metrics)
+            for req in reqs:
+                self._prefilling.remove(req)
+                self._running.append(req)
+        self._select_and_accept(reqs, logits[torch.tensor(finishing)])
+        for slot, req in enumerate(reqs, start=first):
             try:
                 stored = self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)
                 # the blocks it read from the cache, then those it computed and stored (its own values)
                 own = stored[len(req.origin):]
                 req.origin += tuple(itertools.takewhile(lambda serial: serial is not None, own))
-                if not req.handle.done:  # (one that its first token ended has nothing more to keep)
-                    self.slots.put(len(self._running), req.kv, req.origin)  # room made above
-                req.kv = None
-                with self._lock:  # from one pool to the other at once (``in_flight``)
-                    self._prefilling.remove(req)
-                    if not req.handle.done:
-                        self._running.append(req)
+                self.slots.put(slot, req.kv, req.origin)  # room made above (``_compact`` reads a finished one's)
             except Exception as exc:
-                if req in self._prefilling:
-                    self._prefilling.remove(req)
                 self._fail(req, exc)
+            req.kv = None
+        if any(req.handle.done for req in reqs):
+            self._compact([r for r in self._running if not r.handle.done])
 
     def _start(self, req: Request) -> None:
         r = self.runner
