@@ -206,6 +206,36 @@ def test_prefill_chunks_go_through_the_kernel_with_the_same_text(tiny_llm, mode)
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
 
 
+def test_a_prompt_position_gets_the_same_bits_however_the_prompt_is_chunked(tiny_llm):
+    """With the prefill kernel a prompt token's attention depends only on its own query and its
+    prompt's keys up to it: an int8 model (whose GEMMs compute each row alone) gives every position
+    the same logits, bit for bit, prefilled whole, in chunks of 7, or after a cached prefix of 16
+    (torch's SDPA may change the last bits with how many queries its forward holds: seen with w8a8
+    over HTTP in session 8, docs/BENCHMARKS.md)."""
+    from llamawrapper.engine.kv_cache import SequenceKV
+    from llamawrapper.models.quantization import quantize_model
+
+    model = quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int8")
+    ids = torch.randint(10, 40000, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+
+    def logits(runner, chunks):
+        kv = SequenceKV(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, capacity=len(ids))
+        out, start = [], 0
+        for c in chunks:
+            pos = torch.arange(start, start + c).view(1, c)
+            mask = (torch.arange(start + c).view(1, -1) <= pos.view(c, 1)).view(1, 1, c, start + c)
+            out.append(runner.forward(torch.tensor([ids[start : start + c]]), pos, kv.chunk(start, c), mask, every=True)[0])
+            start += c
+            kv.length = start
+        return torch.cat(out)
+
+    runner = LlamaRunner(model)
+    assert runner.kernel_prefill
+    whole = logits(runner, [40])
+    assert torch.equal(logits(runner, [7] * 5 + [5]), whole)
+    assert torch.equal(logits(runner, [16, 24])[16:], whole[16:])
+
+
 def test_prefill_attention_refuses_what_it_cannot_read(kernel):
     heads, kvh, D = 4, 2, 16
     y, cs = torch.randn(3, heads + 2 * kvh, D), torch.randn(3, D)
