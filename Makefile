@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2
-# builds the C++ kernels for this CPU once (engine/attention_kernel.py), so no load waits for them
-BUILD_KERNEL := $(BIN)/python -c 'from llamawrapper.engine.attention_kernel import main; main()'
+# builds the C++ kernels for this CPU once (engine/kernels.py), so no load waits for them
+BUILD_KERNEL := $(BIN)/python -c 'from llamawrapper.engine.kernels import main; main()'
 
 .PHONY: setup run chat test test-fast bench clean
 

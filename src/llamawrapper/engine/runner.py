@@ -26,7 +26,7 @@ MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its 
 reorders the weights on every call.
 
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
-project's C++ kernel (``attention_kernel.py``): it reads a float32 or bfloat16 cache in place,
+project's C++ kernel (``kernels.py``): it reads a float32 or bfloat16 cache in place,
 stops at each row's own length, and gives each row what it gives it alone, so it serves both the
 batched and the per-row decode. With ``kernel_block`` (the default) an eager decode step's RoPE
 and cache write run in the same call, bit for bit as torch's ops compute them. With
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
-from . import attention_kernel
+from . import kernels
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
@@ -218,7 +218,7 @@ def _plain_rms_norm(norm: torch.nn.Module) -> bool:
     decode-step work the kernel can do (``add_rms_norm``)."""
     weight = getattr(norm, "weight", None)
     return (type(norm).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and isinstance(weight, torch.Tensor)
-            and weight.dim() == 1 and weight.dtype in attention_kernel.DTYPES and hasattr(norm, "variance_epsilon"))
+            and weight.dim() == 1 and weight.dtype in kernels.DTYPES and hasattr(norm, "variance_epsilon"))
 
 
 def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.T
         kc[at[0], :, at[1]] = k[:, :, 0].to(kc.dtype)
         vc[at[0], :, at[1]] = v[:, :, 0].to(vc.dtype)
         if runner.kernel is not None:  # the C++ kernel as an operator of the graph, each row over its own keys
-            o = attention_kernel.decode_attention(None, q, kc, vc, at[1] + 1)
+            o = kernels.decode_attention(None, q, kc, vc, at[1] + 1)
         else:
             o = _attend_invariant(q, kc, vc, bias, runner.attention_fp32)
         h = h + fused.o(o.transpose(1, 2).reshape(B, 1, H * D))
@@ -358,22 +358,22 @@ class LlamaRunner:
             for f in self.fused:
                 f.pack()
             self.lm_head = packed_linear(model.lm_head)
-        # decode attention through the C++ kernel (attention_kernel.py), which computes in float32:
+        # decode attention through the C++ kernel (kernels.py), which computes in float32:
         # for float32 models and for half models attended in float32; built here, at load
         in_fp32 = self.dtype == torch.float32 or self.attention_fp32
-        usable = bool(kernel) and in_fp32 and self.kv_dtype in attention_kernel.DTYPES
-        module = attention_kernel.load() if usable else None
+        usable = bool(kernel) and in_fp32 and self.kv_dtype in kernels.DTYPES
+        module = kernels.load() if usable else None
         self.kernel = module if module is not None and module.supports(self.head_dim) else None
         # eager decode steps also rotate and write the cache in the kernel's call (one call a layer)
-        self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in attention_kernel.DTYPES
+        self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in kernels.DTYPES
         # ... and so do prefill chunks, in and out of the prompt's own KV buffer
-        self.kernel_prefill = self.kernel is not None and bool(kernel_prefill) and self.dtype in attention_kernel.DTYPES
+        self.kernel_prefill = self.kernel is not None and bool(kernel_prefill) and self.dtype in kernels.DTYPES
         # ... and each residual add with the RMS norm after it (transformers' Llama-family RMSNorm)
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in attention_kernel.DTYPES
+        self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in kernels.DTYPES
                             and all(_plain_rms_norm(n) for n in norms))
         # an int4 model's prefill chunks through bfloat16 GEMMs over weights unpacked per forward
-        self.int4_prefill = attention_kernel.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
+        self.int4_prefill = kernels.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
 
     @property
     def packed_bytes(self) -> int:
@@ -454,7 +454,7 @@ class LlamaRunner:
         if self.kernel is not None and T == 1 and isinstance(kv, _DecodeWriter):
             # a decode step's mask lets each row see its keys up to its own position (the engine's)
             module, lengths, sharing = self.kernel, kv.positions + 1, kv.sharing
-            return kv, lambda q, k, v: attention_kernel.decode_attention(module, q, k, v, lengths, sharing)
+            return kv, lambda q, k, v: kernels.decode_attention(module, q, k, v, lengths, sharing)
         if self.attention_per_row and T == 1 and isinstance(kv, _DecodeWriter):
             kv, bias = self._decode_bias(kv, mask)
             return kv, lambda q, k, v: _attend_invariant(q, k, v, bias, attn32)
@@ -496,11 +496,11 @@ class LlamaRunner:
         block: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
         if self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter):
             cos1, sin1, writer = cos[:, 0].contiguous(), sin[:, 0].contiguous(), kv
-            block = lambda y, i: attention_kernel.rope_write_attention(  # noqa: E731
+            block = lambda y, i: kernels.rope_write_attention(  # noqa: E731
                 self.kernel, y, cos1, sin1, writer.cache.k[i], writer.cache.v[i], writer.positions, H, writer.sharing)
         elif self.kernel_prefill and Bt == 1 and isinstance(kv, (_ChunkWriter, PackWriter)):
             cos1, sin1, pos1, chunks = cos[0].contiguous(), sin[0].contiguous(), positions[0].contiguous(), kv
-            block = lambda y, i: attention_kernel.prefill_attention(  # noqa: E731
+            block = lambda y, i: kernels.prefill_attention(  # noqa: E731
                 self.kernel, y, cos1, sin1, *chunks.buffers(i), chunks.token_seqs, pos1, H)
         # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
         # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)

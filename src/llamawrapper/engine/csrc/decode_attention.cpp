@@ -3,7 +3,7 @@
 // the same attention for each token of a prefill chunk (``prefill_attention``).
 // Each (row, kv head) is one task over that row's own keys only, in a fixed order: a row's
 // result does not depend on the other rows of the call nor on how far the batch's view reaches.
-// Built by engine/attention_kernel.py with torch's cpp_extension (see there).
+// Built by engine/kernels.py with torch's cpp_extension (see there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -1,7 +1,7 @@
 // A layer's small steps, each one call instead of torch's several: the residual add with the RMS
 // norm after it. Float32 or bfloat16 activations; each row computed alone (its result does not
 // depend on the others of the call), vectorised, in a fixed order.
-// Built with decode_attention.cpp by engine/attention_kernel.py, which binds them.
+// Built with decode_attention.cpp by engine/kernels.py, which binds them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

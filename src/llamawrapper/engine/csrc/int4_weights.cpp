@@ -1,7 +1,7 @@
 // int4 weights as bfloat16, for the prefill of an int4 model: torch's packed int4 kernel
 // (_weight_int4pack_mm_for_cpu) is made for a few rows; a prefill chunk of hundreds of rows is
 // faster as one bfloat16 GEMM over the weights unpacked here, once per forward.
-// Built with decode_attention.cpp by engine/attention_kernel.py; the operator is
+// Built with decode_attention.cpp by engine/kernels.py; the operator is
 // torch.ops.llamawrapper.int4_weight_bf16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

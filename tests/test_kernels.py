@@ -1,6 +1,8 @@
-"""The decode-attention kernel (``engine/attention_kernel.py``, issue 14): built here by the
-project's set-up, within float rounding of float32 SDPA, every row bit for bit what it is alone,
-used by every decode step of an engine, and torch's attention when it cannot be built."""
+"""The project's C++ kernels (``engine/kernels.py``, issue 14): built here by the project's
+set-up; decode attention within float rounding of float32 SDPA, every row bit for bit what it is
+alone, used by every decode step of an engine; prefill attention bit for bit what a decode step at
+a token's position gets, whatever the chunk; the norms and the int4 unpacking; and torch's code
+when they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from llamawrapper import SamplingParams
-from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, attention_kernel
+from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, kernels
 from llamawrapper.engine.kv_cache import SlotCache
 from llamawrapper.engine.runner import _attend
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = attention_kernel.load()
+    module = kernels.load()
     assert module is not None, "the kernel did not build (make's set-up installs g++)"
     return module
 
@@ -44,14 +46,14 @@ def test_kernel_is_float32_attention_and_each_row_alone(kernel, dtype, heads, kv
         lengths[0] = 1  # a row that sees only its own key
         L = int(lengths.max())
         q = torch.randn(B, 1, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)[:, :, :heads].transpose(1, 2)
-        out = attention_kernel.decode_attention(kernel, q, k_all[:B, :, :L], v_all[:B, :, :L], lengths)
+        out = kernels.decode_attention(kernel, q, k_all[:B, :, :L], v_all[:B, :, :L], lengths)
         assert out.shape == (B, heads, 1, head_dim) and out.dtype == dtype
         mask = (torch.arange(L) < lengths.unsqueeze(1)).view(B, 1, 1, L)
         ref = _attend(q.float(), k_all[:B, :, :L].float(), v_all[:B, :, :L].float(), mask, False)
         assert (out.float() - ref).abs().max() < (2e-6 if dtype == torch.float32 else 1e-2)
         for i in range(B):  # alone: its own slot, its own length, the view cut at it
             n = int(lengths[i])
-            alone = attention_kernel.decode_attention(kernel, q[i : i + 1], k_all[i : i + 1, :, :n], v_all[i : i + 1, :, :n],
+            alone = kernels.decode_attention(kernel, q[i : i + 1], k_all[i : i + 1, :, :n], v_all[i : i + 1, :, :n],
                                                       lengths[i : i + 1])
             assert torch.equal(alone, out[i : i + 1])
 
@@ -81,7 +83,7 @@ def test_rope_write_attention_is_the_step_by_step_path_bit_for_bit(kernel, act, 
     y = (torch.randn(B, 1, R * head_dim, generator=gen) * 2).to(act)
     angle = positions.view(B, 1, 1).float() * torch.rand(1, 1, head_dim, generator=gen) * 0.3
     cos, sin = angle.cos().to(act), angle.sin().to(act)  # [B, 1, D], as the rotary embedding gives them
-    out = attention_kernel.rope_write_attention(kernel, y, cos[:, 0].contiguous(), sin[:, 0].contiguous(),
+    out = kernels.rope_write_attention(kernel, y, cos[:, 0].contiguous(), sin[:, 0].contiguous(),
                                                 caches[0].k[0], caches[0].v[0], positions, heads)
     yv = y.view(B, 1, R, head_dim)
     qk = _rotate(yv[:, :, : heads + kv_heads], cos.unsqueeze(2), sin.unsqueeze(2))
@@ -89,7 +91,7 @@ def test_rope_write_attention_is_the_step_by_step_path_bit_for_bit(kernel, act, 
     rows = torch.arange(B)
     caches[1].k[0][rows, :, positions] = k[:, :, 0].to(cache)
     caches[1].v[0][rows, :, positions] = v[:, :, 0].to(cache)
-    ref = attention_kernel.decode_attention(kernel, q, caches[1].k[0], caches[1].v[0], positions + 1)
+    ref = kernels.decode_attention(kernel, q, caches[1].k[0], caches[1].v[0], positions + 1)
     assert out.dtype == act and torch.equal(out, ref.transpose(1, 2).reshape(B, 1, heads * head_dim))
     assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
 
@@ -122,13 +124,13 @@ def test_a_prefill_token_gets_what_a_decode_step_at_its_position_gets(kernel, ac
         return ks, vs
 
     ks, vs = buffers()
-    out = attention_kernel.prefill_attention(kernel, y, cos, sin, ks, vs, seqs, positions, heads)
+    out = kernels.prefill_attention(kernel, y, cos, sin, ks, vs, seqs, positions, heads)
     assert out.shape == (1, N, heads * D) and out.dtype == act and not out.isnan().any()
     # each token alone, as a decode row at its position of a slot cache holding its prompt so far
     for n in range(N):
         s, p = int(seqs[n]), int(positions[n])
         k_slot, v_slot = ks[s].clone().unsqueeze(0), vs[s].clone().unsqueeze(0)
-        one = attention_kernel.rope_write_attention(kernel, y[:, n].contiguous(), cos[n : n + 1], sin[n : n + 1], k_slot, v_slot,
+        one = kernels.rope_write_attention(kernel, y[:, n].contiguous(), cos[n : n + 1], sin[n : n + 1], k_slot, v_slot,
                                                     positions[n : n + 1], heads)
         assert torch.equal(one[0, 0], out[0, n]), n
         assert torch.equal(k_slot[0, :, p], ks[s][:, p]) and torch.equal(v_slot[0, :, p], vs[s][:, p])
@@ -136,7 +138,7 @@ def test_a_prefill_token_gets_what_a_decode_step_at_its_position_gets(kernel, ac
     for s in range(2):
         ks1, vs1 = buffers()
         rows = seqs == s
-        alone = attention_kernel.prefill_attention(kernel, y[:, rows].contiguous(), cos[rows], sin[rows], [ks1[s]], [vs1[s]],
+        alone = kernels.prefill_attention(kernel, y[:, rows].contiguous(), cos[rows], sin[rows], [ks1[s]], [vs1[s]],
                                                    torch.zeros(int(rows.sum()), dtype=torch.long), positions[rows], heads)
         assert torch.equal(alone[0], out[0, rows])
         end = starts[s] + counts[s]
@@ -342,8 +344,8 @@ def test_rows_sharing_a_system_prompt_read_it_once_and_answer_as_alone(tiny_llm,
     prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (3, 11, 25, 6)]
     p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
     seen = []
-    real = attention_kernel.rope_write_attention
-    monkeypatch.setattr(attention_kernel, "rope_write_attention", lambda *a: seen.append(a[-1]) or real(*a))
+    real = kernels.rope_write_attention
+    monkeypatch.setattr(kernels, "rope_write_attention", lambda *a: seen.append(a[-1]) or real(*a))
     runner = LlamaRunner(model)
     assert runner.kernel is not None
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
@@ -381,8 +383,8 @@ def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tin
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (4, 21, 60, 9, 33)]
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     calls = []
-    real = attention_kernel.rope_write_attention
-    monkeypatch.setattr(attention_kernel, "rope_write_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    real = kernels.rope_write_attention
+    monkeypatch.setattr(kernels, "rope_write_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     runner = LlamaRunner(model)
     assert runner.kernel is not None
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
@@ -416,9 +418,9 @@ def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tin
 def test_a_kernel_that_cannot_be_built_leaves_torchs_attention(tiny_llm, tmp_path, monkeypatch, caplog):
     """A kernel that cannot be built (no compiler, a failed build; here: its source is missing)
     is said once in the log, and the runner decodes with torch's attention."""
-    monkeypatch.setattr(attention_kernel, "_module", None)
-    monkeypatch.setattr(attention_kernel, "_failed", None)
-    monkeypatch.setattr(attention_kernel, "SOURCES", [tmp_path / "missing.cpp"])
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setattr(kernels, "SOURCES", [tmp_path / "missing.cpp"])
     monkeypatch.setenv("LLAMAWRAPPER_HOME", str(tmp_path / "home"))
     with caplog.at_level(logging.WARNING, logger="llamawrapper.engine"):
         runner = LlamaRunner(tiny_llm.loaded.model)
@@ -467,7 +469,7 @@ def test_a_build_killed_half_way_does_not_stop_the_next_load(kernel, tmp_path):
     ext = tmp_path / "ext"
     shutil.copytree(built, ext / built.name)
     (ext / built.name / "lock").write_text("")  # what a killed build leaves
-    code = "from llamawrapper.engine import attention_kernel as a; m = a.load(); print('loaded', m is not None)"
+    code = "from llamawrapper.engine import kernels as a; m = a.load(); print('loaded', m is not None)"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "loaded True" in out.stdout, out.stderr[-2000:]
@@ -480,9 +482,9 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
     torch's int4 kernel and gives each row what it gives that row alone."""
     from llamawrapper.models.quantization import quantize_int4_groups
 
-    if attention_kernel.capability() != "AVX512":
+    if kernels.capability() != "AVX512":
         pytest.skip("int4 prefill unpacks torch's AVX-512 int4 layout only")
-    assert attention_kernel.int4_prefill_matmul() is not None  # the layout check passed
+    assert kernels.int4_prefill_matmul() is not None  # the layout check passed
     unpack = torch.ops.llamawrapper.int4_weight_bf16
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(192, 128, generator=gen) * 0.05
@@ -507,7 +509,7 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
     bfloat16 rounding of torch's int4 kernel's, and its greedy text alone is its text in a batch."""
     from llamawrapper.models import quantization as quant
 
-    if attention_kernel.capability() != "AVX512":
+    if kernels.capability() != "AVX512":
         assert LlamaRunner(quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()).int4_prefill is None
         pytest.skip("int4 prefill unpacks torch's AVX-512 int4 layout only")
     model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()

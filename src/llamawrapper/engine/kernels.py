@@ -69,7 +69,7 @@ def load() -> Optional[ModuleType]:
         if _module is not None or _failed is not None:
             return _module
         cap = capability()
-        name = f"llamawrapper_decode_attention_{cap.lower()}"
+        name = f"llamawrapper_kernels_{cap.lower()}"
         root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else home_dir() / "cache" / "extensions"
         build = root / f"{name}-torch{torch.__version__.split('+')[0]}"
         try:
@@ -88,7 +88,7 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the C++ kernels (decode attention, norms, int4 unpacking) for this CPU (%s), once: ~40 s", cap)
+                    log.info("building the C++ kernels (attention, norms, int4 unpacking) for this CPU (%s), once: ~40 s", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
@@ -97,7 +97,7 @@ def load() -> Optional[ModuleType]:
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
             _failed = f"{type(exc).__name__}: {(errors or lines)[0][:300]}"
-            log.warning("the C++ kernels could not be built (%s); decode steps use torch's attention and norms, "
+            log.warning("the C++ kernels could not be built (%s); prefill and decode use torch's attention and norms, "
                         "int4 prefill torch's int4 kernel "
                         "(it needs g++; `apt-get install g++`)", _failed)
         return _module
@@ -196,4 +196,4 @@ def main() -> None:
     """Build it now and say where it is (make run / make test), so that no model load waits for the compiler."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()
-    print(f"C++ kernels: {module.__file__ if module else 'not built; decode steps use torch attention'}")
+    print(f"C++ kernels: {module.__file__ if module else 'not built; the engine uses torch attention and norms'}")
