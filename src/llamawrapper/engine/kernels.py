@@ -14,12 +14,13 @@ capability and torch version:
   ``prefill_attention`` does the same for the tokens of prefill chunks (one sequence's or several
   packed), each token attending over its own sequence up to itself: only the keys the causal mask
   lets it see, where torch's SDPA with a mask computes every score.
-- ``csrc/decode_layer.cpp``: a decode step's residual add and RMS norm in one call (``add_rms_norm``).
+- ``csrc/decode_layer.cpp``: a residual add and the RMS norm after it in one call
+  (``add_rms_norm``), in decode steps and prefill chunks.
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
 
 Without a C++ compiler ``load`` returns None (and says why, once) and the runner keeps torch's
-code for all three.
+code for all of them.
 """
 
 from __future__ import annotations
