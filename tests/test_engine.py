@@ -159,3 +159,30 @@ def test_runner_rejects_unknown_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         LlamaRunner(model)
+
+
+def test_a_request_is_in_flight_at_every_point_of_its_way(make_engine):
+    """``in_flight`` (what a draining host waits on before it unloads a model) never reads 0 while a
+    request is being served: not while its prefix is looked up, nor while its first token is
+    chosen, nor while its prompt is stored in the prefix cache and copied into its slot (the
+    request once sat in neither pool there, and a hot swap unloaded the model under it)."""
+    eng = make_engine(max_batch_size=4)
+    seen: dict[str, list[int]] = {}
+
+    def watch(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            seen.setdefault(name, []).append(eng.in_flight)
+            return real(*a, **kw)
+        setattr(owner, name, wrapper)
+
+    watch(eng, "_start")
+    watch(eng, "_select_and_accept")
+    watch(eng.prefix_cache, "insert")
+    watch(eng.slots, "put")
+    for n in (1, 3):  # ended by its first token, and decoded on
+        r = eng.submit(list(range(10, 50)), greedy(n)).result()
+        assert r.usage.completion_tokens == n
+    assert set(seen) == {"_start", "_select_and_accept", "insert", "put"}, seen
+    assert all(v >= 1 for values in seen.values() for v in values), seen
