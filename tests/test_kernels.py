@@ -20,6 +20,24 @@ from llamawrapper.engine.kv_cache import SlotCache
 from llamawrapper.engine.runner import _attend
 
 
+def counting(runner: LlamaRunner, name: str) -> list[int]:
+    """Swap the runner's kernel module for one that records, per call of ``name``, the first
+    argument's length; returns that record."""
+    calls: list[int] = []
+    module = runner.kernel
+
+    class Counting:
+        def __getattr__(self, attr):
+            return getattr(module, attr)
+
+    def counted(*a):
+        calls.append(a[0].shape[0])
+        return getattr(module, name)(*a)
+    setattr(Counting, name, staticmethod(counted))
+    runner.kernel = Counting()
+    return calls
+
+
 @pytest.fixture(scope="module")
 def kernel():
     module = kernels.load()
@@ -171,17 +189,7 @@ def test_prefill_chunks_go_through_the_kernel_with_the_same_text(tiny_llm, mode)
         model = quantize_model(copy.deepcopy(model), "int8")
     runner = LlamaRunner(model)
     assert runner.kernel_prefill
-    calls = []
-    module = runner.kernel
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(module, name)
-
-        def prefill_attention(self, *a):
-            calls.append(a[0].shape[0])
-            return module.prefill_attention(*a)
-    runner.kernel = Counting()
+    calls = counting(runner, "prefill_attention")
     gen = torch.Generator().manual_seed(4)
     system = torch.randint(10, 40000, (48,), generator=gen).tolist()
     prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (5, 19, 2)]
@@ -576,23 +584,13 @@ def test_add_rms_norm_is_the_residual_add_and_transformers_rms_norm(kernel, dtyp
         kernel.add_rms_norm(h.clone(), delta.float() if dtype != torch.float32 else delta.bfloat16(), norm.weight, 1e-5)
 
 
-def test_decode_steps_add_and_norm_in_the_kernel(tiny_llm, monkeypatch):
+def test_every_forward_adds_and_norms_in_the_kernel(tiny_llm, monkeypatch):
     """Every forward calls ``add_rms_norm`` twice a layer (prefill chunks and decode steps alike);
     the text is the same alone and in a batch, and within rounding of a runner without it."""
     model, tok = tiny_llm.loaded.model, tiny_llm.tokenizer
     runner = LlamaRunner(model)
     assert runner.kernel_norm
-    calls = []
-    module = runner.kernel
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(module, name)
-
-        def add_rms_norm(self, *a):
-            calls.append(a[0].shape[0])
-            return module.add_rms_norm(*a)
-    runner.kernel = Counting()
+    calls = counting(runner, "add_rms_norm")
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (12, 40, 7)]
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
