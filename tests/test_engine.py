@@ -186,3 +186,30 @@ def test_a_request_is_in_flight_at_every_point_of_its_way(make_engine):
         assert r.usage.completion_tokens == n
     assert set(seen) == {"_start", "_select_and_accept", "insert", "put"}, seen
     assert all(v >= 1 for values in seen.values() for v in values), seen
+
+
+def test_a_prompt_whose_blocks_fail_to_be_stored_fails_alone_and_poisons_no_cache(make_engine):
+    """A request whose prompt cannot be stored in the prefix cache (after its first token went
+    out) fails with a clear error; nothing of it is cached from a slot it never reached (that slot
+    still holds another prompt's keys), so the same prompt asked again gets its own answer."""
+    eng = make_engine(max_batch_size=4)
+    prompt, other = list(range(100, 140)), list(range(300, 340))
+    want = eng.submit(prompt, greedy(4)).result()
+    eng.prefix_cache.clear()
+    eng.submit(other, greedy(4)).result()  # slot 0 now holds the other prompt's keys and values
+    eng.prefix_cache.clear()
+    real = eng.prefix_cache.insert
+    failed = []
+
+    def failing(tokens, *a, **kw):  # once: the next insert of that prompt would find room
+        if list(tokens) == prompt and not failed:
+            failed.append(1)
+            raise MemoryError("no room for the blocks")
+        return real(tokens, *a, **kw)
+    eng.prefix_cache.insert = failing
+    with pytest.raises(GenerationError, match="no room for the blocks"):
+        eng.submit(prompt, greedy(4)).result()
+    eng.prefix_cache.insert = real
+    again = eng.submit(prompt, greedy(4)).result()
+    assert again.usage.cached_tokens == 0  # nothing of the failed request was cached
+    assert again.token_ids == want.token_ids and again.text == want.text

@@ -387,6 +387,7 @@ class Engine:
                 own = stored[len(req.origin):]
                 req.origin += tuple(itertools.takewhile(lambda serial: serial is not None, own))
                 self.slots.put(slot, req.kv, req.origin)  # room made above (``_compact`` reads a finished one's)
+                req.in_slot = True
             except Exception as exc:
                 self._fail(req, exc)
             req.kv = None
@@ -568,8 +569,8 @@ class Engine:
     def _compact(self, keep: list[Request]) -> None:
         """Keep ``keep`` (in order) in slots 0..n-1; cache the finished ones' KV as prefixes."""
         old = {id(r): i for i, r in enumerate(self._running)}
-        for req in self._running:
-            if req.handle.done and req.output_ids and not req.handle.cancelled:
+        for req in self._running:  # (one whose KV never reached its slot, failed on the way, has nothing to give)
+            if req.handle.done and req.output_ids and not req.handle.cancelled and req.in_slot:
                 slot = old[id(req)]
                 seq = req.prompt_ids + req.output_ids[:-1]
                 self.prefix_cache.insert(seq, lambda a, b, s=slot: self.slots.export(s, a, b), req.namespace)

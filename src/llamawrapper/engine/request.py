@@ -146,6 +146,7 @@ class Request:
     prefilled: int = 0
     cached_tokens: int = 0
     origin: tuple[int, ...] = ()  # serials of the prefix-cache blocks its KV's first positions hold (kv_cache.py)
+    in_slot: bool = False  # its KV is in its decode slot (which ``Engine._compact`` may cache from)
     output_ids: list[int] = field(default_factory=list)
     detok: Any = None
     stopper: Any = None
