@@ -463,6 +463,16 @@ class LlamaRunner:
             return kv, lambda q, k, v: _attend_rows(q, k, v, mask, attn32, lengths, counts)
         return kv, lambda q, k, v: _attend(q, k, v, mask, attn32)
 
+    def _add_norm(self, norm: torch.nn.Module, h: torch.Tensor,
+                  delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h + delta`` (no add when None) and ``norm`` of it: one kernel call (``add_rms_norm``,
+        h updated in place) with ``kernel_norm``; torch's ops for an adapter's output of another
+        dtype or layout, which promote as torch does."""
+        if self.kernel_norm and (delta is None or (delta.dtype == h.dtype and delta.is_contiguous())) and h.is_contiguous():
+            return h, self.kernel.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+        h = h if delta is None else h + delta
+        return h, norm(h)
+
     @torch.inference_mode()
     def forward(
         self,
@@ -490,7 +500,7 @@ class LlamaRunner:
         cos, sin = self.rotary(h, positions)
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        kv, attend = self._attention(kv, mask, T)
+        attend: Optional[Callable[..., torch.Tensor]] = None  # torch's attention, for a layer without the block (made once)
         # the attention block (RoPE, the cache write, attention) in one kernel call a layer: a decode
         # step's, or a prefill forward's (its chunks' tokens, Bt = 1: a lone chunk or packed ones)
         block: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
@@ -505,19 +515,9 @@ class LlamaRunner:
         # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
         # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)
         prefill = not isinstance(kv, (_DecodeWriter, _SpanWriter))
-        # each residual add and the RMS norm after it in one kernel call
-        kernel_norm = self.kernel_norm
-        module = self.kernel
-
-        def add_norm(norm: torch.nn.Module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            # (an adapter's output of another dtype or layout takes torch's way, which promotes as torch does)
-            if kernel_norm and (delta is None or (delta.dtype == h.dtype and delta.is_contiguous())) and h.is_contiguous():
-                return h, module.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)  # h updated in place
-            h = h if delta is None else h + delta
-            return h, norm(h)
-
+        add_norm = self._add_norm
         pending = None  # the last MLP's output, added to h with the next norm
-        with int4_kernel(self.int4_prefill if prefill and self.int4_prefill else None):
+        with int4_kernel(self.int4_prefill if prefill else None):
             for i, layer in enumerate(self.layers):
                 attn, fused = layer.self_attn, self.fused[i]
                 h, x = add_norm(layer.input_layernorm, h, pending)
@@ -525,6 +525,8 @@ class LlamaRunner:
                     h, x = add_norm(layer.post_attention_layernorm, h, fused.o(block(fused.qkv(x), i)))
                     pending = _fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x)
                     continue
+                if attend is None:
+                    kv, attend = self._attention(kv, mask, T)
                 if fused is not None and fused.qkv is not None:
                     q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
                 else:

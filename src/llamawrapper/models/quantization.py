@@ -133,8 +133,8 @@ INT4_BLOCK = 64  # output channels of the packed layout's blocks: the project's 
 def int4_kernel(matmul: Optional[Int4MatMul]) -> Iterator[None]:
     """Within it (on this thread), ``Int4Linear`` computes ``matmul(x [M, in] bfloat16, weight,
     scales_and_zeros, group_size)`` -> ``[M, out]`` instead of torch's packed int4 kernel (the
-    engine's runner: bfloat16 GEMMs over unpacked weights for prefill chunks, its own kernel for
-    decode steps). None: torch's kernel."""
+    engine's runner: bfloat16 GEMMs over unpacked weights for prefill chunks; decode steps keep
+    torch's kernel). None: torch's kernel."""
     token = _INT4_MM.set(matmul)
     try:
         yield
