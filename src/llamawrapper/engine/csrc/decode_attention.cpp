@@ -241,6 +241,25 @@ inline void rotate(const A* x, const A* cos, const A* sin, int64_t D, float* dst
   }
 }
 
+// One token's part of the fused q/k/v output ``yt`` ([H + 2 KVH, D]) for KV head h: its k rotated
+// and its v written at ``kp``/``vp`` (the cache's dtype C), using ``kf`` (D floats) as scratch
+template <typename A, typename C>
+inline void write_kv(const A* yt, const A* cos, const A* sin, int64_t H, int64_t KVH, int64_t h, int64_t D, C* kp, C* vp,
+                     float* kf) {
+  rotate(yt + (H + h) * D, cos, sin, D, kf);
+  const A* vy = yt + (H + KVH + h) * D;
+  for (int64_t d = 0; d < D; ++d) {
+    kp[d] = static_cast<C>(kf[d]);
+    vp[d] = static_cast<C>(static_cast<float>(vy[d]));
+  }
+}
+
+// The token's g query heads of KV head h, rotated -> g x D floats at ``q``
+template <typename A>
+inline void rotate_queries(const A* yt, const A* cos, const A* sin, int64_t g, int64_t h, int64_t D, float* q) {
+  for (int64_t i = 0; i < g; ++i) rotate(yt + (h * g + i) * D, cos, sin, D, q + i * D);
+}
+
 // One decode step's attention block after the fused q/k/v projection: rotate q and k, write k and
 // v at each row's position of the layer's slot cache, attend over the row's keys so far.
 template <typename A, typename C>
@@ -254,15 +273,10 @@ void rope_write_attend(const A* y, const A* cos, const A* sin, C* k, C* v, const
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / B, b = t % B, s = sh.row(b);
       const A* yb = y + b * R * D;
-      for (int64_t i = 0; i < g; ++i) rotate(yb + (h * g + i) * D, cos + b * D, sin + b * D, D, q.data() + i * D);
-      rotate(yb + (H + h) * D, cos + b * D, sin + b * D, D, kf.data());
+      rotate_queries(yb, cos + b * D, sin + b * D, g, h, D, q.data());
       C* kp = k + b * ks[0] + h * ks[1];
       C* vp = v + b * vs[0] + h * vs[1];
-      const A* vy = yb + (H + KVH + h) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        kp[pos[b] * ks[2] + d] = static_cast<C>(kf[d]);
-        vp[pos[b] * vs[2] + d] = static_cast<C>(static_cast<float>(vy[d]));
-      }
+      write_kv(yb, cos + b * D, sin + b * D, H, KVH, h, D, kp + pos[b] * ks[2], vp + pos[b] * vs[2], kf.data());
       const Rows<C> r{k + s * ks[0] + h * ks[1], v + s * vs[0] + h * vs[1], kp, vp, sh.length(b), pos[b] + 1, ks[2], vs[2]};
       task(q.data(), r, g, scale, sc, o.data());
       A* ob = out + (b * H + h * g) * D;
@@ -395,15 +409,8 @@ void prefill_attend(const A* y, const A* cos, const A* sin, const std::vector<C*
     std::vector<float> kf(D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / N, n = t % N, s = seq[n];
-      const A* yn = y + n * R * D;
-      rotate(yn + (H + h) * D, cos + n * D, sin + n * D, D, kf.data());
-      C* kp = kb[s] + h * ks[s].first + pos[n] * ks[s].second;
-      C* vp = vb[s] + h * vs[s].first + pos[n] * vs[s].second;
-      const A* vy = yn + (H + KVH + h) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        kp[d] = static_cast<C>(kf[d]);
-        vp[d] = static_cast<C>(static_cast<float>(vy[d]));
-      }
+      write_kv(y + n * R * D, cos + n * D, sin + n * D, H, KVH, h, D, kb[s] + h * ks[s].first + pos[n] * ks[s].second,
+               vb[s] + h * vs[s].first + pos[n] * vs[s].second, kf.data());
     }
   });
   // each sequence's keys and values up to its last token here, as float32 (in place for float32)
@@ -439,8 +446,7 @@ void prefill_attend(const A* y, const A* cos, const A* sin, const std::vector<C*
     std::vector<float> q(g * D), o(g * D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / N, n = t % N, s = seq[n];
-      const A* yn = y + n * R * D;
-      for (int64_t i = 0; i < g; ++i) rotate(yn + (h * g + i) * D, cos + n * D, sin + n * D, D, q.data() + i * D);
+      rotate_queries(y + n * R * D, cos + n * D, sin + n * D, g, h, D, q.data());
       const float* kp = kf[s] + h * kfs[s].first;
       const float* vp = vf[s] + h * vfs[s].first;
       const Rows<float> r{kp, vp, kp, vp, 0, pos[n] + 1, kfs[s].second, vfs[s].second};
