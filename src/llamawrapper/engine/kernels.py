@@ -40,7 +40,7 @@ from ..config import home_dir
 
 log = logging.getLogger("llamawrapper.engine")
 
-# the decode attention, a decode layer's residual add + RMS norm, int4 weights unpacked to bfloat16 for prefill
+# prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for prefill
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
