@@ -399,7 +399,7 @@ class Engine:
         req.kv = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=len(req.prompt_ids))
         cached: list[torch.Tensor] = []
         if req.params.prompt_logprobs is None:  # else every prompt position is computed for its logits
-            cached, req.origin = self.prefix_cache.lookup_blocks(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
+            cached, req.origin = self.prefix_cache.lookup(req.prompt_ids, req.namespace, limit=len(req.prompt_ids) - 1)
         else:
             req.prompt_logprobs = [None]  # nothing predicts the first prompt token
         if cached:

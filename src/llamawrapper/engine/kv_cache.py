@@ -21,6 +21,7 @@ every row's keys in whole blocks of that size.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -76,7 +77,11 @@ class _ChunkWriter:
 
     def __init__(self, seq: SequenceKV, start: int, count: int) -> None:
         self.seq, self.start, self.end = seq, start, start + count
-        self.token_seqs = torch.zeros(count, dtype=torch.long)  # each token's sequence (``buffers``)
+
+    @functools.cached_property
+    def token_seqs(self) -> torch.Tensor:
+        """Each token's sequence among ``buffers``' (all 0), for ``prefill_attention``."""
+        return torch.zeros(self.end - self.start, dtype=torch.long)
 
     def buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The sequence's keys and values of one layer, ``[kv_heads, capacity, head_dim]``, for a
@@ -104,8 +109,11 @@ class PackWriter:
         self.seqs, self.starts, self.counts = seqs, starts, counts
         self.length = max(a + c for a, c in zip(starts, counts))
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the packed tokens' sequences, in the order of the real positions (``_ChunkWriter.buffers``)
-        self.token_seqs = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts))
+
+    @functools.cached_property
+    def token_seqs(self) -> torch.Tensor:
+        """The packed tokens' sequences, in the order of the real positions (``_ChunkWriter.token_seqs``)."""
+        return torch.repeat_interleave(torch.arange(len(self.seqs)), torch.tensor(self.counts))
 
     def buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return [s.data[layer, 0] for s in self.seqs], [s.data[layer, 1] for s in self.seqs]

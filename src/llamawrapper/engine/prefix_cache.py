@@ -73,15 +73,11 @@ class PrefixCache:
             found.append((h, block))
         return found
 
-    def lookup(self, tokens: Sequence[int], namespace: str = "", limit: int | None = None) -> torch.Tensor | None:
-        """KV for the longest cached block prefix of ``tokens[:limit]``, or None."""
-        blocks, _ = self.lookup_blocks(tokens, namespace, limit)
-        return torch.cat(blocks, dim=3) if blocks else None
-
-    def lookup_blocks(self, tokens: Sequence[int], namespace: str = "",
-                      limit: int | None = None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-        """``lookup``'s KV as its blocks, in order (empty on a miss; the caller copies them where
-        it wants them, once), and the serials of those blocks."""
+    def lookup(self, tokens: Sequence[int], namespace: str = "",
+               limit: int | None = None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """The KV of the longest cached block prefix of ``tokens[:limit]`` as its blocks, in order
+        (empty on a miss; the caller copies them where it wants them, once), and the serials of
+        those blocks."""
         self.stats.lookups += 1
         usable = tokens if limit is None else tokens[:limit]
         self.stats.lookup_tokens += len(usable)
