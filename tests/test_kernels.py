@@ -511,7 +511,7 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
         unpack(packed[:100], sz[:, :100].contiguous(), 32)
 
 
-def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm):
+def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm, monkeypatch):
     """An int4 runner prefills through the unpacked bfloat16 weights (every projection of every
     layer, once per forward) and decodes through torch's int4 kernel; its prefill logits are within
     bfloat16 rounding of torch's int4 kernel's, and its greedy text alone is its text in a batch."""
@@ -523,10 +523,10 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
     model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
     tok = tiny_llm.tokenizer
     calls = []
-    runner = LlamaRunner(model)
-    real = runner.int4_prefill
+    real = kernels.int4_prefill_matmul()
     assert real is not None
-    runner.int4_prefill = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    monkeypatch.setattr(kernels, "int4_prefill_matmul", lambda: lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    runner = LlamaRunner(model)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (30, 7, 52)]
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

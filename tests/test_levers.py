@@ -36,11 +36,12 @@ def tiny_models(tiny_llm):
 def test_fused_projections_match_unfused_bit_for_bit(tiny_models, mode):
     model = tiny_models[mode]
     ids = torch.randint(10, 40000, (23,), generator=torch.Generator().manual_seed(3)).tolist()
-    # (torch's attention in both: a fused layer's prefill attention otherwise runs in the kernel's
-    # attention block, which needs the fused projection, and rounds differently from SDPA)
-    plain = LlamaRunner(model, fuse=False, kernel_prefill=False)
+    # (torch's attention and torch's int4 kernel in both: a fused layer's prefill attention otherwise
+    # runs in the kernel's attention block, and an int4 model's prefill on unpacked weights, both of
+    # which need the fused layout, and round differently)
+    plain = LlamaRunner(model, fuse=False, kernel_prefill=False, int4_prefill_bf16=False)
     before = prefill_logits(plain, ids)
-    fused = LlamaRunner(model, fuse=True, kernel_prefill=False)
+    fused = LlamaRunner(model, fuse=True, kernel_prefill=False, int4_prefill_bf16=False)
     assert all(f.gate_up is not None for f in fused.fused)
     if mode != "int4":  # int4 packs output channels in CPU-specific blocks: fused only where they line up
         assert all(f.qkv is not None for f in fused.fused)

@@ -41,6 +41,7 @@ the home), with the same batch-invariant attention.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import types
@@ -57,7 +58,7 @@ from . import kernels
 from .fusion import fuse_linears
 from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
-from ..models.quantization import Int4Linear, int4_kernel
+from ..models.quantization import Int4Linear, int4_through
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -87,15 +88,18 @@ def _fused(layer: torch.nn.Module, key: str, parts: tuple) -> Optional[torch.nn.
 
 
 class _Fused:
-    """One layer's fused projections (None where the layer keeps separate ones), and the output
-    and down projections the runner calls (the layer's own, or packed copies: ``packed.py``)."""
+    """One layer's projections as the runner calls them: q/k/v fused (else ``q``, ``k``, ``v``
+    separate), gate/up fused (None where the layer keeps its MLP), the output and down projections
+    (the layer's own modules, packed copies: ``packed.py``, or other kernels: ``through``)."""
 
-    __slots__ = ("qkv", "gate_up", "act", "o", "down")
-    PROJECTIONS = ("qkv", "gate_up", "o", "down")  # the slots that hold projections (None: separate ones)
+    __slots__ = ("qkv", "q", "k", "v", "gate_up", "act", "o", "down")
+    PROJECTIONS = ("qkv", "q", "k", "v", "gate_up", "o", "down")  # the slots that hold projections (or None)
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = _fused(layer, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
+        separate = self.qkv is None
+        self.q, self.k, self.v = (attn.q_proj, attn.k_proj, attn.v_proj) if separate else (None, None, None)
         parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj"))
         ok = None not in parts and hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn")
         self.gate_up = _fused(layer, "gate_up", parts) if ok else None
@@ -105,7 +109,14 @@ class _Fused:
     def pack(self) -> None:
         """Use oneDNN packed copies of the plain float32/bfloat16 projections (``packed.py``)."""
         for name in self.PROJECTIONS:
-            setattr(self, name, packed_linear(getattr(self, name)))
+            setattr(self, name, packed_linear(getattr(self, name)))  # (None stays None)
+
+    def through(self, wrap: Callable[[Any], Any]) -> "_Fused":
+        """A copy of these projections, each replaced by ``wrap(projection)``."""
+        other = copy.copy(self)
+        for name in self.PROJECTIONS:
+            setattr(other, name, wrap(getattr(self, name)))
+        return other
 
 
 def prefuse(model: torch.nn.Module) -> None:
@@ -372,8 +383,13 @@ class LlamaRunner:
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in kernels.DTYPES
                             and all(_plain_rms_norm(n) for n in norms))
-        # an int4 model's prefill chunks through bfloat16 GEMMs over weights unpacked per forward
+        # an int4 model's prefill forwards call its fused projections through bfloat16 GEMMs over
+        # weights unpacked per call (torch's int4 kernel is made for a few rows: decode and verify
+        # steps keep it); with fuse_projections off they all stay on torch's kernel
         self.int4_prefill = kernels.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
+        unpacked = self.int4_prefill
+        self.prefill_fused = self.fused if unpacked is None else [
+            None if f is None else f.through(lambda m: int4_through(m, unpacked)) for f in self.fused]
 
     @property
     def packed_bytes(self) -> int:
@@ -512,39 +528,38 @@ class LlamaRunner:
             cos1, sin1, pos1, chunks = cos[0].contiguous(), sin[0].contiguous(), positions[0].contiguous(), kv
             block = lambda y, i: kernels.prefill_attention(  # noqa: E731
                 self.kernel, y, cos1, sin1, *chunks.buffers(i), chunks.token_seqs, pos1, H)
-        # an int4 model's prefill chunks: each projection one bfloat16 GEMM over weights unpacked for
-        # this forward (torch's int4 kernel is made for a few rows: decode and verify steps keep it)
-        prefill = not isinstance(kv, (_DecodeWriter, _SpanWriter))
+        # an int4 model's prefill forwards: its projections through the unpacked weights
+        fused_layers = self.fused if isinstance(kv, (_DecodeWriter, _SpanWriter)) else self.prefill_fused
         add_norm = self._add_norm
         pending = None  # the last MLP's output, added to h with the next norm
-        with int4_kernel(self.int4_prefill if prefill else None):
-            for i, layer in enumerate(self.layers):
-                attn, fused = layer.self_attn, self.fused[i]
-                h, x = add_norm(layer.input_layernorm, h, pending)
-                if block is not None and fused is not None and fused.qkv is not None:
-                    h, x = add_norm(layer.post_attention_layernorm, h, fused.o(block(fused.qkv(x), i)))
-                    pending = _fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x)
-                    continue
-                if attend is None:
-                    kv, attend = self._attention(kv, mask, T)
-                if fused is not None and fused.qkv is not None:
-                    q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
-                else:
-                    q = attn.q_proj(x).view(Bt, Tt, H, D).transpose(1, 2)
-                    k = attn.k_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
-                    v = attn.v_proj(x).view(Bt, Tt, KVH, D).transpose(1, 2)
-                    q, k = self._apply_rope(q, k, cos, sin)
-                if packed:
-                    q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
-                if self.kv_dtype != self.dtype:
-                    k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
-                keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
-                o = attend(q, keys, values)
-                o = o.transpose(1, 2).reshape(B, T, H * D)
-                if packed:
-                    o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
-                h, x = add_norm(layer.post_attention_layernorm, h, (attn.o_proj if fused is None else fused.o)(o))
-                pending = _fused_mlp(layer, fused, x) if fused is not None and fused.gate_up is not None else layer.mlp(x)
+        for i, layer in enumerate(self.layers):
+            attn, fused = layer.self_attn, fused_layers[i]
+            h, x = add_norm(layer.input_layernorm, h, pending)
+            if block is not None and fused is not None and fused.qkv is not None:
+                h, x = add_norm(layer.post_attention_layernorm, h, fused.o(block(fused.qkv(x), i)))
+                pending = _fused_mlp(layer, fused, x) if fused.gate_up is not None else layer.mlp(x)
+                continue
+            if attend is None:
+                kv, attend = self._attention(kv, mask, T)
+            if fused is not None and fused.qkv is not None:
+                q, k, v = _fused_qkv(fused, x, cos4, sin4, H, KVH, D)
+            else:
+                qp, kp, vp = (attn.q_proj, attn.k_proj, attn.v_proj) if fused is None else (fused.q, fused.k, fused.v)
+                q = qp(x).view(Bt, Tt, H, D).transpose(1, 2)
+                k = kp(x).view(Bt, Tt, KVH, D).transpose(1, 2)
+                v = vp(x).view(Bt, Tt, KVH, D).transpose(1, 2)
+                q, k = self._apply_rope(q, k, cos, sin)
+            if packed:
+                q, k, v = (_unpack(t, flat, B, T) for t in (q, k, v))
+            if self.kv_dtype != self.dtype:
+                k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+            keys, values = kv.write_read(i, k, v)  # [B, KVH, L, D]
+            o = attend(q, keys, values)
+            o = o.transpose(1, 2).reshape(B, T, H * D)
+            if packed:
+                o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
+            h, x = add_norm(layer.post_attention_layernorm, h, (attn.o_proj if fused is None else fused.o)(o))
+            pending = _fused_mlp(layer, fused, x) if fused is not None and fused.gate_up is not None else layer.mlp(x)
         if pending is not None:
             h = h + pending
         if packed:

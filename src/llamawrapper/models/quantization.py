@@ -28,15 +28,13 @@ short built-in text, moves activation outliers into the weights.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import hashlib
 import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -124,22 +122,7 @@ class Int8Linear(nn.Module):
 
 
 Int4MatMul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-# set while a forward runs its int4 projections through another kernel (``int4_kernel``)
-_INT4_MM: contextvars.ContextVar[Optional[Int4MatMul]] = contextvars.ContextVar("llamawrapper_int4_mm", default=None)
 INT4_BLOCK = 64  # output channels of the packed layout's blocks: the project's int4 kernels take multiples of it
-
-
-@contextlib.contextmanager
-def int4_kernel(matmul: Optional[Int4MatMul]) -> Iterator[None]:
-    """Within it (on this thread), ``Int4Linear`` computes ``matmul(x [M, in] bfloat16, weight,
-    scales_and_zeros, group_size)`` -> ``[M, out]`` instead of torch's packed int4 kernel (the
-    engine's runner: bfloat16 GEMMs over unpacked weights for prefill chunks; decode steps keep
-    torch's kernel). None: torch's kernel."""
-    token = _INT4_MM.set(matmul)
-    try:
-        yield
-    finally:
-        _INT4_MM.reset(token)
 
 
 class Int4Linear(nn.Module):
@@ -165,12 +148,14 @@ class Int4Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.through(x, None)
+
+    def through(self, x: torch.Tensor, matmul: Optional[Int4MatMul]) -> torch.Tensor:
+        """``forward`` with ``matmul(x [M, in] bfloat16, weight, scales_and_zeros, group_size)`` ->
+        ``[M, out]`` in place of torch's packed int4 kernel (None: torch's)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(ACTIVATION_DTYPE)
-        # (never inside a compiled graph: reading the context there would break the graph in this
-        # forward, whose continuation dynamo would then share among the modules)
-        matmul = None if torch.compiler.is_compiling() else _INT4_MM.get()
-        if matmul is not None and self.out_features % INT4_BLOCK == 0:  # the runner's kernel (int4_kernel)
+        if matmul is not None:
             y = matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
@@ -180,6 +165,28 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+class Int4Through:
+    """An ``Int4Linear`` computed by another kernel on its packed weights (``Int4Linear.through``):
+    the engine's runner calls these for an int4 model's prefill forwards, and the module itself,
+    on torch's int4 kernel, for its decode steps."""
+
+    __slots__ = ("linear", "matmul")
+
+    def __init__(self, linear: Int4Linear, matmul: Int4MatMul) -> None:
+        self.linear, self.matmul = linear, matmul
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear.through(x, self.matmul)
+
+
+def int4_through(module: Any, matmul: Int4MatMul) -> Any:
+    """``module`` computed by ``matmul`` if it is an ``Int4Linear`` whose output channels fill the
+    packed layout's blocks (what the project's int4 kernels take), else ``module`` itself."""
+    if isinstance(module, Int4Linear) and module.out_features % INT4_BLOCK == 0:
+        return Int4Through(module, matmul)
+    return module
 
 
 class W8A8Linear(nn.Module):
