@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from llamawrapper import SamplingParams
 from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, kernels
 from llamawrapper.engine.kv_cache import SlotCache
+from runner_helpers import prefill_logits
 from llamawrapper.engine.runner import _attend
 
 
@@ -608,3 +609,36 @@ def test_every_forward_adds_and_norms_in_the_kernel(tiny_llm, monkeypatch):
     assert [(r.text, r.token_ids) for r in alone] == [(r.text, r.token_ids) for r in batch]
     for a, b in zip(alone, without):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+def test_norms_of_another_formula_keep_their_own_forward(tiny_llm):
+    """The kernel takes over a model's norms if it computes what they compute, asked of the modules
+    themselves: Llama's formula under another class name goes to the kernel; a norm of Gemma's
+    formula (``x / rms(x) * (1 + weight)``), with the same attributes as Llama's, keeps its own
+    forward, and the runner's logits are that forward's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class OnePlusWeightNorm(LlamaRMSNorm):
+        def forward(self, x):
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight.float())).to(x.dtype)
+
+    class RenamedRMSNorm(LlamaRMSNorm):  # Llama's formula under another name (as other families name it)
+        pass
+
+    def with_norms(cls):
+        model = copy.deepcopy(tiny_llm.loaded.model)
+        for layer in model.model.layers:
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                old = getattr(layer, name)
+                new = cls(old.weight.shape[0], eps=old.variance_epsilon)
+                new.weight = old.weight
+                setattr(layer, name, new)
+        return model
+
+    assert LlamaRunner(with_norms(RenamedRMSNorm)).kernel_norm  # what it computes, not what it is called
+    model = with_norms(OnePlusWeightNorm)
+    runner, plain = LlamaRunner(model), LlamaRunner(model, kernel_norm=False)
+    assert runner.kernel is not None and not runner.kernel_norm
+    ids = torch.randint(10, 40000, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    assert torch.equal(prefill_logits(runner, ids), prefill_logits(plain, ids))

@@ -11,16 +11,8 @@ import torch
 
 from llamawrapper import SamplingParams
 from llamawrapper.engine import Engine, EngineConfig, LlamaRunner
-from llamawrapper.engine.kv_cache import SequenceKV
 from llamawrapper.models import quantization as quant
-
-
-def prefill_logits(runner: LlamaRunner, ids: list[int]) -> torch.Tensor:
-    n = len(ids)
-    kv = SequenceKV(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.dtype, capacity=n)
-    mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
-    runner.bind_rows([""])
-    return runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv.chunk(0, n), mask, every=True)
+from runner_helpers import prefill_logits
 
 
 @pytest.fixture(scope="module")

@@ -224,12 +224,23 @@ def _unpack(t: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor
     return out.view(B, T, heads, D).transpose(1, 2)
 
 
-def _plain_rms_norm(norm: torch.nn.Module) -> bool:
-    """Whether ``norm`` is a Llama-family RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))``), whose
-    decode-step work the kernel can do (``add_rms_norm``)."""
-    weight = getattr(norm, "weight", None)
-    return (type(norm).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and isinstance(weight, torch.Tensor)
-            and weight.dim() == 1 and weight.dtype in kernels.DTYPES and hasattr(norm, "variance_epsilon"))
+def _norm_in_kernel(kernel: types.ModuleType, norm: torch.nn.Module) -> bool:
+    """Whether the kernel's ``add_rms_norm`` computes what ``norm`` computes, a Llama-family RMS
+    norm (``weight * x / sqrt(mean(x^2) + variance_epsilon)``): asked of the module itself, on one
+    random input, within rounding. A norm of another formula (Gemma's ``(1 + weight)``, a centred
+    LayerNorm) keeps its own forward."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.dtype in kernels.DTYPES
+            and isinstance(eps, (int, float))):
+        return False
+    x = (torch.randn(2, 1, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3).to(weight.dtype)
+    with torch.inference_mode():
+        want = norm(x)
+        got = kernel.add_rms_norm(x.clone(), None, weight, float(eps))
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
+        return False
+    tol = 1e-5 if weight.dtype == torch.float32 else 2 ** -7
+    return bool((got.float() - want.float()).abs().max() <= tol * want.float().abs().max())
 
 
 def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.Tensor:
@@ -379,10 +390,10 @@ class LlamaRunner:
         self.kernel_block = self.kernel is not None and bool(kernel_block) and self.dtype in kernels.DTYPES
         # ... and so do prefill chunks, in and out of the prompt's own KV buffer
         self.kernel_prefill = self.kernel is not None and bool(kernel_prefill) and self.dtype in kernels.DTYPES
-        # ... and each residual add with the RMS norm after it (transformers' Llama-family RMSNorm)
+        # ... and each residual add with the RMS norm after it (if the kernel computes the model's norms)
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in kernels.DTYPES
-                            and all(_plain_rms_norm(n) for n in norms))
+                            and all(_norm_in_kernel(self.kernel, n) for n in norms))
         # an int4 model's prefill forwards call its fused projections through bfloat16 GEMMs over
         # weights unpacked per call (torch's int4 kernel is made for a few rows: decode and verify
         # steps keep it); with fuse_projections off they all stay on torch's kernel
