@@ -213,3 +213,20 @@ def test_a_prompt_whose_blocks_fail_to_be_stored_fails_alone_and_poisons_no_cach
     again = eng.submit(prompt, greedy(4)).result()
     assert again.usage.cached_tokens == 0  # nothing of the failed request was cached
     assert again.token_ids == want.token_ids and again.text == want.text
+
+
+def test_only_the_chunk_that_ends_a_prompt_computes_logits(tiny_llm, make_engine, monkeypatch):
+    """Prompts prefilled in several chunks, alone and packed with others, go through the output
+    head once each, at their last token; the first token each gets is ``generate``'s."""
+    runner = tiny_llm.engine.runner
+    head, rows = runner.lm_head, []
+    monkeypatch.setattr(runner, "lm_head", lambda h: rows.append(h.reshape(-1, h.shape[-1]).shape[0]) or head(h))
+    eng = make_engine(max_batch_size=8, prefill_chunk=7)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, 40000, (n,), generator=gen).tolist() for n in (30, 4, 17, 9, 23)]
+    results = [eng.submit(prompts[0], greedy(1)).result()]  # alone: chunks of 7, 7, 7, 7, 2
+    results += [h.result() for h in [eng.submit(p, greedy(1)) for p in prompts[1:]]]  # packed 7 tokens a step
+    assert eng.stats.prefill_forwards >= 5 + 8  # 30 tokens in 5 chunks, then 53 at 7 a step
+    assert sum(rows) == len(prompts)  # one row each; none for a chunk that does not end its prompt
+    for p, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_llm.loaded.model, p, 1)

@@ -320,6 +320,7 @@ class Engine:
         last token."""
         reqs = [r for r, _ in group]
         starts, counts = [r.prefilled for r in reqs], [c for _, c in group]
+        ends = [a + c == len(r.prompt_ids) for r, a, c in zip(reqs, starts, counts)]  # prompts this forward completes
         B, T = len(group), max(counts)
         rows, positions, flat, last = [], [], [], []
         for i, (req, a, c) in enumerate(zip(reqs, starts, counts)):
@@ -327,21 +328,22 @@ class Engine:
             rows.append(chunk + [chunk[-1]] * (T - c))  # padding: never projected, never attended to
             positions.append(list(range(a, a + c)) + [a + c - 1] * (T - c))
             flat.extend(range(i * T, i * T + c))
-            last.append(len(flat) - 1)
+            if ends[i]:
+                last.append(len(flat) - 1)
         tokens, pos = torch.tensor(rows), torch.tensor(positions)
         length = max(a + c for a, c in zip(starts, counts))
         # each query sees its own prompt up to itself; padding queries repeat their row's last one
         mask = (torch.arange(length).view(1, 1, -1) <= pos.unsqueeze(2)).view(B, 1, T, length)
         try:
             self.runner.bind_rows([r.namespace for r in reqs])
-            if B > 1:
+            if B > 1:  # logits only at the last token of each prompt it completes (none: no head at all)
                 view = PackWriter([r.kv for r in reqs], starts, counts)
                 logits = self.runner.forward(tokens, pos, view, mask, flat=torch.tensor(flat), pack=True,
-                                             logits_at=torch.tensor(last))
+                                             logits_at=torch.tensor(last), logits=bool(last))
             else:
                 req, a, c = reqs[0], starts[0], counts[0]
                 every = req.prompt_logprobs is not None
-                logits = self.runner.forward(tokens, pos, req.kv.chunk(a, c), mask, every=every)
+                logits = self.runner.forward(tokens, pos, req.kv.chunk(a, c), mask, every=every, logits=every or ends[0])
                 if every:  # position p predicts prompt token p + 1
                     targets = req.prompt_ids[a + 1 : a + c + 1]
                     if targets:
@@ -355,11 +357,11 @@ class Engine:
             return
         self._prefilled(group, logits)
 
-    def _prefilled(self, group: list[tuple[Request, int]], logits: torch.Tensor) -> None:
-        """Count the chunks just prefilled (``logits`` [len(group), vocab], one row each); the
-        requests whose prompts are now complete join the decode batch and get their first token,
-        then store their prompt's blocks in the prefix cache and their KV in their slot (that
-        copying is not in their time to first token)."""
+    def _prefilled(self, group: list[tuple[Request, int]], logits: Optional[torch.Tensor]) -> None:
+        """Count the chunks just prefilled (``logits``: one row per request whose prompt is now
+        complete, in ``group``'s order; None if none is); those requests join the decode batch and
+        get their first token, then store their prompt's blocks in the prefix cache and their KV in
+        their slot (that copying is not in their time to first token)."""
         finishing = []
         for i, (req, count) in enumerate(group):
             req.prefilled += count
@@ -379,7 +381,7 @@ class Engine:
             for req in reqs:
                 self._prefilling.remove(req)
                 self._running.append(req)
-        self._select_and_accept(reqs, logits[torch.tensor(finishing)])
+        self._select_and_accept(reqs, logits)
         for slot, req in enumerate(reqs, start=first):
             try:
                 stored = self.prefix_cache.insert(req.prompt_ids, lambda a, b, kv=req.kv.data: kv[:, :, :, a:b], req.namespace)

@@ -512,7 +512,8 @@ class LlamaRunner:
         flat: torch.Tensor | None = None,  # [N] indices into the B*T positions: logits of those, [N, vocab]
         pack: bool = False,  # with ``flat``: only those N positions go through the projections and MLP
         logits_at: torch.Tensor | None = None,  # with ``pack``: logits only of these of the N positions
-    ) -> torch.Tensor:  # [B, vocab] float32
+        logits: bool = True,  # False: none (a prompt chunk that is not its last); returns None
+    ) -> Optional[torch.Tensor]:  # [B, vocab] float32
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and isinstance(kv, _DecodeWriter) and last is None and flat is None and not every:
             if not self._warmed:  # a runner used without the load's warm-up
@@ -571,6 +572,8 @@ class LlamaRunner:
                 o = o.reshape(B * T, H * D)[flat].unsqueeze(0)
             h, x = add_norm(layer.post_attention_layernorm, h, (attn.o_proj if fused is None else fused.o)(o))
             pending = _fused_mlp(layer, fused, x) if fused is not None and fused.gate_up is not None else layer.mlp(x)
+        if not logits:
+            return None
         if pending is not None:
             h = h + pending
         if packed:
