@@ -316,8 +316,8 @@ class Engine:
         """One forward over the next chunks of ``group``'s requests. A lone chunk reads and writes
         its request's ``SequenceKV`` directly (with every position's logits when it asks prompt
         log-probabilities); several are packed: the projections and MLP run on their real tokens
-        only, attention per request over its own KV (``PackWriter``), logits at each chunk's
-        last token."""
+        only, attention per request over its own KV (``PackWriter``). Logits only at the last
+        token of each prompt the forward completes (none for a chunk that does not end its prompt)."""
         reqs = [r for r, _ in group]
         starts, counts = [r.prefilled for r in reqs], [c for _, c in group]
         ends = [a + c == len(r.prompt_ids) for r, a, c in zip(reqs, starts, counts)]  # prompts this forward completes

@@ -234,9 +234,12 @@ def _norm_in_kernel(kernel: types.ModuleType, norm: torch.nn.Module) -> bool:
             and isinstance(eps, (int, float))):
         return False
     x = (torch.randn(2, 1, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3).to(weight.dtype)
-    with torch.inference_mode():
-        want = norm(x)
-        got = kernel.add_rms_norm(x.clone(), None, weight, float(eps))
+    try:
+        with torch.inference_mode():
+            want = norm(x)
+            got = kernel.add_rms_norm(x.clone(), None, weight, float(eps))
+    except Exception:  # a module that does not take this input: its own forward, as before
+        return False
     if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
         return False
     tol = 1e-5 if weight.dtype == torch.float32 else 2 ** -7
