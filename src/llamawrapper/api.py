@@ -79,8 +79,7 @@ class LlamaWrapper:
         from .requests import customize
 
         settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
-        if settings.threads:
-            set_process_threads(settings.threads)
+        set_process_threads(settings.threads, settings.pin_threads)
         from .models import adapters as adapterlib
         from .config import model_table
 

@@ -56,6 +56,10 @@ class EngineSettings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="Most prompt tokens prefilled per engine step.")
     prefix_cache_mb: float = Field(256.0, ge=0, description="Byte budget of the prefix (KV) cache, in MiB.")
     threads: int = Field(0, ge=0, description="Torch threads; 0 = one per core.")
+    pin_threads: Optional[bool] = Field(
+        None, description="Pin torch's threads one per CPU (on: always; off: never; unset: when they are as many as "
+                          "the CPUs the process may use), so that another process on the machine (a client) does "
+                          "not make the scheduler stack or move them (docs/BENCHMARKS.md section 17).")
     fuse_projections: bool = Field(
         True, description="Run each layer's q/k/v and gate/up projections as one matmul each (same results; off = separate).")
     attention_fp32: bool = Field(

@@ -18,9 +18,11 @@ capability and torch version:
   (``add_rms_norm``), in decode steps and prefill chunks.
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
+- ``csrc/team_threads.cpp``: the thread ids of the calling thread's OpenMP team
+  (``team_threads``), which ``threads.pin_team`` pins one per CPU.
 
 Without a C++ compiler ``load`` returns None (and says why, once) and the runner keeps torch's
-code for all of them.
+code for all of them (and the threads stay unpinned).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from ..config import home_dir
 
 log = logging.getLogger("llamawrapper.engine")
 
-# prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for prefill
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp")]
+# prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for
+# prefill, the OpenMP team's thread ids
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)

@@ -7,13 +7,19 @@ workers. A loading thread therefore limits *itself* to one OpenMP thread: torch'
 OpenMP setting is changed directly, after torch's lazy per-thread initialisation has run.
 It also lowers its own scheduling priority (Linux nice is per thread): measured, a load beside
 a serving model cut that model's decoding to 0.11-0.33x while it ran, and to ~0.6x at nice 15;
-the load takes longer instead (docs/HOST.md)."""
+the load takes longer instead (docs/HOST.md).
+
+The executor's team is pinned one thread per CPU when it has as many threads as the process may
+use CPUs (``pin_team``): unpinned, the scheduler stacked both of a 2-core machine's threads on one
+core or moved them while a client on the same machine ran, and every parallel region waited for
+the slower thread (docs/BENCHMARKS.md section 17)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
+import os
 from typing import Optional
 
 log = logging.getLogger("llamawrapper.engine")
@@ -61,10 +67,56 @@ def limit_current_thread(threads: int = 1, nice: int = 15) -> bool:
     return torch.get_num_threads() == threads
 
 
-def set_process_threads(threads: int) -> None:
-    """Torch threads for the executor (every model in the process), set on its own thread."""
+def _process_cpus() -> list[int]:
+    """The CPUs this process may run on, as the main thread was given them (not a pinned thread's)."""
+    try:
+        return sorted(os.sched_getaffinity(os.getpid()))
+    except (AttributeError, OSError):  # not Linux
+        return []
+
+
+def should_pin(pin: Optional[bool], threads: int, cpus: int) -> bool:
+    """Whether a team of ``threads`` is pinned on a process with ``cpus`` CPUs: always with ``pin``
+    True (if each thread gets a CPU of its own), never with False; unset, only when the team fills
+    the CPUs (a process given fewer threads than CPUs, e.g. one of several replicas, is left to the
+    scheduler, which places the processes' threads across the cores)."""
+    if pin is False or threads > cpus or threads < 1:
+        return False
+    return bool(pin) or threads == cpus
+
+
+def pin_team(pin: Optional[bool] = None) -> list[int]:
+    """On the calling thread (the executor's): pin its OpenMP team, the threads torch's parallel
+    regions run on, one per CPU in order (``should_pin``), or give every thread of it the process's
+    CPUs back. Returns the CPUs pinned to ([] when not pinned, or when the kernels that find the
+    team's threads are not built)."""
+
+    from . import kernels
+
+    cpus = _process_cpus()
+    module = kernels.load()
+    if not cpus or module is None or not hasattr(module, "team_threads"):
+        return []
+    tids = module.team_threads()
+    pinned = should_pin(pin, len(tids), len(cpus)) and -1 not in tids
+    for i, tid in enumerate(tids):
+        if tid != -1:
+            os.sched_setaffinity(tid, {cpus[i]} if pinned else set(cpus))
+    if pinned:
+        log.info("torch's %d threads pinned to CPUs %s", len(tids), ", ".join(map(str, cpus[: len(tids)])))
+    return cpus[: len(tids)] if pinned else []
+
+
+def set_process_threads(threads: int, pin: Optional[bool] = None) -> list[int]:
+    """Torch threads for the executor (every model in the process; 0 keeps torch's count, one per
+    core), set on its own thread, and its team pinned or not (``pin_team``). Returns the CPUs pinned to."""
     import torch
 
     from .executor import get_executor
 
-    get_executor().call(lambda: torch.set_num_threads(threads)).result()
+    def setup() -> list[int]:
+        if threads:
+            torch.set_num_threads(threads)
+        return pin_team(pin)
+
+    return get_executor().call(setup).result()

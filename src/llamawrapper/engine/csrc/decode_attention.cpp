@@ -531,8 +531,10 @@ TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_at
 
 // decode_layer.cpp
 torch::Tensor add_rms_norm(torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
+std::vector<int64_t> team_threads();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("team_threads", &team_threads);
   m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
                                 std::optional<torch::Tensor> src, std::optional<torch::Tensor> shared) {
     pybind11::gil_scoped_release free_gil;  // the server's event loop runs while a step attends

@@ -1,0 +1,52 @@
+"""Torch's threads pinned one per CPU (``engine.threads.pin_team``): the executor's OpenMP team,
+found by the kernel's ``team_threads``, each thread on a CPU of its own, and given the process's
+CPUs back when not pinned."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from llamawrapper.engine import kernels
+from llamawrapper.engine.executor import get_executor
+from llamawrapper.engine.threads import _process_cpus, pin_team, should_pin
+
+
+def test_the_rule_pins_a_team_that_fills_the_cpus_unless_told():
+    assert should_pin(None, 2, 2) and should_pin(None, 8, 8)
+    assert not should_pin(None, 1, 2)  # one of several processes on the machine: the scheduler places them
+    assert should_pin(True, 1, 2) and not should_pin(False, 2, 2)
+    assert not should_pin(True, 3, 2)  # more threads than CPUs: two would share one
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_the_executor_team_is_pinned_one_thread_per_cpu_and_released():
+    if kernels.load() is None:
+        pytest.skip("the kernels (which find the team's threads) are not built here")
+    cpus = _process_cpus()
+
+    def on_executor(pin):
+        pinned = pin_team(pin)
+        tids = kernels.load().team_threads()
+        return pinned, tids, threading.get_native_id(), [os.sched_getaffinity(t) for t in tids]
+
+    ex = get_executor()
+    try:
+        pinned, tids, me, masks = ex.call(lambda: on_executor(True)).result()
+        n = len(tids)
+        assert n == ex.call(torch.get_num_threads).result()  # the team torch's parallel regions use
+        assert tids[0] == me  # the team's first thread is the executor's own
+        if n > len(cpus):
+            assert pinned == []
+        else:
+            assert pinned == cpus[:n] and masks == [{c} for c in cpus[:n]]  # one CPU each, in order
+            # the same threads run the next parallel region (the team is kept): still pinned
+            assert ex.call(lambda: kernels.load().team_threads()).result() == tids
+        pinned, tids, me, masks = ex.call(lambda: on_executor(False)).result()
+        assert pinned == [] and all(m == set(cpus) for m in masks)  # every thread gets the process's CPUs back
+        assert os.sched_getaffinity(0) == set(cpus)  # this thread was never touched
+    finally:
+        ex.call(lambda: pin_team(None)).result()  # as the process's load left it
