@@ -64,6 +64,8 @@ VARIANTS = {  # name -> bench.systems spec
 SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
                 "w8a8": ["--quantization", "w8a8"], "int4c": ["--quantization", "int4"]}
 SERVER_ENV = {"int4c": {"LLAMAWRAPPER_COMPILE_DECODE": "1"}}
+# HTTP variants may add options after "+" (e.g. "fp32+unpinned"): measured beside the plain variant, not a target
+SERVER_OPTIONS = {"unpinned": ["--pin-threads", "false"]}
 ENGINE_WORKLOADS = "decode,prefill,ttft,w2"
 
 
@@ -181,9 +183,11 @@ def baseline_source(ref: str, into: Path) -> Path:
 
 # -- W2 over HTTP -----------------------------------------------------------------------------------
 def _lw_server(model: str, variant: str, threads: int, log_path: Path) -> ServeProcess:
-    """``llamawrapper serve MODEL`` on loopback (one variant)."""
-    env = {"PYTHONWARNINGS": "ignore", **SERVER_ENV.get(variant, {})}
-    return ServeProcess([model, "--threads", str(threads), *SERVER_FLAGS[variant]], log_path, env=env)
+    """``llamawrapper serve MODEL`` on loopback (one variant, with its ``+option``s)."""
+    base, *options = variant.split("+")
+    env = {"PYTHONWARNINGS": "ignore", **SERVER_ENV.get(base, {})}
+    flags = [*SERVER_FLAGS[base], *(f for o in options for f in SERVER_OPTIONS[o])]
+    return ServeProcess([model, "--threads", str(threads), *flags], log_path, env=env)
 
 
 async def _stream_one(client: Any, model: str, messages: list[dict], max_tokens: int, bias: dict[str, int], t0: float) -> dict:
@@ -416,13 +420,13 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
         row(f"W1 bf16 / {base} (today's fp32)", _ratio(dec("bf16"), dec(base)), 1.5, cpu_value=_ratio(c("bf16", "decode"), c(base, "decode")))
         row(f"W1 fp32 / {base}", _ratio(dec("fp32"), dec(base)), None, cpu_value=_ratio(c("fp32", "decode"), c(base, "decode")))
     ls = _get(http, "systems", "llama-server") or {}
-    for v in VARIANTS:
-        mine = _get(http, "systems", f"llamawrapper-{v}")
-        if not mine:
+    for name, mine in (http.get("systems") or {}).items():
+        if not name.startswith("llamawrapper-"):
             continue
+        v = name.removeprefix("llamawrapper-")
         for wave, target in (("warm", 2.0), ("cold", 3.0)):
             row(f"W2 http {wave}: llamawrapper {v} / llama-server -np {http.get('requests')}",
-                _ratio(_get(mine, wave, "tokens_per_s"), _get(ls, wave, "tokens_per_s")), target,
+                _ratio(_get(mine, wave, "tokens_per_s"), _get(ls, wave, "tokens_per_s")), None if "+" in v else target,
                 cpu_value=_ratio(_get(mine, wave, "tokens_per_server_cpu_s"), _get(ls, wave, "tokens_per_server_cpu_s")))
     for v in eng:
         w2 = _get(eng, v, "workloads", "w2", "tokens_per_s") if ok(v) else None
@@ -577,7 +581,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2", help="alias, folder, .gguf or hub id (llama.cpp needs a GGUF)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads and llama.cpp -t/-tb (default: one per core)")
     ap.add_argument("--variants", default="fp32,bf16,int8,int4", help="engine variants for W1/prefill/TTFT")
-    ap.add_argument("--http-variants", default="fp32,int4", help="llamawrapper serve variants for W2 over HTTP")
+    ap.add_argument("--http-variants", default="fp32,int4",
+                    help="llamawrapper serve variants for W2 over HTTP; '+unpinned' after one: torch's threads not pinned")
     ap.add_argument("--stages", default="llamacpp,engine,http", help="subset of llamacpp,engine,http")
     ap.add_argument("--engine-workloads", default=ENGINE_WORKLOADS, help="bench.worker workloads per engine variant")
     ap.add_argument("--requests", type=int, default=16, help="W2 concurrent chats (llama-server -np)")
@@ -611,9 +616,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     stages = set(args.stages.split(","))
     variants = [v for v in args.variants.split(",") if v]
     http_variants = [v for v in args.http_variants.split(",") if v]
-    for v in variants + http_variants:
+    for v in variants + [h.split("+")[0] for h in http_variants]:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    for o in (o for h in http_variants for o in h.split("+")[1:]):
+        if o not in SERVER_OPTIONS:
+            raise SystemExit(f"unknown server option {o!r} (after '+'); known: {', '.join(SERVER_OPTIONS)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
