@@ -63,6 +63,20 @@ def test_serve_help_has_a_flag_for_every_setting():
         assert flag in result.output, flag
 
 
+def test_a_yes_no_setting_is_turned_on_and_off_from_the_command_line(clean_env, monkeypatch):
+    """A boolean engine setting has ``--x`` and ``--no-x`` (``--no-fuse-projections`` turns off
+    what is on by default), and neither given leaves the setting to env and config."""
+    from llamawrapper.server import run
+
+    seen = []
+    monkeypatch.setattr(run, "serve", lambda server, engine, security: seen.append(engine))
+    for args, fuse, pin in ((["--no-fuse-projections", "--pin-threads"], False, True),
+                            (["--fuse-projections", "--no-pin-threads"], True, False), ([], True, None)):
+        result = CliRunner().invoke(cli_app, ["serve", "smollm2", *args])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].fuse_projections, seen[-1].pin_threads) == (fuse, pin)
+
+
 def test_serve_rejects_a_bad_flag_value(clean_env):
     result = CliRunner().invoke(cli_app, ["serve", "--port", "70000"])
     assert result.exit_code == 2 and "port" in result.output

@@ -48,6 +48,8 @@ def _parameter(name: str, field: FieldInfo, group: str) -> inspect.Parameter:
                               show_default=False, metavar="MODEL...")
     else:
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if kind is bool:  # on and off from the command line, whichever the default
+            flag = f"{flag}/--no-{flag[2:]}"
         shown = _default_text(field)
         info = typer.Option(None, flag, help=f"{field.description} (default: {shown}; env {env})",
                             show_default=False, rich_help_panel=group)
