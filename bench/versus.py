@@ -65,7 +65,7 @@ SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantiz
                 "w8a8": ["--quantization", "w8a8"], "int4c": ["--quantization", "int4"]}
 SERVER_ENV = {"int4c": {"LLAMAWRAPPER_COMPILE_DECODE": "1"}}
 # HTTP variants may add options after "+" (e.g. "fp32+unpinned"): measured beside the plain variant, not a target
-SERVER_OPTIONS = {"unpinned": ["--pin-threads", "false"]}
+SERVER_OPTIONS = {"unpinned": ["--no-pin-threads"]}
 ENGINE_WORKLOADS = "decode,prefill,ttft,w2"
 
 
