@@ -186,8 +186,9 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         specs.append((f"{model}:{label or 'default'}", model, settings))
     from llamawrapper.config import EngineSettings
 
-    llms = {}
+    llms, pins = {}, {}
     for label, model, settings in specs:
+        pins[label] = settings.get("pin_threads")  # process-wide: set again before each of its variant's turns
         attrs = {k: settings.pop(k) for k in list(settings) if k.startswith(("engine.", "runner."))}
         unknown = set(settings) - set(EngineSettings.model_fields)
         if unknown:  # EngineSettings ignores unknown keys: a misspelt lever would measure nothing
@@ -203,8 +204,11 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     w1, w2, long = w1_prompt(tok), w2_prompts(tok, args.w2_requests), long_prompt(tok, 1000)
     rates: dict[str, dict[str, list[float]]] = {label: {"w1": [], "w2": [], "prefill": []} for label in llms}
     texts: dict[str, list[int]] = {}
+    from llamawrapper.engine.threads import set_process_threads
+
     for r in range(args.rounds):
         for label, llm in llms.items():
+            set_process_threads(0, pins[label])  # the executor's threads pinned or not, as this variant asks
             llm.engine.executor.call(llm.engine.prefix_cache.clear).result()  # cold start, as in python -m bench
             p1 = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
             t = time.perf_counter()
