@@ -50,3 +50,16 @@ def test_the_executor_team_is_pinned_one_thread_per_cpu_and_released():
         assert os.sched_getaffinity(0) == set(cpus)  # this thread was never touched
     finally:
         ex.call(lambda: pin_team(None)).result()  # as the process's load left it
+
+
+def test_a_cpu_that_cannot_be_given_leaves_the_threads_unpinned(monkeypatch):
+    """Where the OS refuses the affinity (a restricted container), nothing is pinned and a
+    model's load goes on."""
+    if kernels.load() is None:
+        pytest.skip("the kernels (which find the team's threads) are not built here")
+
+    def refuse(tid, cpus):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert get_executor().call(lambda: pin_team(True)).result() == []
