@@ -80,7 +80,7 @@ def should_pin(pin: Optional[bool], threads: int, cpus: int) -> bool:
     True (if each thread gets a CPU of its own), never with False; unset, only when the team fills
     the CPUs (a process given fewer threads than CPUs, e.g. one of several replicas, is left to the
     scheduler, which places the processes' threads across the cores)."""
-    if pin is False or threads > cpus or threads < 1:
+    if pin is False or threads > cpus:
         return False
     return bool(pin) or threads == cpus
 
@@ -90,12 +90,11 @@ def pin_team(pin: Optional[bool] = None) -> list[int]:
     regions run on, one per CPU in order (``should_pin``), or give every thread of it the process's
     CPUs back. Returns the CPUs pinned to ([] when not pinned, or when the kernels that find the
     team's threads are not built)."""
-
     from . import kernels
 
     cpus = _process_cpus()
     module = kernels.load()
-    if not cpus or module is None or not hasattr(module, "team_threads"):
+    if not cpus or module is None:
         return []
     tids = module.team_threads()
     pinned = should_pin(pin, len(tids), len(cpus)) and -1 not in tids
