@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from llamawrapper.engine.sampling import apply_logit_bias, apply_openai_penalties, sample_rows
+from types import SimpleNamespace
+
+from llamawrapper.engine.sampling import Sampler, apply_logit_bias, apply_openai_penalties, make_generator, sample_rows
 from llamawrapper.errors import InvalidRequestError
 from llamawrapper.types import SamplingParams
 
@@ -64,6 +66,38 @@ def test_openai_penalties_follow_the_formula():
 def test_logit_bias_adds_per_row():
     out = apply_logit_bias(torch.zeros(2, 4), [{1: 5.0, 3: -2.0}, {0: 1.5}])
     assert out.tolist() == [[0, 5, 0, -2], [1.5, 0, 0, 0]]
+
+
+def test_greedy_rows_with_a_logit_bias_pick_what_a_biased_copy_picks():
+    """A decode step hands the sampler the batch's plain argmax; a greedy row whose only change is
+    its logit_bias then skips the biased copy of the logits. Its token must be the biased copy's
+    argmax in every case: the argmax itself banned, a bias that ties the top (the lower id wins
+    either way), -inf-like bans of other tokens, beside rows with penalties and sampled rows."""
+    g = torch.Generator().manual_seed(0)
+    V = 12
+    logits = torch.randint(-3, 4, (10, V), generator=g).float()  # small integers: many ties
+    logits[0, 5] = logits[0].max() + 1  # row 0: its argmax 5 is banned, so the runner-up decides
+    logits[1, 7] = 3.0  # rows 1, 2: a bias lifts token 2 / 9 to exactly the top (3 + 1 = 4)
+    logits[1, 2] = logits[2, 9] = 3.0
+    logits[1, 4] = logits[2, 4] = 4.0
+    biases = [{5: -100.0, 1: -100.0}, {2: 1.0}, {9: 1.0}, {0: -100.0, 11: 2.5}, {3: 100.0}, {6: -0.5, 7: 0.5},
+              {4: 1.0}, {8: -100.0}, {1: 2.0}, {}]
+    params = [SamplingParams(temperature=0, logit_bias=b or None) for b in biases]
+    params[7] = SamplingParams(temperature=0, logit_bias=biases[7], presence_penalty=0.5)  # the full path
+    params[8] = SamplingParams(temperature=0.8, seed=3, logit_bias=biases[8])  # sampled
+    def reqs():
+        return [SimpleNamespace(params=p, logits_processor=None, output_ids=[3, 3], prompt_ids=[1],
+                                generator=make_generator(p.seed)) for p in params]
+    sampler = Sampler.__new__(Sampler)  # select() needs no tokenizer
+    plain = logits.argmax(dim=-1).tolist()
+    raw = logits.clone()
+    fast = sampler.select(logits, reqs(), plain, on_error=lambda r, e: pytest.fail(repr(e)))
+    full = sampler.select(logits, reqs(), None, on_error=lambda r, e: pytest.fail(repr(e)))
+    assert torch.equal(logits, raw)  # the raw logits (log-probabilities come from them) are untouched
+    assert fast == full
+    biased = apply_logit_bias(logits.clone(), biases)
+    assert fast[:8] == biased[:8].argmax(dim=-1).tolist()
+    assert fast[0] != 5 and fast[1] == 2 and fast[2] == 4 and fast[4] == 3  # the lower id wins a tie
 
 
 def test_sample_rows_masks_and_draws_from_the_distribution():

@@ -2,7 +2,8 @@
 
     logits [B, V] ─ per-row logits processors (grammars) ─ repetition penalty (transformers)
                   ─ presence/frequency penalties (OpenAI, one scatter over the rows that ask)
-                  ─ logit_bias (one index_put over every row's bias)
+                  ─ logit_bias (one index_put over every row's bias; a greedy row with no other
+                    change compares its argmax with its biased tokens instead: ``biased_greedy``)
                   ─ greedy rows: one argmax │ sampled rows: temperature, top-k, top-p as masks
                                               over one sort, then inverse-CDF draws
     log-probabilities (when asked) come from the raw logits: one log_softmax + top-k (and, for a
@@ -72,6 +73,32 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -
     return logits
 
 
+def biased_greedy(logits: torch.Tensor, rows: Sequence[int], greedy: Sequence[int],
+                  biases: Sequence[dict[int, float]]) -> dict[int, int]:
+    """The greedy token of each of ``rows`` after its ``logit_bias``, from the raw logits [B, V]
+    and their plain argmax ``greedy`` (per row of the batch), without a biased copy of the rows:
+    the biased argmax is either the row's own argmax or one of its biased tokens, compared with
+    the values ``apply_logit_bias`` would give them, the lowest id first among equals, as
+    ``argmax`` takes it. A row whose own argmax is biased itself (the answer may then be any
+    token) or whose biased values are not numbers is left out, for the full path."""
+    rows = [i for i in rows if greedy[i] not in biases[i]]
+    if not rows:
+        return {}
+    pairs = [(i, t, b) for i in rows for t, b in sorted(biases[i].items())]
+    biased = (logits[torch.tensor([i for i, _, _ in pairs]), torch.tensor([t for _, t, _ in pairs])]
+              + torch.tensor([b for _, _, b in pairs], dtype=logits.dtype)).tolist()
+    own = logits[torch.tensor(rows), torch.tensor([greedy[i] for i in rows])].tolist()
+    best = {i: (value, greedy[i]) for i, value in zip(rows, own)}
+    spoiled = set()
+    for (i, t, _), value in zip(pairs, biased):
+        top, token = best[i]
+        if value != value:  # NaN: argmax's rules for it are the full path's business
+            spoiled.add(i)
+        elif value > top or (value == top and t < token):
+            best[i] = (value, t)
+    return {i: token for i, (_, token) in best.items() if i not in spoiled}
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 uniform: torch.Tensor) -> torch.Tensor:
     """One token per row by inverse-CDF sampling after temperature, top-k and top-p.
@@ -139,6 +166,13 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF = _byte_level_alphabet()
 
 
+def _bias_only(req: Any) -> bool:
+    """Whether a request's only change to its logits is its ``logit_bias``."""
+    p = req.params
+    return (req.logits_processor is None and bool(p.logit_bias) and not p.presence_penalty and not p.frequency_penalty
+            and p.repetition_penalty == 1.0)
+
+
 class Sampler:
     """Selects the next token of every row of a step (see the module docstring)."""
 
@@ -156,10 +190,17 @@ class Sampler:
         tokens: list[Optional[int]] = [None] * B
         work = logits
         changed = [r.logits_processor is not None or r.params.penalized for r in reqs]
+        if greedy is not None:  # greedy rows whose only change is a logit_bias: no copy of the logits
+            biased = [i for i, r in enumerate(reqs) if changed[i] and r.params.greedy and _bias_only(r)]
+            if biased:
+                for i, token in biased_greedy(logits, biased, greedy, [r.params.logit_bias for r in reqs]).items():
+                    tokens[i], changed[i] = token, False
         alive = list(range(B))
         if any(changed):
             work = logits.clone()
             for i, req in enumerate(reqs):
+                if not changed[i]:
+                    continue
                 try:
                     if req.logits_processor is not None:
                         work[i] = req.logits_processor(req.output_ids, work[i].clone())
@@ -168,14 +209,14 @@ class Sampler:
                 except Exception as exc:
                     on_error(req, exc)
                     alive.remove(i)
-            openai = [i for i in alive if reqs[i].params.presence_penalty or reqs[i].params.frequency_penalty]
+            openai = [i for i in alive if changed[i] and (reqs[i].params.presence_penalty or reqs[i].params.frequency_penalty)]
             if openai:
                 rows = torch.tensor(openai)
                 work[rows] = apply_openai_penalties(
                     work[rows], [reqs[i].output_ids for i in openai],
                     torch.tensor([reqs[i].params.presence_penalty for i in openai]),
                     torch.tensor([reqs[i].params.frequency_penalty for i in openai]))
-            apply_logit_bias(work, [reqs[i].params.logit_bias if i in alive else {} for i in range(B)])
+            apply_logit_bias(work, [reqs[i].params.logit_bias if i in alive and changed[i] else {} for i in range(B)])
         greedy_rows = [i for i in alive if reqs[i].params.greedy]
         recompute = [i for i in greedy_rows if changed[i] or greedy is None]
         if recompute:
