@@ -63,3 +63,31 @@ def test_a_cpu_that_cannot_be_given_leaves_the_threads_unpinned(monkeypatch):
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse)
     assert get_executor().call(lambda: pin_team(True)).result() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_a_refusal_part_way_leaves_no_thread_pinned(monkeypatch):
+    """The OS pins the first thread, then refuses the second: every thread gets the process's CPUs
+    back (the first, and the second if an earlier load had pinned it), so the team is not left half
+    pinned."""
+    if kernels.load() is None:
+        pytest.skip("the kernels (which find the team's threads) are not built here")
+    ex = get_executor()
+    tids = ex.call(lambda: kernels.load().team_threads()).result()
+    if len(tids) < 2 or len(tids) > len(_process_cpus()):
+        pytest.skip("needs a team of two or more threads, one CPU each")
+    cpus, real = _process_cpus(), os.sched_setaffinity
+
+    def second_refused(tid, mask):
+        if tid == tids[1] and len(mask) == 1:
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, mask)
+
+    ex.call(lambda: pin_team(True)).result()  # as a load before this one left it
+    monkeypatch.setattr(os, "sched_setaffinity", second_refused)
+    try:
+        assert ex.call(lambda: pin_team(True)).result() == []
+        assert [os.sched_getaffinity(t) for t in tids] == [set(cpus)] * len(tids)
+    finally:
+        monkeypatch.undo()
+        ex.call(lambda: pin_team(None)).result()

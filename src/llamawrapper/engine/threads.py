@@ -104,6 +104,11 @@ def pin_team(pin: Optional[bool] = None) -> list[int]:
                 os.sched_setaffinity(tid, {cpus[i]} if pinned else set(cpus))
     except OSError as exc:  # not allowed here (a restricted container): the scheduler places them
         log.info("torch's threads not pinned: %s", exc)
+        for tid in tids if pinned else []:  # none left pinned by this call or an earlier one (where allowed)
+            try:
+                os.sched_setaffinity(tid, set(cpus))
+            except OSError:
+                pass
         return []
     if pinned:
         log.info("torch's %d threads pinned to CPUs %s", len(tids), ", ".join(map(str, cpus[: len(tids)])))
