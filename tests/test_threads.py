@@ -13,6 +13,11 @@ import torch
 from llamawrapper.engine import kernels
 from llamawrapper.engine.executor import get_executor
 from llamawrapper.engine.threads import _process_cpus, pin_team, should_pin
+import tasks_fixtures
+
+# the shared fixtures, bound here so pytest finds them (an unused import would be a lint error)
+minilm_folder = tasks_fixtures.minilm_folder
+tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
 
 
 def test_the_rule_pins_a_team_that_fills_the_cpus_unless_told():
@@ -90,4 +95,22 @@ def test_a_refusal_part_way_leaves_no_thread_pinned(monkeypatch):
         assert [os.sched_getaffinity(t) for t in tids] == [set(cpus)] * len(tids)
     finally:
         monkeypatch.undo()
+        ex.call(lambda: pin_team(None)).result()
+
+
+def test_a_task_model_load_sets_the_executor_threads(tiny_encoder_dir):
+    """A server of task models alone (an embedder here) runs them on the executor with the threads
+    its engine settings ask for, as a chat model's load sets them."""
+    from llamawrapper.models.versions import ModelSpec
+    from llamawrapper.models.loaders import default_loader
+
+    ex = get_executor()
+    before = ex.call(torch.get_num_threads).result()
+    want = 1 if before != 1 else 2
+    try:
+        model = default_loader(engine={"threads": want, "pin_threads": False})(ModelSpec(source=str(tiny_encoder_dir)))
+        assert model.task == "embedding"  # a task model, not a chat model
+        assert ex.call(torch.get_num_threads).result() == want
+    finally:
+        ex.call(lambda: torch.set_num_threads(before)).result()
         ex.call(lambda: pin_team(None)).result()

@@ -78,7 +78,7 @@ class LlamaWrapper:
         from .engine.threads import set_process_threads
         from .requests import customize
 
-        settings = engine if isinstance(engine, EngineSettings) else EngineSettings(**(engine or {}))
+        settings = EngineSettings.of(engine)
         set_process_threads(settings.threads, settings.pin_threads)
         from .models import adapters as adapterlib
         from .config import model_table

@@ -50,6 +50,11 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLAMAWRAPPER_", extra="ignore")
 
+    @classmethod
+    def of(cls, value: "EngineSettings | dict | None") -> "EngineSettings":
+        """``value`` itself, or the settings its dict gives (None: the defaults, the environment, the config file)."""
+        return value if isinstance(value, cls) else cls(**(value or {}))
+
     max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
     max_queue: int = Field(256, ge=0, description="Most requests waiting for a slot; beyond it requests are refused.")
     max_tokens_in_flight: int = Field(65536, ge=1, description="Most prompt + completion tokens admitted at once.")

@@ -51,7 +51,12 @@ def default_loader(dtype: Optional[str] = None, quantization: Optional[str] = No
             tasks = None
         if tasks is not None and hasattr(tasks, "load_served"):
             model = tasks.load_served(spec.location)
-            if model is not None:
+            if model is not None:  # it runs on the executor too: its threads as a chat model's load sets them
+                from ..config import EngineSettings
+                from ..engine.threads import set_process_threads
+
+                settings = EngineSettings.of(engine)
+                set_process_threads(settings.threads, settings.pin_threads)
                 return model
         from ..api import LlamaWrapper
 
