@@ -114,3 +114,21 @@ def test_a_task_model_load_sets_the_executor_threads(tiny_encoder_dir):
     finally:
         ex.call(lambda: torch.set_num_threads(before)).result()
         ex.call(lambda: pin_team(None)).result()
+
+
+def test_the_kernels_are_loaded_on_the_callers_thread_not_the_executors(monkeypatch):
+    """``set_process_threads`` loads (on a new machine: builds, ~40 s) the kernels before it goes
+    to the executor, so other models' steps do not wait behind a build."""
+    from llamawrapper.engine import threads as threads_module
+
+    ex = get_executor()
+    seen = []
+    real = kernels.load
+    monkeypatch.setattr(kernels, "load", lambda: seen.append(ex.on_thread()) or real())
+    before = ex.call(torch.get_num_threads).result()
+    try:
+        threads_module.set_process_threads(before, False)
+    finally:
+        monkeypatch.undo()
+        ex.call(lambda: pin_team(None)).result()
+    assert seen and seen[0] is False  # the first load, the one that may build, ran on this thread

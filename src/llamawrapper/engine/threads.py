@@ -120,7 +120,10 @@ def set_process_threads(threads: int, pin: Optional[bool] = None) -> list[int]:
     core), set on its own thread, and its team pinned or not (``pin_team``). Returns the CPUs pinned to."""
     import torch
 
+    from . import kernels
     from .executor import get_executor
+
+    kernels.load()  # a first build (~40 s) here, on the loading thread, not on the executor's between its steps
 
     def setup() -> list[int]:
         if threads:
