@@ -22,7 +22,9 @@ ratio of the issue measured in one run on one machine.
   the engine) and llama.cpp's ``llama-bench -p 1000 -n 0`` (pp1000) beside it; the engine's TTFT
   with the cached ~300-token system prompt vs uncached (median of ``ttft_repeats`` pairs).
 - ``--baseline REF``: the same engine workloads on an older commit's library (``git archive REF
-  src``), in the same run: "today's" fp32 and prefill for the issue's ``>= 1.5x today's`` targets.
+  src``), in the same run: "today's" fp32 and prefill for the issue's ``>= 1.5x today's`` targets;
+  an HTTP variant with ``+baseline`` (``fp32+baseline``) serves that library beside this one, for
+  a change's A/B over HTTP (information, not a target).
 
 llama.cpp's binaries come from ``python -m bench.llamacpp build``; when they are not built, or the
 model has no GGUF, llama.cpp is reported *unavailable* (with the reason) and its ratios are empty.
@@ -64,8 +66,9 @@ VARIANTS = {  # name -> bench.systems spec
 SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
                 "w8a8": ["--quantization", "w8a8"], "int4c": ["--quantization", "int4"]}
 SERVER_ENV = {"int4c": {"LLAMAWRAPPER_COMPILE_DECODE": "1"}}
-# HTTP variants may add options after "+" (e.g. "fp32+unpinned"): measured beside the plain variant, not a target
-SERVER_OPTIONS = {"unpinned": ["--no-pin-threads"]}
+# HTTP variants may add options after "+" (e.g. "fp32+unpinned"): measured beside the plain variant, not a target;
+# "+baseline" serves the --baseline commit's library (flags: none), for an A/B of a change over HTTP in one run
+SERVER_OPTIONS = {"unpinned": ["--no-pin-threads"], "baseline": []}
 ENGINE_WORKLOADS = "decode,prefill,ttft,w2"
 
 
@@ -182,10 +185,26 @@ def baseline_source(ref: str, into: Path) -> Path:
 
 
 # -- W2 over HTTP -----------------------------------------------------------------------------------
-def _lw_server(model: str, variant: str, threads: int, log_path: Path) -> ServeProcess:
-    """``llamawrapper serve MODEL`` on loopback (one variant, with its ``+option``s)."""
+def baseline_server_env(ref: str, src: Path, into: Path) -> dict[str, str]:
+    """The environment of a server of the ``--baseline`` commit's library at ``src``: that library
+    first on the path, and its kernels built apart (in ``into``) when its C++ sources differ from
+    this checkout's, so that the two servers do not rebuild one build folder in turn."""
+    env = {"PYTHONPATH": str(src)}
+    same = subprocess.run(["git", "diff", "--quiet", ref, "--", "src/llamawrapper/engine/csrc"], cwd=ROOT).returncode == 0
+    if not same:
+        env["TORCH_EXTENSIONS_DIR"] = str(into)
+    return env
+
+
+def _lw_server(model: str, variant: str, threads: int, log_path: Path, baseline: Optional[dict[str, str]] = None) -> ServeProcess:
+    """``llamawrapper serve MODEL`` on loopback (one variant, with its ``+option``s; ``baseline``:
+    the environment of the ``+baseline`` servers, ``baseline_server_env``)."""
     base, *options = variant.split("+")
     env = {"PYTHONWARNINGS": "ignore", **SERVER_ENV.get(base, {})}
+    if "baseline" in options:
+        if baseline is None:
+            raise ValueError("an HTTP variant with '+baseline' needs --baseline REF")
+        env.update(baseline)
     flags = [*SERVER_FLAGS[base], *(f for o in options for f in SERVER_OPTIONS[o])]
     return ServeProcess([model, "--threads", str(threads), *flags], log_path, env=env)
 
@@ -289,7 +308,7 @@ def eog_bias(model: str) -> dict[str, int]:
 
 
 def http_stage(model: str, gguf: Optional[Path], why: str, variants: list[str], threads: int, requests: int, max_tokens: int,
-               rounds: int, log_dir: Path) -> dict[str, Any]:
+               rounds: int, log_dir: Path, baseline: Optional[dict[str, str]] = None) -> dict[str, Any]:
     from .workloads import w2_messages
 
     bias = eog_bias(model)
@@ -316,7 +335,7 @@ def http_stage(model: str, gguf: Optional[Path], why: str, variants: list[str], 
                                                        log_path=log_path).start()
                     url, served, command = server.base_url, "smollm2", " ".join(server.command())
                 else:
-                    server = _lw_server(model, name.split("-", 1)[1], threads, log_path).wait_ready()
+                    server = _lw_server(model, name.split("-", 1)[1], threads, log_path, baseline).wait_ready()
                     url, served, command = server.url, _served_model(server.url), " ".join(server.cmd)
             except Exception as exc:
                 out["systems"][name]["rounds"].append({"status": "error", "reason": f"{type(exc).__name__}: {exc}"})
@@ -582,14 +601,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads and llama.cpp -t/-tb (default: one per core)")
     ap.add_argument("--variants", default="fp32,bf16,int8,int4", help="engine variants for W1/prefill/TTFT")
     ap.add_argument("--http-variants", default="fp32,int4",
-                    help="llamawrapper serve variants for W2 over HTTP; '+unpinned' after one: torch's threads not pinned")
+                    help="llamawrapper serve variants for W2 over HTTP; '+unpinned' after one: torch's threads not pinned; "
+                         "'+baseline': the --baseline commit's library")
     ap.add_argument("--stages", default="llamacpp,engine,http", help="subset of llamacpp,engine,http")
     ap.add_argument("--engine-workloads", default=ENGINE_WORKLOADS, help="bench.worker workloads per engine variant")
     ap.add_argument("--requests", type=int, default=16, help="W2 concurrent chats (llama-server -np)")
     ap.add_argument("--max-tokens", type=int, default=64, help="W2 new tokens per chat")
     ap.add_argument("--rounds", type=int, default=2, help="W2 server starts per system (cold + warm wave each), order alternating")
     ap.add_argument("--llama-bench-reps", type=int, default=5)
-    ap.add_argument("--baseline", metavar="REF", help="also run the fp32 engine from this commit's library (today's figures)")
+    ap.add_argument("--baseline", metavar="REF", help="also run the fp32 engine from this commit's library (today's figures), "
+                                                      "and serve it for the '+baseline' HTTP variants")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (no figures)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a BenchSettings field")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -622,6 +643,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for o in (o for h in http_variants for o in h.split("+")[1:]):
         if o not in SERVER_OPTIONS:
             raise SystemExit(f"unknown server option {o!r} (after '+'); known: {', '.join(SERVER_OPTIONS)}")
+    if any("baseline" in h.split("+")[1:] for h in http_variants) and not args.baseline:
+        raise SystemExit("an HTTP variant with '+baseline' needs --baseline REF")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -650,16 +673,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                             args.llama_bench_reps)
         print(f"== llama.cpp: {doc['llamacpp'].get('status')} {doc['llamacpp'].get('reason', '')}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="versus-") as tmp:
+        base_src = baseline_source(args.baseline, Path(tmp)) if args.baseline else None
+        doc["baseline"] = args.baseline
         if "engine" in stages:
-            base_src = baseline_source(args.baseline, Path(tmp)) if args.baseline else None
-            doc["baseline"] = args.baseline
             doc["engine"] = engine_stage(variants, args.model, settings, args.engine_workloads, args.timeout, base_src, args.baseline)
             (out_dir / "versus-partial.json").write_text(json.dumps(doc, indent=1))
         if "http" in stages:
             log_dir = out_dir / f"versus-{stamp}-logs"
             log_dir.mkdir(exist_ok=True)
+            served_baseline = baseline_server_env(args.baseline, base_src, Path(tmp) / "extensions") if base_src else None
             doc["http"] = http_stage(args.model, gguf, why, http_variants, args.threads, args.requests, args.max_tokens,
-                                     args.rounds, log_dir)
+                                     args.rounds, log_dir, served_baseline)
     if "llamacpp" in stages and doc["llamacpp"].get("status") == "ok" and stages & {"engine", "http"}:
         print("== llama.cpp llama-bench tg again (end of run)", file=sys.stderr, flush=True)
         doc["llamacpp"]["tg_end"] = llama_bench_one(Path(doc["gguf"]), "tg", 0, settings.w1_new_tokens, args.llama_bench_reps,

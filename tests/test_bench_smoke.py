@@ -101,7 +101,8 @@ def versus_run(tiny_model_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-llamacpp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(empty))
-        code = versus_main(["--model", str(tiny_model_dir), "--quick", "--variants", "fp32", "--http-variants", "fp32",
+        code = versus_main(["--model", str(tiny_model_dir), "--quick", "--variants", "fp32", "--http-variants", "fp32,fp32+baseline",
+                            "--baseline", "HEAD",
                             "--engine-workloads", "decode,prefill,ttft", "--set", "w1_new_tokens=4", "--set", "prefill_tokens=64",
                             "--set", "ttft_repeats=1", "--set", "warmup=false", "--requests", "2", "--max-tokens", "3",
                             "--out", str(out)])
@@ -130,6 +131,12 @@ def test_versus_writes_json_table_and_plot(versus_run):
         assert mine[wave]["tokens_per_server_cpu_s"] > 0  # the server process's own CPU time
     names = {r["name"] for r in doc["ratios"]}
     assert "W1 int4 / llama.cpp tg128" in names and "TTFT cached ~300-token prefix / uncached, fp32" in names
+    # the --baseline commit's library, in process and served beside this one (an A/B of a change in one run)
+    assert doc["baseline"] == "HEAD" and doc["engine"]["fp32@HEAD"]["status"] == "ok"
+    base = doc["http"]["systems"]["llamawrapper-fp32+baseline"]
+    assert base["status"] == "ok" and base["warm"]["all_max_tokens"]
+    flags = {r["command"].split(" --port ")[0] for r in mine["rounds"] + base["rounds"]}
+    assert len(flags) == 1  # the same serve command (but its port); the library on its path differs
 
 
 def test_versus_reports_llamacpp_unavailable_not_faked(versus_run):
