@@ -64,6 +64,14 @@ def make_settings(quick: bool, overrides: list[str]) -> BenchSettings:
     return settings
 
 
+def library_env(library_src: Path) -> dict[str, str]:
+    """The environment of a process that imports ``llamawrapper`` from ``library_src`` (an older
+    commit's ``src``) and only ``bench/`` from this checkout, with that library's C++ kernels built
+    in a folder of their own beside it: one build folder for both libraries would be rebuilt each
+    time they took turns (torch's builds are keyed by the sources' paths too)."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(library_src)]), "TORCH_EXTENSIONS_DIR": str(library_src.parent / "extensions")}
+
+
 def run_system(spec: str, args: argparse.Namespace, settings: BenchSettings, library_src: Path | None = None) -> dict[str, Any]:
     """One system in a fresh process; its JSON result (or why it failed). ``library_src``: import
     ``llamawrapper`` from this folder instead (an older commit's ``src``, as ``bench.versus --baseline`` does)."""
@@ -72,10 +80,10 @@ def run_system(spec: str, args: argparse.Namespace, settings: BenchSettings, lib
         cmd = [sys.executable, "-m", "bench.worker", "--system", spec, "--model", args.model, "--workloads", args.workloads,
                "--settings", json.dumps(settings.to_dict()), "--out", str(out)]
         path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
-        if library_src is not None:
-            path = [str(ROOT), str(library_src)]  # only bench/ from this checkout; the library from library_src
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path).rstrip(os.pathsep),
                "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+        if library_src is not None:
+            env.update(library_env(library_src))
         t = time.time()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout, stdout=sys.stderr)

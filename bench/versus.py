@@ -24,7 +24,8 @@ ratio of the issue measured in one run on one machine.
 - ``--baseline REF``: the same engine workloads on an older commit's library (``git archive REF
   src``), in the same run: "today's" fp32 and prefill for the issue's ``>= 1.5x today's`` targets;
   an HTTP variant with ``+baseline`` (``fp32+baseline``) serves that library beside this one, for
-  a change's A/B over HTTP (information, not a target).
+  a change's A/B over HTTP (information, not a target). The baseline's C++ kernels are built once,
+  in a folder of their own (``run.library_env``).
 
 llama.cpp's binaries come from ``python -m bench.llamacpp build``; when they are not built, or the
 model has no GGUF, llama.cpp is reported *unavailable* (with the reason) and its ratios are empty.
@@ -67,7 +68,8 @@ SERVER_FLAGS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantiz
                 "w8a8": ["--quantization", "w8a8"], "int4c": ["--quantization", "int4"]}
 SERVER_ENV = {"int4c": {"LLAMAWRAPPER_COMPILE_DECODE": "1"}}
 # HTTP variants may add options after "+" (e.g. "fp32+unpinned"): measured beside the plain variant, not a target;
-# "+baseline" serves the --baseline commit's library (flags: none), for an A/B of a change over HTTP in one run
+# "+baseline" serves the --baseline commit's library (flags: none; its kernels built apart), for an A/B of a change
+# over HTTP in one run
 SERVER_OPTIONS = {"unpinned": ["--no-pin-threads"], "baseline": []}
 ENGINE_WORKLOADS = "decode,prefill,ttft,w2"
 
@@ -185,20 +187,9 @@ def baseline_source(ref: str, into: Path) -> Path:
 
 
 # -- W2 over HTTP -----------------------------------------------------------------------------------
-def baseline_server_env(ref: str, src: Path, into: Path) -> dict[str, str]:
-    """The environment of a server of the ``--baseline`` commit's library at ``src``: that library
-    first on the path, and its kernels built apart (in ``into``) when its C++ sources differ from
-    this checkout's, so that the two servers do not rebuild one build folder in turn."""
-    env = {"PYTHONPATH": str(src)}
-    same = subprocess.run(["git", "diff", "--quiet", ref, "--", "src/llamawrapper/engine/csrc"], cwd=ROOT).returncode == 0
-    if not same:
-        env["TORCH_EXTENSIONS_DIR"] = str(into)
-    return env
-
-
 def _lw_server(model: str, variant: str, threads: int, log_path: Path, baseline: Optional[dict[str, str]] = None) -> ServeProcess:
     """``llamawrapper serve MODEL`` on loopback (one variant, with its ``+option``s; ``baseline``:
-    the environment of the ``+baseline`` servers, ``baseline_server_env``)."""
+    the environment of the ``+baseline`` servers, ``run.library_env``)."""
     base, *options = variant.split("+")
     env = {"PYTHONWARNINGS": "ignore", **SERVER_ENV.get(base, {})}
     if "baseline" in options:
@@ -620,7 +611,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .run import make_settings
+    from .run import library_env, make_settings
 
     args = parse_args(argv)
     if args.render:
@@ -681,9 +672,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "http" in stages:
             log_dir = out_dir / f"versus-{stamp}-logs"
             log_dir.mkdir(exist_ok=True)
-            served_baseline = baseline_server_env(args.baseline, base_src, Path(tmp) / "extensions") if base_src else None
             doc["http"] = http_stage(args.model, gguf, why, http_variants, args.threads, args.requests, args.max_tokens,
-                                     args.rounds, log_dir, served_baseline)
+                                     args.rounds, log_dir, library_env(base_src) if base_src else None)
     if "llamacpp" in stages and doc["llamacpp"].get("status") == "ok" and stages & {"engine", "http"}:
         print("== llama.cpp llama-bench tg again (end of run)", file=sys.stderr, flush=True)
         doc["llamacpp"]["tg_end"] = llama_bench_one(Path(doc["gguf"]), "tg", 0, settings.w1_new_tokens, args.llama_bench_reps,

@@ -4,6 +4,8 @@ handful of tokens, checking the JSON's structure. No timing assertions: figures 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,8 +103,7 @@ def versus_run(tiny_model_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-llamacpp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMAWRAPPER_LLAMACPP_DIR", str(empty))
-        code = versus_main(["--model", str(tiny_model_dir), "--quick", "--variants", "fp32", "--http-variants", "fp32,fp32+baseline",
-                            "--baseline", "HEAD",
+        code = versus_main(["--model", str(tiny_model_dir), "--quick", "--variants", "fp32", "--http-variants", "fp32",
                             "--engine-workloads", "decode,prefill,ttft", "--set", "w1_new_tokens=4", "--set", "prefill_tokens=64",
                             "--set", "ttft_repeats=1", "--set", "warmup=false", "--requests", "2", "--max-tokens", "3",
                             "--out", str(out)])
@@ -131,12 +132,24 @@ def test_versus_writes_json_table_and_plot(versus_run):
         assert mine[wave]["tokens_per_server_cpu_s"] > 0  # the server process's own CPU time
     names = {r["name"] for r in doc["ratios"]}
     assert "W1 int4 / llama.cpp tg128" in names and "TTFT cached ~300-token prefix / uncached, fp32" in names
-    # the --baseline commit's library, in process and served beside this one (an A/B of a change in one run)
-    assert doc["baseline"] == "HEAD" and doc["engine"]["fp32@HEAD"]["status"] == "ok"
-    base = doc["http"]["systems"]["llamawrapper-fp32+baseline"]
-    assert base["status"] == "ok" and base["warm"]["all_max_tokens"]
-    flags = {r["command"].split(" --port ")[0] for r in mine["rounds"] + base["rounds"]}
-    assert len(flags) == 1  # the same serve command (but its port); the library on its path differs
+
+
+def test_a_baseline_library_is_imported_first_and_builds_its_kernels_apart(tmp_path):
+    """``--baseline REF``'s library (in process and for ``+baseline`` servers): an older commit's
+    ``src`` comes before this checkout's installed one, and its kernels get a build folder of their
+    own (one shared with this checkout's would be rebuilt each time the two took turns)."""
+    from bench.run import ROOT, library_env
+    from bench.versus import baseline_source
+    from bench.versus import main as versus_main
+
+    src = baseline_source("HEAD", tmp_path)
+    env = library_env(src)
+    assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "extensions")
+    where = subprocess.run([sys.executable, "-c", "import llamawrapper; print(llamawrapper.__file__)"], cwd=ROOT,
+                           env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout.strip()
+    assert where == str(src / "llamawrapper" / "__init__.py")
+    with pytest.raises(SystemExit, match="needs --baseline"):
+        versus_main(["--http-variants", "fp32+baseline", "--stages", "http", "--out", str(tmp_path / "out")])
 
 
 def test_versus_reports_llamacpp_unavailable_not_faked(versus_run):
