@@ -1,7 +1,7 @@
 """The project's C++ kernels (``engine/kernels.py``, issue 14): built here by the project's
 set-up; decode attention within float rounding of float32 SDPA, every row bit for bit what it is
 alone, used by every decode step of an engine; prefill attention bit for bit what a decode step at
-a token's position gets, whatever the chunk; the norms and the int4 unpacking; and torch's code
+a token's position gets, whatever the chunk; the norms, the int4 unpacking and the int8 head; and torch's code
 when they cannot be built."""
 
 from __future__ import annotations
@@ -551,6 +551,79 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
         logits.append(r.forward(ids, torch.arange(30).unsqueeze(0), seq.chunk(0, 30), mask))
     assert not torch.equal(logits[0], logits[1])  # two different kernels ...
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()  # ... within bfloat16 rounding
+
+
+def test_int8_rows_are_the_int8_head_each_row_what_it_is_alone(kernel):
+    """``int8_rows_mm`` over ``int8_weight_blocks``: (x . w_n) * scale_n rounded to bfloat16, within
+    one bfloat16 step of a float64 reference and of torch's int8 kernel, for 1 to 9 rows (the
+    kernel's groups of 4 and every tail); every row bit for bit what it is alone; the layout's
+    limits refused by name."""
+    if kernels.capability() != "AVX512":
+        assert kernels.int8_rows_mm() is None
+        pytest.skip("the int8 head kernel is measured on AVX-512 only")
+    mm = kernels.int8_rows_mm()
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randint(-127, 128, (192, 96), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(192, generator=gen) / 50 + 1e-3).bfloat16()
+    blocks = torch.ops.llamawrapper.int8_weight_blocks(w)
+    assert blocks.shape == (3, 96, 64) and torch.equal(blocks[1, 5], w[64:128, 5])
+    for M in range(1, 10):
+        x = torch.randn(M, 96, generator=gen).bfloat16()
+        got = mm(x, blocks, scales)
+        assert got.shape == (M, 192) and got.dtype == torch.bfloat16
+        want = (x.double() @ w.double().t()) * scales.double()
+        step = want.abs() * 2 ** -8 + 1e-30  # one bfloat16 step of each output
+        assert ((got.double() - want).abs() <= step).all()
+        ref = torch.ops.aten._weight_int8pack_mm(x, w, scales)
+        assert ((got.double() - ref.double()).abs() <= 2 * step).all()
+        for i in range(M):
+            assert torch.equal(mm(x[i : i + 1].contiguous(), blocks, scales), got[i : i + 1])
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        torch.ops.llamawrapper.int8_weight_blocks(w[:100])
+    with pytest.raises(RuntimeError, match="x has 95 features"):
+        mm(torch.randn(2, 95).bfloat16(), blocks, scales)
+    with pytest.raises(RuntimeError, match="x must be"):
+        mm(torch.randn(2, 96), blocks, scales)
+
+
+def test_int8_heads_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
+    """An int4 model's int8 head (and an int8 model's) goes through ``int8_rows_mm`` in prefill
+    and decode forwards alike; greedy text alone is the text in a batch, and prefill logits are
+    within bfloat16 rounding of torch's int8 kernel's (``int8_head=False``)."""
+    from llamawrapper.engine.packed import PackedInt8Linear
+    from llamawrapper.engine.kv_cache import SequenceKV
+    from llamawrapper.models import quantization as quant
+
+    if kernels.capability() != "AVX512":
+        pytest.skip("the int8 head kernel is measured on AVX-512 only")
+    tok = tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (21, 5, 40)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for mode in ("int4", "int8"):
+        model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), mode).eval()
+        runner = LlamaRunner(model)
+        assert isinstance(runner.lm_head, PackedInt8Linear) and runner.packed_bytes >= model.lm_head.weight.numel()
+        assert type(LlamaRunner(model, int8_head=False).lm_head) is quant.Int8Linear
+        rows = []
+        real = runner.lm_head.mm
+        monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+        try:
+            alone = [eng.submit(x, p).result().token_ids for x in prompts]
+            assert len(rows) == len(prompts) * 6 and set(rows) == {1}  # each prompt's last token, then 5 decode steps
+            eng.executor.call(eng.prefix_cache.clear).result()
+            batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+        finally:
+            eng.shutdown()
+        assert alone == batch
+        assert max(rows) > 1  # the batch's decode steps went through it together
+        logits = []
+        for r in (runner, LlamaRunner(model, int8_head=False)):
+            seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
+            mask = torch.ones(1, 1, 21, 21, dtype=torch.bool).tril()
+            logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(21).unsqueeze(0), seq.chunk(0, 21), mask))
+        assert (logits[0] - logits[1]).abs().max() <= 2 ** -7 * logits[1].abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

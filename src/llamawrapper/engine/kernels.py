@@ -18,6 +18,8 @@ capability and torch version:
   (``add_rms_norm``), in decode steps and prefill chunks.
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
+- ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times a few bfloat16
+  rows (``int8_rows_mm``), for the int8 output head of int8 and int4 models (``packed.py``).
 - ``csrc/team_threads.cpp``: the thread ids of the calling thread's OpenMP team
   (``team_threads``), which ``threads.pin_team`` pins one per CPU.
 
@@ -43,9 +45,9 @@ from ..config import home_dir
 log = logging.getLogger("llamawrapper.engine")
 
 # prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for
-# prefill, the OpenMP team's thread ids
+# prefill, int8 weights times a few rows, the OpenMP team's thread ids
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "team_threads.cpp")]
+           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int8_weights.cpp", "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
@@ -93,11 +95,13 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the C++ kernels (attention, norms, int4 unpacking) for this CPU (%s), once: ~40 s", cap)
+                    log.info("building the C++ kernels (attention, norms, int4 unpacking, int8 head) for this CPU (%s), once: ~40 s", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
+            torch.library.register_fake("llamawrapper::int8_rows_mm")(
+                lambda x, blocks, scales: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
@@ -195,6 +199,15 @@ def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
         return torch.mm(x, unpack(weight, scales_and_zeros, group_size))
 
     return prefill
+
+
+def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``mm(x [M, K] bfloat16, blocks, scales)`` -> ``[M, N]`` bfloat16 for int8 weights laid out by
+    ``torch.ops.llamawrapper.int8_weight_blocks`` (``int8_weights.cpp``): the output head's few rows.
+    None on a CPU without AVX-512 (measured there only) or if the kernels are not built."""
+    if capability() != "AVX512" or load() is None:
+        return None
+    return torch.ops.llamawrapper.int8_rows_mm
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""float32 and bfloat16 projections through oneDNN with weights packed once (``onednn_linear``, issue 14).
+"""Projections through a faster kernel on weights laid out once for it (issue 14).
+
+float32 and bfloat16 ones through oneDNN (``onednn_linear``):
 
 torch's ``F.linear`` on float32 CPU tensors calls MKL's sgemm, and on bfloat16 ones oneDNN with
 the weights reordered on every call. oneDNN's matmul on weights reordered once into its own
@@ -9,12 +11,19 @@ blocked layout (the kernel torch's inductor uses for frozen linears) made a floa
 module is left as it is (``model(...)``, LoRA, evaluation and export still use it), so the packed
 copy costs the weight's memory once more. One packed copy per module, shared by every runner on
 the model.
+
+An int8 output head (``Int8Linear``, of int8 and int4 models) through the project's int8 kernel
+(``csrc/int8_weights.cpp``, ``packed_int8``): torch's int8 kernel took 0.7-1.0 ms for smollm2's
+head at one row, ~15 % of an int4 decode step; the kernel reads the weights in blocks of 64 output
+channels, 2x faster at one row and 1.5x at 16 (docs/BENCHMARKS.md section 19). Each output is
+the same whatever rows share the call; against torch's kernel it differs by one bfloat16 step in
+about 2 of 10,000 outputs (another order of the same float32 sum).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,7 +33,7 @@ from torch import nn
 PACK_ROWS = 16
 DTYPES = (torch.float32, torch.bfloat16)
 
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, Optional[nn.Module]]]" = weakref.WeakKeyDictionary()
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def available() -> bool:
@@ -47,9 +56,32 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class PackedInt8Linear(nn.Module):
+    """``Int8Linear`` (``x @ (w_int8 * scale).T + b``, bfloat16 out) through ``int8_rows_mm`` on a copy
+    of its weights in blocks of 64 output channels."""
+
+    def __init__(self, linear: nn.Module, mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_version = linear.weight._version
+        self.mm = mm
+        # buffers: a compiled decode step takes their shapes as static, as the model's own
+        with torch.no_grad():
+            self.register_buffer("packed", torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()), persistent=False)
+        self.register_buffer("scales", linear.scales.detach(), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.packed, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
-    seen = {id(m): m for m in modules if isinstance(m, PackedLinear)}
+    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedInt8Linear))}
     return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
 
 
@@ -62,5 +94,24 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
         return hit[1]
     packed = PackedLinear(module)
+    _PACKED[module] = (module.weight, packed)
+    return packed
+
+
+def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` through the project's int8 kernel if it is an ``Int8Linear`` on the CPU whose output
+    channels come in blocks of 64 and the kernel is built for this CPU (AVX-512), else ``module``."""
+    from ..models.quantization import Int8Linear
+    from . import kernels
+
+    if type(module) is not Int8Linear or module.out_features % 64 or module.weight.device.type != "cpu":
+        return module
+    hit = _PACKED.get(module)
+    if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
+        return hit[1]
+    mm = kernels.int8_rows_mm()
+    if mm is None:
+        return module
+    packed = PackedInt8Linear(module, mm)
     _PACKED[module] = (module.weight, packed)
     return packed

@@ -23,7 +23,8 @@ prefill chunks of several rows attend one row at a time.
 With ``onednn`` (``onednn_linear``, the default) a float32 or bfloat16 model's plain projections
 run through oneDNN's matmul on weights packed once (``packed.py``): torch's float32 linear calls
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
-reorders the weights on every call.
+reorders the weights on every call. With ``int8_head`` (the default) an int8 output head (int8
+and int4 models) runs through the project's int8 kernel (``packed.py``), in every forward.
 
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
 project's C++ kernel (``kernels.py``): it reads a float32 or bfloat16 cache in place,
@@ -56,7 +57,7 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_linear
+from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_int8, packed_linear
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
 
@@ -310,7 +311,7 @@ class LlamaRunner:
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
-                 kernel_prefill: bool = True) -> None:
+                 kernel_prefill: bool = True, int8_head: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -327,7 +328,8 @@ class LlamaRunner:
         self.layers = list(layers)
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
+        # an int8 output head (int8 and int4 models) through the project's int8 kernel (packed.py)
+        self.lm_head = packed_int8(model.lm_head) if int8_head else model.lm_head
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -382,7 +384,7 @@ class LlamaRunner:
         if self.onednn:
             for f in self.fused:
                 f.pack()
-            self.lm_head = packed_linear(model.lm_head)
+            self.lm_head = packed_linear(self.lm_head)
         # decode attention through the C++ kernel (kernels.py), which computes in float32:
         # for float32 models and for half models attended in float32; built here, at load
         in_fp32 = self.dtype == torch.float32 or self.attention_fp32
