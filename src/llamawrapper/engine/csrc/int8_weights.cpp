@@ -17,6 +17,7 @@
 namespace {
 
 constexpr int64_t kBlockN = 64;  // output channels of a block
+constexpr int64_t kPrefetchK = 64;  // how far ahead a block's weights are prefetched, in k (lines)
 
 // [N, K] int8 -> [N / 64, K, 64] int8: for each block and each k, its 64 channels' weights
 torch::Tensor int8_weight_blocks(torch::Tensor weight) {
@@ -34,6 +35,9 @@ inline void block_rows(const float* x, const int8_t* wb, int64_t K, const float*
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    // the line 64 k ahead (4 KB): the hardware's prefetcher alone left a one-row call reading its
+    // weights from memory at ~28 GB/s; with this, ~38 (cold head 1.0 -> 0.75 ms)
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + kPrefetchK) * kBlockN), _MM_HINT_T0);
     __m512 w[4];
     for (int c = 0; c < 4; ++c)
       w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * kBlockN + 16 * c))));
