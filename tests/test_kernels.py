@@ -553,7 +553,7 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()  # ... within bfloat16 rounding
 
 
-def test_int8_rows_are_the_int8_head_each_row_what_it_is_alone(kernel):
+def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
     """``int8_rows_mm`` over ``int8_weight_blocks``: (x . w_n) * scale_n rounded to bfloat16, within
     one bfloat16 step of a float64 reference and of torch's int8 kernel, for 1 to 9 rows (the
     kernel's groups of 4 and every tail); every row bit for bit what it is alone; the layout's
@@ -586,10 +586,11 @@ def test_int8_rows_are_the_int8_head_each_row_what_it_is_alone(kernel):
         mm(torch.randn(2, 96), blocks, scales)
 
 
-def test_int8_heads_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
-    """An int4 model's int8 head (and an int8 model's) goes through ``int8_rows_mm`` in prefill
-    and decode forwards alike; greedy text alone is the text in a batch, and prefill logits are
-    within bfloat16 rounding of torch's int8 kernel's (``int8_head=False``)."""
+def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
+    """An int4 model's int8 head, and an int8 model's head and projections, go through
+    ``int8_rows_mm`` in prefill and decode forwards alike; greedy text alone is the text in a
+    batch, and prefill logits are within bfloat16 rounding of torch's int8 kernel's
+    (``int8_kernel=False``)."""
     from llamawrapper.engine.packed import PackedInt8Linear
     from llamawrapper.engine.kv_cache import SequenceKV
     from llamawrapper.models import quantization as quant
@@ -604,7 +605,11 @@ def test_int8_heads_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatc
         model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), mode).eval()
         runner = LlamaRunner(model)
         assert isinstance(runner.lm_head, PackedInt8Linear) and runner.packed_bytes >= model.lm_head.weight.numel()
-        assert type(LlamaRunner(model, int8_head=False).lm_head) is quant.Int8Linear
+        projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
+        kinds = {type(m) for m in projections}
+        assert kinds == ({PackedInt8Linear} if mode == "int8" else {quant.Int4Linear}), kinds
+        plain = LlamaRunner(model, int8_kernel=False)
+        assert type(plain.lm_head) is quant.Int8Linear and not any(isinstance(getattr(f, "o"), PackedInt8Linear) for f in plain.fused)
         rows = []
         real = runner.lm_head.mm
         monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
@@ -619,7 +624,7 @@ def test_int8_heads_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatc
         assert alone == batch
         assert max(rows) > 1  # the batch's decode steps went through it together
         logits = []
-        for r in (runner, LlamaRunner(model, int8_head=False)):
+        for r in (runner, plain):
             seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
             mask = torch.ones(1, 1, 21, 21, dtype=torch.bool).tril()
             logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(21).unsqueeze(0), seq.chunk(0, 21), mask))

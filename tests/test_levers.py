@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llamawrapper import SamplingParams
-from llamawrapper.engine import Engine, EngineConfig, LlamaRunner
+from llamawrapper.engine import Engine, EngineConfig, LlamaRunner, kernels
 from llamawrapper.models import quantization as quant
 from runner_helpers import prefill_logits
 
@@ -540,6 +540,17 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
         assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
     finally:
         llm.close()
+    from llamawrapper.engine.packed import PackedInt8Linear
+
+    kernel = kernels.int8_rows_mm() is not None  # AVX-512 CPUs
+    for env in ("true", "false"):  # int8_kernel (on by default) and off
+        monkeypatch.setenv("LLAMAWRAPPER_INT8_KERNEL", env)
+        llm = LlamaWrapper.load(str(tiny_model_dir), quantization="int8", progress=False)
+        try:
+            assert isinstance(llm.engine.runner.lm_head, PackedInt8Linear) == (kernel and env == "true")
+            assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+        finally:
+            llm.close()
 
 
 def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_models, tiny_llm, adapter_dirs, monkeypatch):

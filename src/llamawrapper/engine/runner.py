@@ -23,8 +23,9 @@ prefill chunks of several rows attend one row at a time.
 With ``onednn`` (``onednn_linear``, the default) a float32 or bfloat16 model's plain projections
 run through oneDNN's matmul on weights packed once (``packed.py``): torch's float32 linear calls
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
-reorders the weights on every call. With ``int8_head`` (the default) an int8 output head (int8
-and int4 models) runs through the project's int8 kernel (``packed.py``), in every forward.
+reorders the weights on every call. With ``int8_kernel`` (the default) an int8 model's projections
+and the int8 output head of int8 and int4 models run through the project's int8 kernel
+(``packed.py``), in every forward.
 
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
 project's C++ kernel (``kernels.py``): it reads a float32 or bfloat16 cache in place,
@@ -107,10 +108,11 @@ class _Fused:
         self.act = mlp.act_fn if ok else None
         self.o, self.down = attn.o_proj, getattr(mlp, "down_proj", None)
 
-    def pack(self) -> None:
-        """Use oneDNN packed copies of the plain float32/bfloat16 projections (``packed.py``)."""
+    def pack(self, packed: Callable[[Any], Any] = packed_linear) -> None:
+        """Use ``packed`` copies of the projections it takes (``packed.py``: oneDNN's for plain
+        float32/bfloat16 ones, the project's int8 kernel's for ``Int8Linear``)."""
         for name in self.PROJECTIONS:
-            setattr(self, name, packed_linear(getattr(self, name)))  # (None stays None)
+            setattr(self, name, packed(getattr(self, name)))  # (None stays None; the others as they are)
 
     def through(self, wrap: Callable[[Any], Any]) -> "_Fused":
         """A copy of these projections, each replaced by ``wrap(projection)``."""
@@ -311,7 +313,7 @@ class LlamaRunner:
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
-                 kernel_prefill: bool = True, int8_head: bool = True) -> None:
+                 kernel_prefill: bool = True, int8_kernel: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -329,7 +331,7 @@ class LlamaRunner:
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
         # an int8 output head (int8 and int4 models) through the project's int8 kernel (packed.py)
-        self.lm_head = packed_int8(model.lm_head) if int8_head else model.lm_head
+        self.lm_head = packed_int8(model.lm_head) if int8_kernel else model.lm_head
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -343,6 +345,10 @@ class LlamaRunner:
         # called with each row's request namespace before every forward (per-row LoRA adapters)
         self.row_hook: Callable[[list[str]], None] | None = None
         self.fused: list[Optional[_Fused]] = [_Fused(layer) if fuse else None for layer in self.layers]
+        if int8_kernel:  # ... and so do an int8 model's projections (those of fused layers)
+            for f in self.fused:
+                if f is not None:
+                    f.pack(packed_int8)
         half = self.dtype in (torch.bfloat16, torch.float16)
         if isinstance(kv_dtype, str):
             kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv_dtype, kv_dtype)

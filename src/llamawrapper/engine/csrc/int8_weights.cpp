@@ -80,7 +80,7 @@ torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
   const int8_t* W = blocks.data_ptr<int8_t>();
   const float* S = sf.data_ptr<float>();
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / kBlockN, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int8_t* wb = W + b * K * kBlockN;
       const int64_t n = b * kBlockN;
