@@ -18,8 +18,9 @@ capability and torch version:
   (``add_rms_norm``), in decode steps and prefill chunks.
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
-- ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times a few bfloat16
-  rows (``int8_rows_mm``), for the int8 output head of int8 and int4 models (``packed.py``).
+- ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times bfloat16 rows
+  (``int8_rows_mm``), for an int8 model's projections and the int8 output head of int8 and int4
+  models (``int8_kernel``, ``packed.py``).
 - ``csrc/team_threads.cpp``: the thread ids of the calling thread's OpenMP team
   (``team_threads``), which ``threads.pin_team`` pins one per CPU.
 
@@ -203,7 +204,7 @@ def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
 
 def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """``mm(x [M, K] bfloat16, blocks, scales)`` -> ``[M, N]`` bfloat16 for int8 weights laid out by
-    ``torch.ops.llamawrapper.int8_weight_blocks`` (``int8_weights.cpp``): the output head's few rows.
+    ``torch.ops.llamawrapper.int8_weight_blocks`` (``int8_weights.cpp``).
     None on a CPU without AVX-512 (measured there only) or if the kernels are not built."""
     if capability() != "AVX512" or load() is None:
         return None

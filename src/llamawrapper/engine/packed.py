@@ -12,12 +12,13 @@ module is left as it is (``model(...)``, LoRA, evaluation and export still use i
 copy costs the weight's memory once more. One packed copy per module, shared by every runner on
 the model.
 
-An int8 output head (``Int8Linear``, of int8 and int4 models) through the project's int8 kernel
-(``csrc/int8_weights.cpp``, ``packed_int8``): torch's int8 kernel took 0.7-1.0 ms for smollm2's
-head at one row, ~15 % of an int4 decode step; the kernel reads the weights in blocks of 64 output
-channels, 2x faster at one row and 1.5x at 16 (docs/BENCHMARKS.md section 19). Each output is
-the same whatever rows share the call; against torch's kernel it differs by one bfloat16 step in
-about 2 of 10,000 outputs (another order of the same float32 sum).
+int8 weights (``Int8Linear``: an int8 model's projections, the output head of int8 and int4
+models; ``int8_kernel``) through the project's int8 kernel (``csrc/int8_weights.cpp``,
+``packed_int8``): torch's int8 kernel read smollm2's 28 MB head at ~25 GB/s at one row and sums
+each output across its lanes; the kernel reads the weights in blocks of 64 output channels, 1.45x
+to 2.3x faster at 1 to 256 rows (docs/BENCHMARKS.md section 19). Each output is the same
+whatever rows share the call; against torch's kernel it differs by one bfloat16 step in about 2
+of 10,000 outputs (another order of the same float32 sum).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// int8 weights times bfloat16 rows, for the few rows of an output head (a decode step's, the last
-// token of each prompt a prefill forward completes): torch's _weight_int8pack_mm read smollm2's
-// 28 MB int8 head at ~35 GB/s at one row, and sums each output across its lanes. Here the weights
+// int8 weights times bfloat16 rows, for an int8 model's projections and the int8 output head of
+// int8 and int4 models: torch's _weight_int8pack_mm read smollm2's 28 MB int8 head at ~25 GB/s
+// at one row, and sums each output across its lanes. Here the weights
 // are laid out once in blocks of 64 output channels, k after k, so each k's 64 weights are one
 // load, widened to float32 and multiplied by the row's x[k] broadcast: no lane sums, each weight
 // read once for every 4 rows. Each output is one float32 sum over k in order (fused multiply-adds),
