@@ -610,6 +610,10 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
         assert kinds == ({PackedInt8Linear} if mode == "int8" else {quant.Int4Linear}), kinds
         plain = LlamaRunner(model, int8_kernel=False)
         assert type(plain.lm_head) is quant.Int8Linear and not any(isinstance(getattr(f, "o"), PackedInt8Linear) for f in plain.fused)
+        assert LlamaRunner(model).lm_head is runner.lm_head  # one copy per module, shared by runners ...
+        with torch.no_grad():
+            model.lm_head.weight.add_(0)
+        assert LlamaRunner(model).lm_head is not runner.lm_head  # ... laid out again when the weight changes in place
         rows = []
         real = runner.lm_head.mm
         monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))

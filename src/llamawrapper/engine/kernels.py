@@ -46,7 +46,7 @@ from ..config import home_dir
 log = logging.getLogger("llamawrapper.engine")
 
 # prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for
-# prefill, int8 weights times a few rows, the OpenMP team's thread ids
+# prefill, int8 weights times bfloat16 rows, the OpenMP team's thread ids
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int8_weights.cpp", "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
@@ -96,7 +96,7 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the C++ kernels (attention, norms, int4 unpacking, int8 head) for this CPU (%s), once: ~40 s", cap)
+                    log.info("building the C++ kernels (attention, norms, int4 unpacking, int8 matmul) for this CPU (%s), once: ~40 s", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it

@@ -91,12 +91,7 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     so LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""
     if type(module) is not nn.Linear or module.weight.dtype not in DTYPES or module.weight.device.type != "cpu":
         return module
-    hit = _PACKED.get(module)
-    if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
-        return hit[1]
-    packed = PackedLinear(module)
-    _PACKED[module] = (module.weight, packed)
-    return packed
+    return _once(module, lambda: PackedLinear(module))
 
 
 def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -107,12 +102,15 @@ def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
     if type(module) is not Int8Linear or module.out_features % 64 or module.weight.device.type != "cpu":
         return module
+    mm = kernels.int8_rows_mm()
+    return module if mm is None else _once(module, lambda: PackedInt8Linear(module, mm))
+
+
+def _once(module: nn.Module, pack: Callable[[], nn.Module]) -> nn.Module:
+    """``module``'s packed copy: the one made before, unless its weight changed since, else ``pack()``."""
     hit = _PACKED.get(module)
     if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
         return hit[1]
-    mm = kernels.int8_rows_mm()
-    if mm is None:
-        return module
-    packed = PackedInt8Linear(module, mm)
+    packed = pack()
     _PACKED[module] = (module.weight, packed)
     return packed
