@@ -20,6 +20,20 @@ minilm_folder = tasks_fixtures.minilm_folder
 tiny_encoder_dir = tasks_fixtures.tiny_encoder_dir
 
 
+@pytest.fixture
+def team_per_cpu():
+    """The executor with one torch thread per CPU of the process, whatever an earlier test set;
+    its thread count and pinning put back as the process's load left them afterwards."""
+    if kernels.load() is None:
+        pytest.skip("the kernels (which find the team's threads) are not built here")
+    ex = get_executor()
+    before = ex.call(torch.get_num_threads).result()
+    ex.call(lambda: torch.set_num_threads(len(_process_cpus()))).result()
+    yield ex
+    ex.call(lambda: torch.set_num_threads(before)).result()
+    ex.call(lambda: pin_team(None)).result()
+
+
 def test_the_rule_pins_a_team_that_fills_the_cpus_unless_told():
     assert should_pin(None, 2, 2) and should_pin(None, 8, 8)
     assert not should_pin(None, 1, 2)  # one of several processes on the machine: the scheduler places them
@@ -28,36 +42,24 @@ def test_the_rule_pins_a_team_that_fills_the_cpus_unless_told():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
-def test_the_executor_team_is_pinned_one_thread_per_cpu_and_released():
-    if kernels.load() is None:
-        pytest.skip("the kernels (which find the team's threads) are not built here")
-    cpus = _process_cpus()
+def test_the_executor_team_is_pinned_one_thread_per_cpu_and_released(team_per_cpu):
+    cpus, ex = _process_cpus(), team_per_cpu
 
     def on_executor(pin):
         pinned = pin_team(pin)
         tids = kernels.load().team_threads()
         return pinned, tids, threading.get_native_id(), [os.sched_getaffinity(t) for t in tids]
 
-    ex = get_executor()
-    before = ex.call(torch.get_num_threads).result()
-    ex.call(lambda: torch.set_num_threads(len(cpus))).result()  # one thread per CPU, whatever an earlier test set
-    try:
-        pinned, tids, me, masks = ex.call(lambda: on_executor(True)).result()
-        n = len(tids)
-        assert n == ex.call(torch.get_num_threads).result()  # the team torch's parallel regions use
-        assert tids[0] == me  # the team's first thread is the executor's own
-        if n > len(cpus):
-            assert pinned == []
-        else:
-            assert pinned == cpus[:n] and masks == [{c} for c in cpus[:n]]  # one CPU each, in order
-            # the same threads run the next parallel region (the team is kept): still pinned
-            assert ex.call(lambda: kernels.load().team_threads()).result() == tids
-        pinned, tids, me, masks = ex.call(lambda: on_executor(False)).result()
-        assert pinned == [] and all(m == set(cpus) for m in masks)  # every thread gets the process's CPUs back
-        assert os.sched_getaffinity(0) == set(cpus)  # this thread was never touched
-    finally:
-        ex.call(lambda: torch.set_num_threads(before)).result()
-        ex.call(lambda: pin_team(None)).result()  # as the process's load left it
+    pinned, tids, me, masks = ex.call(lambda: on_executor(True)).result()
+    n = len(tids)
+    assert n == ex.call(torch.get_num_threads).result() == len(cpus)  # the team torch's parallel regions use
+    assert tids[0] == me  # the team's first thread is the executor's own
+    assert pinned == cpus and masks == [{c} for c in cpus]  # one CPU each, in order
+    # the same threads run the next parallel region (the team is kept): still pinned
+    assert ex.call(lambda: kernels.load().team_threads()).result() == tids
+    pinned, tids, me, masks = ex.call(lambda: on_executor(False)).result()
+    assert pinned == [] and all(m == set(cpus) for m in masks)  # every thread gets the process's CPUs back
+    assert os.sched_getaffinity(0) == set(cpus)  # this thread was never touched
 
 
 def test_a_cpu_that_cannot_be_given_leaves_the_threads_unpinned(monkeypatch):
@@ -74,18 +76,13 @@ def test_a_cpu_that_cannot_be_given_leaves_the_threads_unpinned(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
-def test_a_refusal_part_way_leaves_no_thread_pinned(monkeypatch):
+def test_a_refusal_part_way_leaves_no_thread_pinned(monkeypatch, team_per_cpu):
     """The OS pins the first thread, then refuses the second: every thread gets the process's CPUs
     back (the first, and the second if an earlier load had pinned it), so the team is not left half
     pinned."""
-    if kernels.load() is None:
-        pytest.skip("the kernels (which find the team's threads) are not built here")
-    cpus, real = _process_cpus(), os.sched_setaffinity
+    cpus, real, ex = _process_cpus(), os.sched_setaffinity, team_per_cpu
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
-    ex = get_executor()
-    before = ex.call(torch.get_num_threads).result()
-    ex.call(lambda: torch.set_num_threads(len(cpus))).result()  # a team of one thread per CPU, whatever ran before
     tids = ex.call(lambda: kernels.load().team_threads()).result()
     assert len(tids) == len(cpus)
 
@@ -101,8 +98,6 @@ def test_a_refusal_part_way_leaves_no_thread_pinned(monkeypatch):
         assert [os.sched_getaffinity(t) for t in tids] == [set(cpus)] * len(tids)
     finally:
         monkeypatch.undo()
-        ex.call(lambda: torch.set_num_threads(before)).result()
-        ex.call(lambda: pin_team(None)).result()
 
 
 def test_a_task_model_load_sets_the_executor_threads(tiny_encoder_dir):
