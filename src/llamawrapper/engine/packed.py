@@ -69,7 +69,8 @@ class PackedInt8Linear(nn.Module):
         # buffers: a compiled decode step takes their shapes as static, as the model's own
         with torch.no_grad():
             self.register_buffer("packed", torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()), persistent=False)
-        self.register_buffer("scales", linear.scales.detach(), persistent=False)
+        # float32 once here, so the kernel does not widen them at every call (49,152 for the head, each step)
+        self.register_buffer("scales", linear.scales.detach().float(), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,8 @@ inline void block_rows(const float* x, const int8_t* wb, int64_t K, const float*
 }
 #endif
 
-// x [M, K] bfloat16, blocks [N / 64, K, 64] int8 (int8_weight_blocks), scales [N] -> [M, N] bfloat16
+// x [M, K] bfloat16, blocks [N / 64, K, 64] int8 (int8_weight_blocks), scales [N] (float32 is
+// used as it is; another dtype is widened per call) -> [M, N] bfloat16
 torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_rows_mm: x must be [M, K] bfloat16");
   TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.is_contiguous(),
