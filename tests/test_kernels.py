@@ -513,7 +513,7 @@ def test_int4_weights_unpack_to_their_bfloat16_values(kernel):
 
 
 def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tiny_llm, monkeypatch):
-    """An int4 runner prefills through the unpacked bfloat16 weights (every projection of every
+    """Without the project's int4 kernel (``int4_kernel=False``), an int4 runner prefills through the unpacked bfloat16 weights (every projection of every
     layer, once per forward) and decodes through torch's int4 kernel; its prefill logits are within
     bfloat16 rounding of torch's int4 kernel's, and its greedy text alone is its text in a batch."""
     from llamawrapper.models import quantization as quant
@@ -527,7 +527,7 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
     real = kernels.int4_prefill_matmul()
     assert real is not None
     monkeypatch.setattr(kernels, "int4_prefill_matmul", lambda: lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    runner = LlamaRunner(model)
+    runner = LlamaRunner(model, int4_kernel=False)  # (with it, the int4 kernel takes every forward)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (30, 7, 52)]
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -542,7 +542,7 @@ def test_int4_prefill_runs_on_unpacked_weights_and_decode_on_the_int4_kernel(tin
         eng.shutdown()
     assert alone == batch
     logits = []
-    for r in (runner, LlamaRunner(model, int4_prefill_bf16=False)):
+    for r in (runner, LlamaRunner(model, int4_prefill_bf16=False, int4_kernel=False)):
         ids = torch.tensor([prompts[0]])
         from llamawrapper.engine.kv_cache import SequenceKV
 
@@ -591,7 +591,7 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     ``int8_rows_mm`` in prefill and decode forwards alike; greedy text alone is the text in a
     batch, and prefill logits are within bfloat16 rounding of torch's int8 kernel's
     (``int8_kernel=False``)."""
-    from llamawrapper.engine.packed import PackedInt8Linear
+    from llamawrapper.engine.packed import PackedInt4Linear, PackedInt8Linear
     from llamawrapper.engine.kv_cache import SequenceKV
     from llamawrapper.models import quantization as quant
 
@@ -607,7 +607,8 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
         assert isinstance(runner.lm_head, PackedInt8Linear) and runner.packed_bytes >= model.lm_head.weight.numel()
         projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
         kinds = {type(m) for m in projections}
-        assert kinds == ({PackedInt8Linear} if mode == "int8" else {quant.Int4Linear}), kinds
+        int4 = {quant.Int4Linear} if kernels.int4_rows_mm() is None else {PackedInt4Linear, quant.Int4Linear}
+        assert kinds == ({PackedInt8Linear} if mode == "int8" else int4), kinds  # (test_int4_weights_run_...)
         plain = LlamaRunner(model, int8_kernel=False)
         assert type(plain.lm_head) is quant.Int8Linear and not any(isinstance(getattr(f, "o"), PackedInt8Linear) for f in plain.fused)
         assert LlamaRunner(model).lm_head is runner.lm_head  # one copy per module, shared by runners ...
@@ -633,6 +634,120 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
             mask = torch.ones(1, 1, 21, 21, dtype=torch.bool).tril()
             logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(21).unsqueeze(0), seq.chunk(0, 21), mask))
         assert (logits[0] - logits[1]).abs().max() <= 2 ** -7 * logits[1].abs().max()
+
+
+def _int4_weights(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-32 int4 values [N, K] and their scales and zeros [K / 32, N, 2] bfloat16, of random weights."""
+    from llamawrapper.models.quantization import quantize_int4_groups
+
+    return quantize_int4_groups(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05, 32)
+
+
+def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
+    """``int4_rows_mm`` over ``int4_weight_pairs``: x . ((q - 8) * scale + zero) per group, rounded
+    to bfloat16, within one bfloat16 step of a float64 reference (and two of torch's int4 kernel)
+    for 1 to 9 rows (the kernel's groups of 4 and every tail) and for 70 (two tasks of rows); every
+    row bit for bit what it is alone; ``PackedInt4Linear`` is its ``Int4Linear``, read out of
+    torch's packed layout; the layout's limits refused by name."""
+    from llamawrapper.engine.packed import PackedInt4Linear
+    from llamawrapper.models.quantization import Int4Linear
+
+    mm = kernels.int4_rows_mm()
+    if mm is None:
+        assert kernels.capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported()
+        pytest.skip("the int4 kernel needs AVX512-BF16")
+    q, sz = _int4_weights(192, 128, 5)
+    blocks = torch.ops.llamawrapper.int4_weight_pairs(q)
+    assert blocks.shape == (3, 64, 64) and blocks.dtype == torch.uint8
+    # block 1, inputs 10 and 11: byte 2i + t holds channel 64 + i (low nibble) and 80 + i (high) at input 10 + t
+    line = blocks[1, 5]
+    assert torch.equal((line[:32] & 15).view(16, 2), q[64:80, 10:12].to(torch.uint8))
+    assert torch.equal((line[:32] >> 4).view(16, 2), q[80:96, 10:12].to(torch.uint8))
+    assert torch.equal((line[32:] >> 4).view(16, 2), q[112:128, 10:12].to(torch.uint8))
+    scales = sz.float().view(4, 3, 64, 2).permute(1, 0, 3, 2).contiguous()
+    scale, zero = sz.double().unbind(2)
+    w = (q.double() - 8) * scale.t().repeat_interleave(32, 1) + zero.t().repeat_interleave(32, 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    gen = torch.Generator().manual_seed(7)
+    for M in [*range(1, 10), 70]:
+        x = torch.randn(M, 128, generator=gen).bfloat16()
+        got = mm(x, blocks, scales, 32)
+        assert got.shape == (M, 192) and got.dtype == torch.bfloat16
+        want = x.double() @ w.t()
+        step = want.abs() * 2 ** -8 + 1e-6 * want.abs().max()  # one bfloat16 step (and float32 sums near 0)
+        assert ((got.double() - want).abs() <= step).all()
+        ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+        assert ((got.double() - ref.double()).abs() <= 2 * step).all()
+        for i in {0, M // 2, M - 1}:
+            assert torch.equal(mm(x[i : i + 1].contiguous(), blocks, scales, 32), got[i : i + 1])
+    linear = torch.nn.Linear(128, 192, bias=True)
+    int4 = Int4Linear.from_linear(linear)
+    x = torch.randn(2, 3, 128, generator=gen).bfloat16()
+    ours, theirs = PackedInt4Linear(int4, mm)(x), int4(x)
+    assert ours.shape == (2, 3, 192) and (ours.float() - theirs.float()).abs().max() <= 2 ** -7 * theirs.float().abs().max()
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        torch.ops.llamawrapper.int4_weight_pairs(q[:100])
+    with pytest.raises(RuntimeError, match="x has 126 features"):
+        mm(torch.randn(2, 126).bfloat16(), blocks, scales, 32)
+    with pytest.raises(RuntimeError, match="x must be"):
+        mm(torch.randn(2, 128), blocks, scales, 32)
+    with pytest.raises(RuntimeError, match="bad group size"):
+        mm(torch.randn(2, 128).bfloat16(), blocks, scales, 31)
+    with pytest.raises(RuntimeError, match="scales_and_zeros must be"):
+        mm(torch.randn(2, 128).bfloat16(), blocks, scales.bfloat16(), 32)
+
+
+def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
+    """An int4 model's projections go through ``int4_rows_mm`` in prefill and decode forwards alike
+    (no unpacked prefill weights); greedy text alone is the text in a batch; prefill logits are
+    within bfloat16 rounding of torch's int4 kernel's (``int4_kernel=False``); one copy per module,
+    laid out again when the weight changes in place."""
+    from llamawrapper.engine.packed import PackedInt4Linear
+    from llamawrapper.engine.kv_cache import SequenceKV
+    from llamawrapper.models import quantization as quant
+
+    model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
+    if kernels.int4_rows_mm() is None:
+        assert not any(isinstance(getattr(f, "o"), PackedInt4Linear) for f in LlamaRunner(model).fused)
+        pytest.skip("the int4 kernel needs AVX512-BF16")
+    tok = tiny_llm.tokenizer
+    runner = LlamaRunner(model)
+    # every projection whose output channels fill the kernel's blocks of 64 (the tiny model's k and v
+    # have 32 each, so its q/k/v stay apart: torch's packing refuses to fuse them), in prefill forwards too
+    for fused in (runner.fused, runner.prefill_fused):
+        projections = [getattr(f, n) for f in fused for n in f.PROJECTIONS if getattr(f, n) is not None]
+        assert all(isinstance(m, PackedInt4Linear) for m in projections if m.out_features % 64 == 0)
+        assert all(type(m) is quant.Int4Linear for m in projections if m.out_features % 64)
+        assert sum(isinstance(m, PackedInt4Linear) for m in projections) == 4 * runner.n_layers  # q, gate/up, o, down
+    plain = LlamaRunner(model, int4_kernel=False)
+    assert not any(isinstance(getattr(f, "o"), PackedInt4Linear) for f in plain.fused)
+    assert runner.packed_bytes - plain.packed_bytes == sum(m.packed.numel() for m in set(projections) if m.out_features % 64 == 0)
+    assert LlamaRunner(model).fused[0].o is runner.fused[0].o  # one copy per module, shared by runners ...
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0)
+    assert LlamaRunner(model).fused[0].down is not runner.fused[0].down  # ... laid out again when its weight changes
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (23, 6, 44)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    rows = []
+    down = runner.fused[-1].down
+    real = down.mm
+    monkeypatch.setattr(down, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        assert sorted(rows) == sorted([23, 6, 44] + [1] * 15)  # each prompt's prefill, then 5 decode steps each
+        eng.executor.call(eng.prefix_cache.clear).result()
+        batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+    finally:
+        eng.shutdown()
+    assert alone == batch
+    logits = []
+    for r in (runner, plain):
+        seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
+        mask = torch.ones(1, 1, 23, 23, dtype=torch.bool).tril()
+        logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(23).unsqueeze(0), seq.chunk(0, 23), mask))
+    assert (logits[0] - logits[1]).abs().max() <= 2 ** -6 * logits[1].abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

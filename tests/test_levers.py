@@ -551,6 +551,18 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
             assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
         finally:
             llm.close()
+    monkeypatch.delenv("LLAMAWRAPPER_INT8_KERNEL")
+    from llamawrapper.engine.packed import PackedInt4Linear
+
+    kernel = kernels.int4_rows_mm() is not None  # AVX512-BF16 CPUs
+    for env in ("true", "false"):  # int4_kernel (on by default) and off
+        monkeypatch.setenv("LLAMAWRAPPER_INT4_KERNEL", env)
+        llm = LlamaWrapper.load(str(tiny_model_dir), quantization="int4", progress=False)
+        try:
+            assert isinstance(llm.engine.runner.fused[0].o, PackedInt4Linear) == (kernel and env == "true")
+            assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+        finally:
+            llm.close()
 
 
 def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_models, tiny_llm, adapter_dirs, monkeypatch):

@@ -92,6 +92,12 @@ class EngineSettings(BaseSettings):
                           "project's int8 kernel (built with the attention kernel; AVX-512 CPUs): 1.4-1.9x faster than "
                           "torch's int8 matmul at 1 to 256 rows, each row the same in any batch; its copy of the int8 "
                           "weights costs their memory once more; off = torch's int8 matmul.")
+    int4_kernel: bool = Field(
+        True, description="An int4 model's projections through the project's int4 kernel (built with the attention "
+                          "kernel; AVX512-BF16 CPUs): bfloat16 dot products on the weights looked up as exact bfloat16 "
+                          "values, ~2x torch's int4 kernel at 1 to 41 rows and faster than unpacking the weights for "
+                          "a prefill chunk, each row the same in any batch; its copy of the int4 weights costs their "
+                          "memory once more; off = torch's int4 kernel (and unpacked weights for prefill).")
     compile_decode: bool = Field(
         False, description="torch.compile the whole decode step (CPU inductor, C++ wrapper), at load: int4 smollm2 1.5x "
                            "faster a step at batch 1; ~4 min of compiling at the first load on 2 cores, ~30 s once "

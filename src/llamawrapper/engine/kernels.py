@@ -48,7 +48,8 @@ log = logging.getLogger("llamawrapper.engine")
 # prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for
 # prefill, int8 weights times bfloat16 rows, the OpenMP team's thread ids
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int8_weights.cpp", "team_threads.cpp")]
+           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int4_rows.cpp", "int8_weights.cpp",
+                        "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
@@ -103,6 +104,8 @@ def load() -> Optional[ModuleType]:
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
             torch.library.register_fake("llamawrapper::int8_rows_mm")(
                 lambda x, blocks, scales: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
+            torch.library.register_fake("llamawrapper::int4_rows_mm")(
+                lambda x, blocks, scales_and_zeros, group_size: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]
@@ -209,6 +212,15 @@ def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     if capability() != "AVX512" or load() is None:
         return None
     return torch.ops.llamawrapper.int8_rows_mm
+
+
+def int4_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]]:
+    """``mm(x [M, K] bfloat16, blocks, scales_and_zeros, group_size)`` -> ``[M, N]`` bfloat16 for int4
+    weights laid out by ``torch.ops.llamawrapper.int4_weight_pairs`` (``int4_rows.cpp``). None on a
+    CPU without AVX512-BF16 (its dot product is the kernel's) or if the kernels are not built."""
+    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
+        return None
+    return torch.ops.llamawrapper.int4_rows_mm
 
 
 def main() -> None:

@@ -19,6 +19,15 @@ each output across its lanes; the kernel reads the weights in blocks of 64 outpu
 to 2.3x faster at 1 to 256 rows (docs/BENCHMARKS.md section 19). Each output is the same
 whatever rows share the call; against torch's kernel it differs by one bfloat16 step in about 2
 of 10,000 outputs (another order of the same float32 sum).
+
+int4 weights (``Int4Linear``: an int4 model's projections; ``int4_kernel``) through the project's
+int4 kernel (``csrc/int4_rows.cpp``, ``packed_int4``) on AVX512-BF16 CPUs: torch's int4 kernel
+dequantizes every weight to float32 with a multiply-add before it multiplies it by each row; the
+kernel turns each weight into an exact bfloat16 ``q - 8`` by a table lookup and multiplies two
+input features at once with the CPU's bfloat16 dot product, then scales each group's sum: 1.9x to
+2.1x torch's kernel at 1 to 41 rows, and faster than unpacking the weights for a bfloat16 GEMM up to
+a 256-row prefill chunk (docs/BENCHMARKS.md section 20). Each output is the same whatever rows share
+the call.
 """
 
 from __future__ import annotations
@@ -81,9 +90,39 @@ class PackedInt8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+class PackedInt4Linear(nn.Module):
+    """``Int4Linear`` (``x @ ((q - 8) * scale + zero).T + b`` per group of inputs, bfloat16 out) through
+    ``int4_rows_mm`` on a copy of its weights in pairs of input features (``int4_weight_pairs``)."""
+
+    def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, linear.group_size
+        self.weight_version = linear.weight._version
+        self.mm = mm
+        N, K, G = self.out_features, self.in_features, self.group_size
+        with torch.no_grad():
+            # the weights' values 0..15 out of torch's packed layout, by the unpacker of int4_weights.cpp
+            # with scale 1 and zero 8 (w = (q - 8) * 1 + 8)
+            unit = torch.stack([torch.ones(K // G, N), torch.full((K // G, N), 8.0)], dim=2).to(torch.bfloat16)
+            q = torch.ops.llamawrapper.int4_weight_bf16(linear.weight, unit, G).t()
+            self.register_buffer("packed", torch.ops.llamawrapper.int4_weight_pairs(q), persistent=False)
+            # [K / G, N, 2] -> [N / 64, K / G, 2, 64] float32: a block's scales and zeros group after group
+            sz = linear.scales_and_zeros.float().view(K // G, N // 64, 64, 2).permute(1, 0, 3, 2).contiguous()
+            self.register_buffer("scales_and_zeros", sz, persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.packed, self.scales_and_zeros,
+                    self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
-    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedInt8Linear))}
+    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedInt8Linear, PackedInt4Linear))}
     return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
 
 
@@ -105,6 +144,22 @@ def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
         return module
     mm = kernels.int8_rows_mm()
     return module if mm is None else _once(module, lambda: PackedInt8Linear(module, mm))
+
+
+def packed_int4(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` through the project's int4 kernel if it is an ``Int4Linear`` on the CPU whose output
+    channels come in blocks of 64 and whose groups are even, and the kernel runs here (AVX512-BF16,
+    torch's packed layout as the unpacker reads it), else ``module``."""
+    from ..models.quantization import Int4Linear
+    from . import kernels
+
+    if (type(module) is not Int4Linear or module.out_features % 64 or module.group_size % 2
+            or module.weight.device.type != "cpu"):
+        return module
+    mm = kernels.int4_rows_mm()
+    if mm is None or kernels.int4_prefill_matmul() is None:  # (the latter checks torch's packed layout)
+        return module
+    return _once(module, lambda: PackedInt4Linear(module, mm))
 
 
 def _once(module: nn.Module, pack: Callable[[], nn.Module]) -> nn.Module:

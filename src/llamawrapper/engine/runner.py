@@ -25,7 +25,8 @@ run through oneDNN's matmul on weights packed once (``packed.py``): torch's floa
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
 reorders the weights on every call. With ``int8_kernel`` (the default) an int8 model's projections
 and the int8 output head of int8 and int4 models run through the project's int8 kernel
-(``packed.py``), in every forward.
+(``packed.py``), in every forward; with ``int4_kernel`` (the default) an int4 model's projections
+run through the project's int4 kernel, in every forward (on AVX512-BF16 CPUs).
 
 With ``kernel`` (``attention_kernel``, the default) a decode step's attention runs in the
 project's C++ kernel (``kernels.py``): it reads a float32 or bfloat16 cache in place,
@@ -58,7 +59,7 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_int8, packed_linear
+from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_int4, packed_int8, packed_linear
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
 
@@ -110,7 +111,7 @@ class _Fused:
 
     def pack(self, packed: Callable[[Any], Any] = packed_linear) -> None:
         """Use ``packed`` copies of the projections it takes (``packed.py``: oneDNN's for plain
-        float32/bfloat16 ones, the project's int8 kernel's for ``Int8Linear``)."""
+        float32/bfloat16 ones, the project's int8 and int4 kernels' for ``Int8Linear`` and ``Int4Linear``)."""
         for name in self.PROJECTIONS:
             setattr(self, name, packed(getattr(self, name)))  # (None stays None; the others as they are)
 
@@ -313,7 +314,7 @@ class LlamaRunner:
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
-                 kernel_prefill: bool = True, int8_kernel: bool = True) -> None:
+                 kernel_prefill: bool = True, int8_kernel: bool = True, int4_kernel: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -345,10 +346,12 @@ class LlamaRunner:
         # called with each row's request namespace before every forward (per-row LoRA adapters)
         self.row_hook: Callable[[list[str]], None] | None = None
         self.fused: list[Optional[_Fused]] = [_Fused(layer) if fuse else None for layer in self.layers]
-        if int8_kernel:  # ... and so do an int8 model's projections (those of fused layers)
-            for f in self.fused:
-                if f is not None:
-                    f.pack(packed_int8)
+        # ... and so do an int8 model's projections (those of fused layers); an int4 model's run through
+        # the project's int4 kernel (packed.py)
+        packers = [p for p, on in ((packed_int8, int8_kernel), (packed_int4, int4_kernel)) if on]
+        for f in self.fused:
+            for p in packers if f is not None else ():
+                f.pack(p)
         half = self.dtype in (torch.bfloat16, torch.float16)
         if isinstance(kv_dtype, str):
             kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv_dtype, kv_dtype)
@@ -405,10 +408,11 @@ class LlamaRunner:
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.kernel_norm = (self.kernel is not None and bool(kernel_norm) and self.dtype in kernels.DTYPES
                             and all(_norm_in_kernel(self.kernel, n) for n in norms))
-        # an int4 model's prefill forwards call its fused projections through bfloat16 GEMMs over
-        # weights unpacked per call (torch's int4 kernel is made for a few rows: decode and verify
-        # steps keep it); with fuse_projections off they all stay on torch's kernel
-        self.int4_prefill = kernels.int4_prefill_matmul() if int4_prefill_bf16 and Int4Linear in kinds else None
+        # without the int4 kernel, an int4 model's prefill forwards call its fused projections through
+        # bfloat16 GEMMs over weights unpacked per call (torch's int4 kernel is made for a few rows:
+        # decode and verify steps keep it); with fuse_projections off they all stay on torch's kernel
+        torch_int4 = any(type(getattr(f, n)) is Int4Linear for f in self.fused if f is not None for n in _Fused.PROJECTIONS)
+        self.int4_prefill = kernels.int4_prefill_matmul() if int4_prefill_bf16 and torch_int4 else None
         unpacked = self.int4_prefill
         self.prefill_fused = self.fused if unpacked is None else [
             None if f is None else f.through(lambda m: int4_through(m, unpacked)) for f in self.fused]
