@@ -20,7 +20,10 @@ capability and torch version:
   (``int4_prefill_matmul``).
 - ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times bfloat16 rows
   (``int8_rows_mm``), for an int8 model's projections and the int8 output head of int8 and int4
-  models (``int8_kernel``, ``packed.py``).
+  models (``int8_kernel``, ``packed.py``), through AVX512-BF16's dot product.
+- ``csrc/int4_rows.cpp``: int4 weights in blocks of 64 output channels times bfloat16 rows
+  (``int4_rows_mm``), for an int4 model's projections (``int4_kernel``, ``packed.py``), through
+  AVX512-BF16's dot product.
 - ``csrc/team_threads.cpp``: the thread ids of the calling thread's OpenMP team
   (``team_threads``), which ``threads.pin_team`` pins one per CPU.
 
@@ -208,8 +211,8 @@ def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
 def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """``mm(x [M, K] bfloat16, blocks, scales)`` -> ``[M, N]`` bfloat16 for int8 weights laid out by
     ``torch.ops.llamawrapper.int8_weight_blocks`` (``int8_weights.cpp``).
-    None on a CPU without AVX-512 (measured there only) or if the kernels are not built."""
-    if capability() != "AVX512" or load() is None:
+    None on a CPU without AVX512-BF16 (its dot product is the kernel's) or if the kernels are not built."""
+    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
         return None
     return torch.ops.llamawrapper.int8_rows_mm
 

@@ -136,11 +136,11 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
     """``module`` through the project's int8 kernel if it is an ``Int8Linear`` on the CPU whose output
-    channels come in blocks of 64 and the kernel is built for this CPU (AVX-512), else ``module``."""
+    channels come in blocks of 64 and inputs in pairs, and the kernel runs here (AVX512-BF16), else ``module``."""
     from ..models.quantization import Int8Linear
     from . import kernels
 
-    if type(module) is not Int8Linear or module.out_features % 64 or module.weight.device.type != "cpu":
+    if type(module) is not Int8Linear or module.out_features % 64 or module.in_features % 2 or module.weight.device.type != "cpu":
         return module
     mm = kernels.int8_rows_mm()
     return module if mm is None else _once(module, lambda: PackedInt8Linear(module, mm))

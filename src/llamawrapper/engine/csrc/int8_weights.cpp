@@ -1,49 +1,80 @@
 // int8 weights times bfloat16 rows, for an int8 model's projections and the int8 output head of
 // int8 and int4 models: torch's _weight_int8pack_mm read smollm2's 28 MB int8 head at ~25 GB/s
-// at one row, and sums each output across its lanes. Here the weights
-// are laid out once in blocks of 64 output channels, k after k, so each k's 64 weights are one
-// load, widened to float32 and multiplied by the row's x[k] broadcast: no lane sums, each weight
-// read once for every 4 rows. Each output is one float32 sum over k in order (fused multiply-adds),
-// times its channel's scale, rounded to bfloat16: the same whatever rows share the call.
-// Built with decode_attention.cpp by engine/kernels.py; the operators are
+// at one row, and sums each output across its lanes. Here the weights are laid out once in
+// blocks of 64 output channels, two input features after two (int8_weight_blocks), so each
+// 128-byte line holds two inputs of the block's 64 channels. A line becomes four vectors of
+// bfloat16 weights (an int8 value is exact in bfloat16), and AVX512-BF16's dot product
+// (vdpbf16ps) multiplies two inputs of 16 channels by the row's two bfloat16 inputs and adds them
+// in float32, 32 products an instruction; each output's float32 sum, times its channel's scale,
+// is rounded to bfloat16. Up to 4 rows share each converted line; a call of more rows converts
+// each block once into a buffer that all its rows read (then the dot products bound it, as in
+// int4_rows.cpp). A row's result is the same whatever rows share the call. Built with
+// decode_attention.cpp by engine/kernels.py; the operators are
 // torch.ops.llamawrapper.int8_weight_blocks and torch.ops.llamawrapper.int8_rows_mm.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
-constexpr int64_t kBlockN = 64;  // output channels of a block
-constexpr int64_t kPrefetchK = 64;  // how far ahead a block's weights are prefetched, in k (lines)
+constexpr int64_t kBlockN = 64;       // output channels of a block
+constexpr int64_t kLine = 2 * kBlockN;  // bytes of a block's two inputs
+constexpr int64_t kPrefetch = 32;     // how far ahead a block's lines are prefetched (128 bytes each)
+constexpr int64_t kRowsPerTask = 64;  // a prefill chunk's rows are split among the threads too
+constexpr int64_t kBufferRows = 4;    // a task of more rows converts its block once, into a buffer
 
-// [N, K] int8 -> [N / 64, K, 64] int8: for each block and each k, its 64 channels' weights
+// [N, K] int8 -> [N / 64, K / 2, 64, 2] int8: for block b and input pair p, channel j's weights
+// at inputs 2p and 2p + 1
 torch::Tensor int8_weight_blocks(torch::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_weight_blocks: weight must be [N, K] int8");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(N % kBlockN == 0, "int8_weight_blocks: out_features ", N, " is not a multiple of ", kBlockN);
-  return weight.view({N / kBlockN, kBlockN, K}).transpose(1, 2).contiguous();
+  TORCH_CHECK(K % 2 == 0, "int8_weight_blocks: in_features ", K, " is odd");
+  return weight.view({N / kBlockN, kBlockN, K / 2, 2}).transpose(1, 2).contiguous();
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// R rows of x (float32, row stride K) times one block of weights -> o[r][0..64) (row stride N)
-template <int R>
-inline void block_rows(const float* x, const int8_t* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N) {
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
+// a line (two inputs of 64 channels, int8) as four vectors of bfloat16 weights, channels 0-15,
+// 16-31, 32-47, 48-63, each pair of lanes the two inputs
+inline void convert_line(const int8_t* line, __m512bh w[4]) {
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 32 * c))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 32 * c + 16))));
+    w[c] = _mm512_cvtne2ps_pbh(hi, lo);  // exact: |w| <= 128
+  }
+}
+
+// R rows of x (bfloat16, row stride K) times one block -> o[r][0..64) (row stride N); the
+// block's lines from wb, or, kBuffered, its converted vectors (convert_line's, line after line)
+template <int R, bool kBuffered>
+inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    // the line 64 k ahead (4 KB): with the hardware's prefetcher alone a one-row call read its
-    // weights from memory at ~28 GB/s (smollm2's cold head in 1.0 ms; 0.59-0.76 ms with this)
-    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + kPrefetchK) * kBlockN), _MM_HINT_T0);
-    __m512 w[4];
-    for (int c = 0; c < 4; ++c)
-      w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * kBlockN + 16 * c))));
+  const int32_t* xp[R];
+  for (int r = 0; r < R; ++r) xp[r] = reinterpret_cast<const int32_t*>(x + r * K);
+  for (int64_t p = 0; p < K / 2; ++p) {
+    __m512bh w[4];
+    if constexpr (kBuffered) {
+      const __m512bh* v = static_cast<const __m512bh*>(wb) + 4 * p;
+      for (int c = 0; c < 4; ++c) w[c] = v[c];
+    } else {
+      const int8_t* line = static_cast<const int8_t*>(wb) + p * kLine;
+      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kLine), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kLine + 64), _MM_HINT_T0);
+      convert_line(line, w);
+    }
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(xv, w[c], acc[r][c]);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[r][p]);  // inputs 2p and 2p + 1
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w[c], xv);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -53,49 +84,67 @@ inline void block_rows(const float* x, const int8_t* wb, int64_t K, const float*
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(o + r * N + 16 * c), at::vec::cvtfp32_bf16(a, b));
     }
 }
-#else
-template <int R>
-inline void block_rows(const float* x, const int8_t* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N) {
-  for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < kBlockN; ++j) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * K + k], static_cast<float>(wb[k * kBlockN + j]), acc);
-      o[r * N + j] = static_cast<at::BFloat16>(acc * scale[j]);
-    }
+
+template <bool kBuffered>
+inline void rows_of_block(const at::BFloat16* X, const void* wb, int64_t K, const float* scale, at::BFloat16* O, int64_t N,
+                          int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) block_rows<4, kBuffered>(X + m * K, wb, K, scale, O + m * N, N);
+  switch (m1 - m) {
+    case 3: block_rows<3, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
+    case 2: block_rows<2, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
+    case 1: block_rows<1, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
+    default: break;
+  }
 }
+
+// block b for rows [m0, m1); buffer: K / 2 * 4 vectors, for tasks of more than kBufferRows rows
+__attribute__((noinline)) void block_range(const at::BFloat16* X, const int8_t* W, const float* S, int64_t K, int64_t N,
+                                           at::BFloat16* O, int64_t b, int64_t m0, int64_t m1, __m512bh* buffer) {
+  const int8_t* wb = W + b * (K / 2) * kLine;
+  if (m1 - m0 > kBufferRows) {
+    for (int64_t p = 0; p < K / 2; ++p) convert_line(wb + p * kLine, buffer + 4 * p);
+    rows_of_block<true>(X, buffer, K, S + b * kBlockN, O + b * kBlockN, N, m0, m1);
+  } else {
+    rows_of_block<false>(X, wb, K, S + b * kBlockN, O + b * kBlockN, N, m0, m1);
+  }
+}
+#pragma GCC pop_options
 #endif
 
-// x [M, K] bfloat16, blocks [N / 64, K, 64] int8 (int8_weight_blocks), scales [N] (float32 is
-// used as it is; another dtype is widened per call) -> [M, N] bfloat16
+// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
+// is used as it is; another dtype is widened per call) -> [M, N] bfloat16
 torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_rows_mm: x must be [M, K] bfloat16");
-  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.is_contiguous(),
-              "int8_rows_mm: blocks must be int8_weight_blocks' [N / 64, K, 64] int8");
+  TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.size(3) == 2 &&
+                  blocks.is_contiguous(),
+              "int8_rows_mm: blocks must be int8_weight_blocks' [N / 64, K / 2, 64, 2] int8");
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0) * kBlockN;
-  TORCH_CHECK(blocks.size(1) == K, "int8_rows_mm: x has ", K, " features, the weights ", blocks.size(1));
+  TORCH_CHECK(blocks.size(1) * 2 == K, "int8_rows_mm: x has ", K, " features, the weights ", blocks.size(1) * 2);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N, "int8_rows_mm: scales must be [", N, "]");
-  const auto xf = x.to(at::kFloat).contiguous();
+#if defined(CPU_CAPABILITY_AVX512)
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "int8_rows_mm: this CPU has no AVX512-BF16");
+  const auto xc = x.contiguous();
   const auto sf = scales.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options());
-  const float* X = xf.data_ptr<float>();
+  const at::BFloat16* X = xc.data_ptr<at::BFloat16>();
   const int8_t* W = blocks.data_ptr<int8_t>();
   const float* S = sf.data_ptr<float>();
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int8_t* wb = W + b * K * kBlockN;
-      const int64_t n = b * kBlockN;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows<4>(X + m * K, wb, K, S + n, O + m * N + n, N);
-      switch (M - m) {
-        case 3: block_rows<3>(X + m * K, wb, K, S + n, O + m * N + n, N); break;
-        case 2: block_rows<2>(X + m * K, wb, K, S + n, O + m * N + n, N); break;
-        case 1: block_rows<1>(X + m * K, wb, K, S + n, O + m * N + n, N); break;
-        default: break;
-      }
+  // tasks: each block for each 64 rows (a row's result is the same in any task)
+  const int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask, nb = N / kBlockN;
+  at::parallel_for(0, nb * chunks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<__m512bh> buffer;  // (kept: a call would otherwise map and fault in 196 KB)
+    if (M > kBufferRows && buffer.size() < static_cast<size_t>(K / 2 * 4)) buffer.resize(K / 2 * 4);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / nb) * kRowsPerTask;
+      block_range(X, W, S, K, N, O, t % nb, m0, std::min(M, m0 + kRowsPerTask), buffer.data());
     }
   });
   return out;
+#else
+  TORCH_CHECK(false, "int8_rows_mm: built without AVX-512");
+#endif
 }
 
 }  // namespace
