@@ -588,6 +588,88 @@ def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
         mm(torch.randn(2, 96), blocks, scales)
 
 
+def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
+    """``bf16_rows_mm`` over ``bf16_weight_blocks``: x . w in float32, rounded to bfloat16, within one
+    bfloat16 step of a float64 reference and of torch's bfloat16 linear, for 1 to 9 rows and 70;
+    every row bit for bit what it is alone; ``PackedBf16Linear`` (with a bias, on [B, T, in]) is its
+    ``nn.Linear``; the layout's limits refused by name."""
+    from llamawrapper.engine.packed import PackedBf16Linear, packed_bf16
+
+    mm = kernels.bf16_rows_mm()
+    if mm is None:
+        assert kernels.capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported()
+        pytest.skip("the bfloat16 kernel needs AVX512-BF16")
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(192, 96, generator=gen).bfloat16()
+    blocks = torch.ops.llamawrapper.bf16_weight_blocks(w)
+    assert blocks.shape == (3, 48, 64, 2) and torch.equal(blocks[2, 7], w[128:192, 14:16])
+    for M in [*range(1, 10), 70]:
+        x = torch.randn(M, 96, generator=gen).bfloat16()
+        got = mm(x, blocks)
+        assert got.shape == (M, 192) and got.dtype == torch.bfloat16
+        want = x.double() @ w.double().t()
+        step = want.abs() * 2 ** -8 + 1e-6 * want.abs().max()
+        assert ((got.double() - want).abs() <= step).all()
+        ref = torch.nn.functional.linear(x, w)
+        assert ((got.double() - ref.double()).abs() <= 2 * step).all()
+        for i in {0, M // 2, M - 1}:
+            assert torch.equal(mm(x[i : i + 1].contiguous(), blocks), got[i : i + 1])
+    lin = torch.nn.Linear(96, 128, bias=True).bfloat16()
+    x = torch.randn(2, 3, 96, generator=gen).bfloat16()
+    ours = packed_bf16(lin)
+    assert isinstance(ours, PackedBf16Linear) and packed_bf16(lin) is ours
+    assert ours(x).shape == (2, 3, 128) and (ours(x).float() - lin(x).float()).abs().max() <= 2 ** -7 * lin(x).float().abs().max()
+    assert type(packed_bf16(torch.nn.Linear(96, 100).bfloat16())) is torch.nn.Linear  # not in blocks of 64: its own
+    assert type(packed_bf16(torch.nn.Linear(96, 128))) is torch.nn.Linear  # float32: its own (oneDNN's)
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        torch.ops.llamawrapper.bf16_weight_blocks(w[:100])
+    with pytest.raises(RuntimeError, match="x has 94 features"):
+        mm(torch.randn(2, 94).bfloat16(), blocks)
+    with pytest.raises(RuntimeError, match="x must be"):
+        mm(torch.randn(2, 96), blocks)
+
+
+def test_bf16_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
+    """A bfloat16 model's projections and head go through ``bf16_rows_mm`` in prefill and decode
+    forwards alike; its prefill logits are within bfloat16 rounding of oneDNN's
+    (``bf16_kernel=False``), and its greedy text is the same alone and in a batch (each row's
+    projections are what they are alone)."""
+    from llamawrapper.engine.packed import PackedBf16Linear, PackedLinear
+    from llamawrapper.engine.kv_cache import SequenceKV
+
+    half = copy.deepcopy(tiny_llm.loaded.model).to(torch.bfloat16).eval()
+    if kernels.bf16_rows_mm() is None:
+        assert not isinstance(LlamaRunner(half).lm_head, PackedBf16Linear)
+        pytest.skip("the bfloat16 kernel needs AVX512-BF16")
+    runner, plain = LlamaRunner(half), LlamaRunner(half, bf16_kernel=False)
+    projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
+    assert all(isinstance(m, PackedBf16Linear) for m in projections if m.out_features % 64 == 0)
+    assert sum(isinstance(m, PackedBf16Linear) for m in projections) >= 3 * runner.n_layers
+    assert isinstance(runner.lm_head, PackedBf16Linear) and isinstance(plain.lm_head, PackedLinear)
+    tok = tiny_llm.tokenizer
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (19, 8, 33)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    rows = []
+    real = runner.lm_head.mm
+    monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        assert len(rows) == len(prompts) * 6 and set(rows) == {1}  # each prompt's last token, then 5 decode steps
+        eng.executor.call(eng.prefix_cache.clear).result()
+        batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+    finally:
+        eng.shutdown()
+    assert max(rows) > 1 and alone == batch
+    logits = []
+    for r in (runner, plain):
+        seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
+        mask = torch.ones(1, 1, 19, 19, dtype=torch.bool).tril()
+        logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(19).unsqueeze(0), seq.chunk(0, 19), mask))
+    assert (logits[0] - logits[1]).abs().max() <= 2 ** -6 * logits[1].abs().max()
+
+
 def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
     """An int4 model's int8 head, and an int8 model's head and projections, go through
     ``int8_rows_mm`` in prefill and decode forwards alike; greedy text alone is the text in a

@@ -552,17 +552,20 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
         finally:
             llm.close()
     monkeypatch.delenv("LLAMAWRAPPER_INT8_KERNEL")
-    from llamawrapper.engine.packed import PackedInt4Linear
+    from llamawrapper.engine.packed import PackedBf16Linear, PackedInt4Linear
 
-    kernel = kernels.int4_rows_mm() is not None  # AVX512-BF16 CPUs
-    for env in ("true", "false"):  # int4_kernel (on by default) and off
-        monkeypatch.setenv("LLAMAWRAPPER_INT4_KERNEL", env)
-        llm = LlamaWrapper.load(str(tiny_model_dir), quantization="int4", progress=False)
-        try:
-            assert isinstance(llm.engine.runner.fused[0].o, PackedInt4Linear) == (kernel and env == "true")
-            assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
-        finally:
-            llm.close()
+    for var, kernel, load, packed in (  # int4_kernel and bf16_kernel (on by default; AVX512-BF16 CPUs) and off
+            ("LLAMAWRAPPER_INT4_KERNEL", kernels.int4_rows_mm(), {"quantization": "int4"}, PackedInt4Linear),
+            ("LLAMAWRAPPER_BF16_KERNEL", kernels.bf16_rows_mm(), {"dtype": "bfloat16"}, PackedBf16Linear)):
+        for env in ("true", "false"):
+            monkeypatch.setenv(var, env)
+            llm = LlamaWrapper.load(str(tiny_model_dir), progress=False, **load)
+            try:
+                assert isinstance(llm.engine.runner.fused[0].o, packed) == (kernel is not None and env == "true")
+                assert llm.generate("Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+            finally:
+                llm.close()
+        monkeypatch.delenv(var)
 
 
 def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_models, tiny_llm, adapter_dirs, monkeypatch):
@@ -629,7 +632,7 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
         assert (out.float() - lin(x).float()).abs().max() < (1e-5 if dtype == torch.float32 else 3e-2)
     assert packed_linear(torch.nn.Linear(8, 8).half()).__class__ is torch.nn.Linear  # float16: torch's own
     half = copy.deepcopy(model).to(torch.bfloat16)  # bfloat16: the same oneDNN kernel, its weights packed once
-    bf = LlamaRunner(half)
+    bf = LlamaRunner(half, bf16_kernel=False)  # (by default, the project's own bfloat16 kernel: test_kernels)
     assert bf.onednn and isinstance(bf.fused[0].qkv, PackedLinear)
     assert torch.equal(prefill_logits(LlamaRunner(half, onednn=False), ids), prefill_logits(bf, ids))
     for mode in ("int8", "int4", "w8a8"):  # quantized projections: their own kernels

@@ -92,6 +92,10 @@ class EngineSettings(BaseSettings):
                           "project's int8 kernel (built with the attention kernel; AVX-512 CPUs): 1.4-1.9x faster than "
                           "torch's int8 matmul at 1 to 256 rows, each row the same in any batch; its copy of the int8 "
                           "weights costs their memory once more; off = torch's int8 matmul.")
+    bf16_kernel: bool = Field(
+        True, description="A bfloat16 model's projections and head through the project's kernel (built with the "
+                          "attention kernel; AVX512-BF16 CPUs) instead of oneDNN's (onednn_linear): 1.1-1.6x faster at "
+                          "1 to 256 rows, each row the same in any batch; off = oneDNN's packed matmul.")
     int4_kernel: bool = Field(
         True, description="An int4 model's projections through the project's int4 kernel (built with the attention "
                           "kernel; AVX512-BF16 CPUs): bfloat16 dot products on the weights looked up as exact bfloat16 "

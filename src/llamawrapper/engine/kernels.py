@@ -20,7 +20,8 @@ capability and torch version:
   (``int4_prefill_matmul``).
 - ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times bfloat16 rows
   (``int8_rows_mm``), for an int8 model's projections and the int8 output head of int8 and int4
-  models (``int8_kernel``, ``packed.py``), through AVX512-BF16's dot product.
+  models (``int8_kernel``, ``packed.py``), and bfloat16 weights (``bf16_rows_mm``, a bfloat16
+  model's projections: ``bf16_kernel``), through AVX512-BF16's dot product.
 - ``csrc/int4_rows.cpp``: int4 weights in blocks of 64 output channels times bfloat16 rows
   (``int4_rows_mm``), for an int4 model's projections (``int4_kernel``, ``packed.py``), through
   AVX512-BF16's dot product.
@@ -107,6 +108,8 @@ def load() -> Optional[ModuleType]:
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
             torch.library.register_fake("llamawrapper::int8_rows_mm")(
                 lambda x, blocks, scales: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
+            torch.library.register_fake("llamawrapper::bf16_rows_mm")(
+                lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
             torch.library.register_fake("llamawrapper::int4_rows_mm")(
                 lambda x, blocks, scales_and_zeros, group_size: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
@@ -215,6 +218,15 @@ def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
         return None
     return torch.ops.llamawrapper.int8_rows_mm
+
+
+def bf16_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``mm(x [M, K] bfloat16, blocks)`` -> ``[M, N]`` bfloat16 for bfloat16 weights laid out by
+    ``torch.ops.llamawrapper.bf16_weight_blocks`` (``int8_weights.cpp``). None on a CPU without
+    AVX512-BF16 or if the kernels are not built."""
+    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
+        return None
+    return torch.ops.llamawrapper.bf16_rows_mm
 
 
 def int4_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]]:

@@ -20,6 +20,11 @@ to 2.3x faster at 1 to 256 rows (docs/BENCHMARKS.md section 19). Each output is 
 whatever rows share the call; against torch's kernel it differs by one bfloat16 step in about 2
 of 10,000 outputs (another order of the same float32 sum).
 
+bfloat16 weights (a bfloat16 model's plain projections and head; ``bf16_kernel``) through the
+project's kernel (``csrc/int8_weights.cpp``'s ``bf16_rows_mm``, ``packed_bf16``) on AVX512-BF16
+CPUs, in place of oneDNN's: the same dot products on the same layout as int8 weights, 1.1x to 1.6x
+oneDNN's packed bfloat16 matmul at 1 to 256 rows (docs/BENCHMARKS.md section 20).
+
 int4 weights (``Int4Linear``: an int4 model's projections; ``int4_kernel``) through the project's
 int4 kernel (``csrc/int4_rows.cpp``, ``packed_int4``) on AVX512-BF16 CPUs: torch's int4 kernel
 dequantizes every weight to float32 with a multiply-add before it multiplies it by each row; the
@@ -43,7 +48,8 @@ from torch import nn
 PACK_ROWS = 16
 DTYPES = (torch.float32, torch.bfloat16)
 
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, nn.Module]]" = weakref.WeakKeyDictionary()
+# per module, per kind of copy: the weight it was made from and the copy
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, dict[type, tuple[torch.Tensor, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
 def available() -> bool:
@@ -90,6 +96,27 @@ class PackedInt8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+class PackedBf16Linear(nn.Module):
+    """A bfloat16 ``nn.Linear`` through ``bf16_rows_mm`` on a copy of its weight in blocks of 64 output
+    channels, two inputs at a time (``bf16_weight_blocks``)."""
+
+    def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_version = linear.weight._version
+        self.mm = mm
+        with torch.no_grad():
+            self.register_buffer("packed", torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.mm(x.reshape(-1, self.in_features).contiguous(), self.packed)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
 class PackedInt4Linear(nn.Module):
     """``Int4Linear`` (``x @ ((q - 8) * scale + zero).T + b`` per group of inputs, bfloat16 out) through
     ``int4_rows_mm`` on a copy of its weights in pairs of input features (``int4_weight_pairs``)."""
@@ -122,7 +149,7 @@ class PackedInt4Linear(nn.Module):
 
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
-    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedInt8Linear, PackedInt4Linear))}
+    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedBf16Linear, PackedInt8Linear, PackedInt4Linear))}
     return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
 
 
@@ -131,7 +158,7 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     so LoRA-wrapped and quantized projections keep their own forward), else ``module`` itself."""
     if type(module) is not nn.Linear or module.weight.dtype not in DTYPES or module.weight.device.type != "cpu":
         return module
-    return _once(module, lambda: PackedLinear(module))
+    return _once(module, PackedLinear, lambda: PackedLinear(module))
 
 
 def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -143,7 +170,20 @@ def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
     if type(module) is not Int8Linear or module.out_features % 64 or module.in_features % 2 or module.weight.device.type != "cpu":
         return module
     mm = kernels.int8_rows_mm()
-    return module if mm is None else _once(module, lambda: PackedInt8Linear(module, mm))
+    return module if mm is None else _once(module, PackedInt8Linear, lambda: PackedInt8Linear(module, mm))
+
+
+def packed_bf16(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` through the project's bfloat16 kernel if it is a plain bfloat16 CPU ``nn.Linear`` (not a
+    subclass) whose output channels come in blocks of 64 and inputs in pairs, and the kernel runs here
+    (AVX512-BF16), else ``module``."""
+    from . import kernels
+
+    if (type(module) is not nn.Linear or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"
+            or module.out_features % 64 or module.in_features % 2):
+        return module
+    mm = kernels.bf16_rows_mm()
+    return module if mm is None else _once(module, PackedBf16Linear, lambda: PackedBf16Linear(module, mm))
 
 
 def packed_int4(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -159,14 +199,16 @@ def packed_int4(module: Optional[nn.Module]) -> Optional[nn.Module]:
     mm = kernels.int4_rows_mm()
     if mm is None or kernels.int4_prefill_matmul() is None:  # (the latter checks torch's packed layout)
         return module
-    return _once(module, lambda: PackedInt4Linear(module, mm))
+    return _once(module, PackedInt4Linear, lambda: PackedInt4Linear(module, mm))
 
 
-def _once(module: nn.Module, pack: Callable[[], nn.Module]) -> nn.Module:
-    """``module``'s packed copy: the one made before, unless its weight changed since, else ``pack()``."""
-    hit = _PACKED.get(module)
+def _once(module: nn.Module, kind: type, pack: Callable[[], nn.Module]) -> nn.Module:
+    """``module``'s copy of ``kind``: the one made before, unless its weight changed since, else ``pack()``
+    (a bfloat16 module may have oneDNN's copy for one runner and the project's kernel's for another)."""
+    copies = _PACKED.setdefault(module, {})
+    hit = copies.get(kind)
     if hit is not None and hit[0] is module.weight and hit[1].weight_version == module.weight._version:
         return hit[1]
     packed = pack()
-    _PACKED[module] = (module.weight, packed)
+    copies[kind] = (module.weight, packed)
     return packed

@@ -23,7 +23,8 @@ prefill chunks of several rows attend one row at a time.
 With ``onednn`` (``onednn_linear``, the default) a float32 or bfloat16 model's plain projections
 run through oneDNN's matmul on weights packed once (``packed.py``): torch's float32 linear calls
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
-reorders the weights on every call. With ``int8_kernel`` (the default) an int8 model's projections
+reorders the weights on every call; with ``bf16_kernel`` (the default) a bfloat16 model's run
+through the project's kernel instead (``packed.py``). With ``int8_kernel`` (the default) an int8 model's projections
 and the int8 output head of int8 and int4 models run through the project's int8 kernel
 (``packed.py``), in every forward; with ``int4_kernel`` (the default) an int4 model's projections
 run through the project's int4 kernel, in every forward (on AVX512-BF16 CPUs).
@@ -59,7 +60,8 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bytes, packed_int4, packed_int8, packed_linear
+from .packed import (DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bf16, packed_bytes, packed_int4,
+                     packed_int8, packed_linear)
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
 
@@ -314,7 +316,8 @@ class LlamaRunner:
                  compile: Any = False, attention_per_row: Optional[bool] = None,
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
-                 kernel_prefill: bool = True, int8_kernel: bool = True, int4_kernel: bool = True) -> None:
+                 kernel_prefill: bool = True, int8_kernel: bool = True, int4_kernel: bool = True,
+                 bf16_kernel: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -390,10 +393,12 @@ class LlamaRunner:
         # layout; the compiled step keeps torch's own linears
         self.onednn = (bool(onednn and fuse) and self.dtype in ONEDNN_DTYPES and self.compiled is None
                        and onednn_available())
-        if self.onednn:
+        if self.onednn:  # (with bf16_kernel, a bfloat16 model's through the project's kernel instead)
+            first = packed_bf16 if bf16_kernel else (lambda m: m)
             for f in self.fused:
+                f.pack(first)
                 f.pack()
-            self.lm_head = packed_linear(self.lm_head)
+            self.lm_head = packed_linear(first(self.lm_head))
         # decode attention through the C++ kernel (kernels.py), which computes in float32:
         # for float32 models and for half models attended in float32; built here, at load
         in_fp32 = self.dtype == torch.float32 or self.attention_fp32

@@ -18,12 +18,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlockN = 64;       // output channels of a block
-constexpr int64_t kLine = 2 * kBlockN;  // bytes of a block's two inputs
+constexpr int64_t kLine = 2 * kBlockN;  // weights of a line: a block's two inputs
 constexpr int64_t kPrefetch = 32;     // how far ahead a block's lines are prefetched (128 bytes each)
 constexpr int64_t kRowsPerTask = 64;  // a prefill chunk's rows are split among the threads too
 constexpr int64_t kBufferRows = 4;    // a task of more rows converts its block once, into a buffer
@@ -35,6 +36,15 @@ torch::Tensor int8_weight_blocks(torch::Tensor weight) {
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(N % kBlockN == 0, "int8_weight_blocks: out_features ", N, " is not a multiple of ", kBlockN);
   TORCH_CHECK(K % 2 == 0, "int8_weight_blocks: in_features ", K, " is odd");
+  return weight.view({N / kBlockN, kBlockN, K / 2, 2}).transpose(1, 2).contiguous();
+}
+
+// [N, K] bfloat16 -> [N / 64, K / 2, 64, 2] bfloat16, as int8_weight_blocks lays out int8 ones
+torch::Tensor bf16_weight_blocks(torch::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16_weight_blocks: weight must be [N, K] bfloat16");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(N % kBlockN == 0, "bf16_weight_blocks: out_features ", N, " is not a multiple of ", kBlockN);
+  TORCH_CHECK(K % 2 == 0, "bf16_weight_blocks: in_features ", K, " is odd");
   return weight.view({N / kBlockN, kBlockN, K / 2, 2}).transpose(1, 2).contiguous();
 }
 
@@ -52,9 +62,24 @@ inline void convert_line(const int8_t* line, __m512bh w[4]) {
   }
 }
 
-// R rows of x (bfloat16, row stride K) times one block -> o[r][0..64) (row stride N); the
-// block's lines from wb, or, kBuffered, its converted vectors (convert_line's, line after line)
-template <int R, bool kBuffered>
+// the weights' kinds: a line's bytes and its four vectors of bfloat16 weights
+struct Int8Lines {
+  using T = int8_t;
+  static constexpr int64_t kBytes = 2 * kBlockN;
+  static inline void vectors(const int8_t* line, __m512bh w[4]) { convert_line(line, w); }
+};
+struct Bf16Lines {  // (already the vectors: a call of many rows reads them where they are)
+  using T = at::BFloat16;
+  static constexpr int64_t kBytes = 4 * kBlockN;
+  static inline void vectors(const at::BFloat16* line, __m512bh w[4]) {
+    for (int c = 0; c < 4; ++c) w[c] = (__m512bh)_mm512_loadu_si512(line + 32 * c);
+  }
+};
+
+// R rows of x (bfloat16, row stride K) times one block -> o[r][0..64) (row stride N), each
+// channel's sum times its scale (none: bfloat16 weights); the block's lines from wb, or,
+// kBuffered, its vectors (Lines::vectors', line after line)
+template <int R, bool kBuffered, typename Lines>
 inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -67,10 +92,10 @@ inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const f
       const __m512bh* v = static_cast<const __m512bh*>(wb) + 4 * p;
       for (int c = 0; c < 4; ++c) w[c] = v[c];
     } else {
-      const int8_t* line = static_cast<const int8_t*>(wb) + p * kLine;
-      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kLine), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kLine + 64), _MM_HINT_T0);
-      convert_line(line, w);
+      const auto* line = static_cast<const typename Lines::T*>(wb) + p * kLine;
+      const char* ahead = reinterpret_cast<const char*>(line) + kPrefetch * Lines::kBytes;
+      for (int64_t b = 0; b < Lines::kBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      Lines::vectors(line, w);
     }
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[r][p]);  // inputs 2p and 2p + 1
@@ -79,57 +104,55 @@ inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const f
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; c += 2) {
-      const __m512 a = _mm512_mul_ps(acc[r][c], _mm512_loadu_ps(scale + 16 * c));
-      const __m512 b = _mm512_mul_ps(acc[r][c + 1], _mm512_loadu_ps(scale + 16 * (c + 1)));
+      const __m512 a = scale ? _mm512_mul_ps(acc[r][c], _mm512_loadu_ps(scale + 16 * c)) : acc[r][c];
+      const __m512 b = scale ? _mm512_mul_ps(acc[r][c + 1], _mm512_loadu_ps(scale + 16 * (c + 1))) : acc[r][c + 1];
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(o + r * N + 16 * c), at::vec::cvtfp32_bf16(a, b));
     }
 }
 
-template <bool kBuffered>
+template <bool kBuffered, typename Lines>
 inline void rows_of_block(const at::BFloat16* X, const void* wb, int64_t K, const float* scale, at::BFloat16* O, int64_t N,
                           int64_t m0, int64_t m1) {
   int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) block_rows<4, kBuffered>(X + m * K, wb, K, scale, O + m * N, N);
+  for (; m + 4 <= m1; m += 4) block_rows<4, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N);
   switch (m1 - m) {
-    case 3: block_rows<3, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
-    case 2: block_rows<2, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
-    case 1: block_rows<1, kBuffered>(X + m * K, wb, K, scale, O + m * N, N); break;
+    case 3: block_rows<3, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
+    case 2: block_rows<2, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
+    case 1: block_rows<1, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
     default: break;
   }
 }
 
-// block b for rows [m0, m1); buffer: K / 2 * 4 vectors, for tasks of more than kBufferRows rows
-__attribute__((noinline)) void block_range(const at::BFloat16* X, const int8_t* W, const float* S, int64_t K, int64_t N,
-                                           at::BFloat16* O, int64_t b, int64_t m0, int64_t m1, __m512bh* buffer) {
-  const int8_t* wb = W + b * (K / 2) * kLine;
-  if (m1 - m0 > kBufferRows) {
-    for (int64_t p = 0; p < K / 2; ++p) convert_line(wb + p * kLine, buffer + 4 * p);
-    rows_of_block<true>(X, buffer, K, S + b * kBlockN, O + b * kBlockN, N, m0, m1);
+// block b for rows [m0, m1); buffer: K / 2 * 4 vectors, for int8 tasks of more than kBufferRows rows
+template <typename Lines>
+__attribute__((noinline)) void block_range(const at::BFloat16* X, const typename Lines::T* W, const float* S, int64_t K,
+                                           int64_t N, at::BFloat16* O, int64_t b, int64_t m0, int64_t m1, __m512bh* buffer) {
+  const typename Lines::T* wb = W + b * (K / 2) * kLine;
+  const float* scale = S ? S + b * kBlockN : nullptr;
+  if (m1 - m0 > kBufferRows && std::is_same_v<Lines, Bf16Lines>) {
+    rows_of_block<true, Lines>(X, wb, K, scale, O + b * kBlockN, N, m0, m1);
+  } else if (m1 - m0 > kBufferRows) {
+    for (int64_t p = 0; p < K / 2; ++p) Lines::vectors(wb + p * kLine, buffer + 4 * p);
+    rows_of_block<true, Lines>(X, buffer, K, scale, O + b * kBlockN, N, m0, m1);
   } else {
-    rows_of_block<false>(X, wb, K, S + b * kBlockN, O + b * kBlockN, N, m0, m1);
+    rows_of_block<false, Lines>(X, wb, K, scale, O + b * kBlockN, N, m0, m1);
   }
 }
 #pragma GCC pop_options
 #endif
 
-// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
-// is used as it is; another dtype is widened per call) -> [M, N] bfloat16
-torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_rows_mm: x must be [M, K] bfloat16");
-  TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.size(3) == 2 &&
-                  blocks.is_contiguous(),
-              "int8_rows_mm: blocks must be int8_weight_blocks' [N / 64, K / 2, 64, 2] int8");
+// x [M, K] bfloat16 times blocks [N / 64, K / 2, 64, 2] (of Lines::T), each channel's sum times
+// S[n] (S null: none) -> [M, N] bfloat16
+template <typename Lines>
+torch::Tensor rows_mm(const char* name, const torch::Tensor& x, const torch::Tensor& blocks, const float* S) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0) * kBlockN;
-  TORCH_CHECK(blocks.size(1) * 2 == K, "int8_rows_mm: x has ", K, " features, the weights ", blocks.size(1) * 2);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N, "int8_rows_mm: scales must be [", N, "]");
+  TORCH_CHECK(blocks.size(1) * 2 == K, name, ": x has ", K, " features, the weights ", blocks.size(1) * 2);
 #if defined(CPU_CAPABILITY_AVX512)
-  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "int8_rows_mm: this CPU has no AVX512-BF16");
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), name, ": this CPU has no AVX512-BF16");
   const auto xc = x.contiguous();
-  const auto sf = scales.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options());
   const at::BFloat16* X = xc.data_ptr<at::BFloat16>();
-  const int8_t* W = blocks.data_ptr<int8_t>();
-  const float* S = sf.data_ptr<float>();
+  const auto* W = static_cast<const typename Lines::T*>(blocks.data_ptr());
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
   // tasks: each block for each 64 rows (a row's result is the same in any task)
   const int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask, nb = N / kBlockN;
@@ -138,12 +161,42 @@ torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
     if (M > kBufferRows && buffer.size() < static_cast<size_t>(K / 2 * 4)) buffer.resize(K / 2 * 4);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / nb) * kRowsPerTask;
-      block_range(X, W, S, K, N, O, t % nb, m0, std::min(M, m0 + kRowsPerTask), buffer.data());
+      block_range<Lines>(X, W, S, K, N, O, t % nb, m0, std::min(M, m0 + kRowsPerTask), buffer.data());
     }
   });
   return out;
 #else
+  TORCH_CHECK(false, name, ": built without AVX-512");
+#endif
+}
+
+// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
+// is used as it is; another dtype is widened per call) -> [M, N] bfloat16
+torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_rows_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.size(3) == 2 &&
+                  blocks.is_contiguous(),
+              "int8_rows_mm: blocks must be int8_weight_blocks' [N / 64, K / 2, 64, 2] int8");
+  const int64_t N = blocks.size(0) * kBlockN;
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N, "int8_rows_mm: scales must be [", N, "]");
+  const auto sf = scales.to(at::kFloat).contiguous();
+#if defined(CPU_CAPABILITY_AVX512)
+  return rows_mm<Int8Lines>("int8_rows_mm", x, blocks, sf.data_ptr<float>());
+#else
   TORCH_CHECK(false, "int8_rows_mm: built without AVX-512");
+#endif
+}
+
+// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] bfloat16 (bf16_weight_blocks) -> [M, N] bfloat16
+torch::Tensor bf16_rows_mm(torch::Tensor x, torch::Tensor blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_rows_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kBFloat16 && blocks.size(2) == kBlockN &&
+                  blocks.size(3) == 2 && blocks.is_contiguous(),
+              "bf16_rows_mm: blocks must be bf16_weight_blocks' [N / 64, K / 2, 64, 2] bfloat16");
+#if defined(CPU_CAPABILITY_AVX512)
+  return rows_mm<Bf16Lines>("bf16_rows_mm", x, blocks, nullptr);
+#else
+  TORCH_CHECK(false, "bf16_rows_mm: built without AVX-512");
 #endif
 }
 
@@ -152,8 +205,12 @@ torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
   m.def("int8_weight_blocks(Tensor weight) -> Tensor");
   m.def("int8_rows_mm(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
+  m.def("bf16_weight_blocks(Tensor weight) -> Tensor");
+  m.def("bf16_rows_mm(Tensor x, Tensor blocks) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) {
   m.impl("int8_weight_blocks", &int8_weight_blocks);
   m.impl("int8_rows_mm", &int8_rows_mm);
+  m.impl("bf16_weight_blocks", &bf16_weight_blocks);
+  m.impl("bf16_rows_mm", &bf16_rows_mm);
 }
