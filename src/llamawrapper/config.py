@@ -89,7 +89,7 @@ class EngineSettings(BaseSettings):
                           "it is alone (compile_decode's graph calls it too); off (or without a compiler) = torch's attention.")
     int8_kernel: bool = Field(
         True, description="An int8 model's projections and the int8 output head of int8 and int4 models through the "
-                          "project's int8 kernel (built with the attention kernel; AVX-512 CPUs): 1.4-1.9x faster than "
+                          "project's int8 kernel (built with the attention kernel; AVX512-BF16 CPUs): 1.4-2.8x faster than "
                           "torch's int8 matmul at 1 to 256 rows, each row the same in any batch; its copy of the int8 "
                           "weights costs their memory once more; off = torch's int8 matmul.")
     bf16_kernel: bool = Field(

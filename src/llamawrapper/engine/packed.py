@@ -14,11 +14,12 @@ the model.
 
 int8 weights (``Int8Linear``: an int8 model's projections, the output head of int8 and int4
 models; ``int8_kernel``) through the project's int8 kernel (``csrc/int8_weights.cpp``,
-``packed_int8``): torch's int8 kernel read smollm2's 28 MB head at ~25 GB/s at one row and sums
-each output across its lanes; the kernel reads the weights in blocks of 64 output channels, 1.45x
-to 2.3x faster at 1 to 256 rows (docs/BENCHMARKS.md section 19). Each output is the same
-whatever rows share the call; against torch's kernel it differs by one bfloat16 step in about 2
-of 10,000 outputs (another order of the same float32 sum).
+``packed_int8``) on AVX512-BF16 CPUs: torch's int8 kernel read smollm2's 28 MB head at ~25 GB/s at
+one row and sums each output across its lanes; the kernel reads the weights in blocks of 64 output
+channels, two inputs at a time, as exact bfloat16 values multiplied by the CPU's bfloat16 dot
+product: 1.4x to 2.8x torch's int8 kernel at 1 to 256 rows (docs/BENCHMARKS.md section 20). Each
+output is the same whatever rows share the call; against torch's kernel it can differ by one
+bfloat16 step (another order of the same float32 sum).
 
 bfloat16 weights (a bfloat16 model's plain projections and head; ``bf16_kernel``) through the
 project's kernel (``csrc/int8_weights.cpp``'s ``bf16_rows_mm``, ``packed_bf16``) on AVX512-BF16
