@@ -629,13 +629,30 @@ def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
         mm(torch.randn(2, 96), blocks)
 
 
+def _alone_then_together(runner: LlamaRunner, tok, prompts: list[list[int]], module, monkeypatch) -> tuple[list, list, list, list]:
+    """Greedy token ids of ``prompts`` (6 new each) alone, then submitted together, through an engine
+    on ``runner``; and the rows of each call of ``module``'s kernel (``mm``) in each of the two."""
+    rows: list[int] = []
+    real = module.mm
+    monkeypatch.setattr(module, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
+    try:
+        alone = [eng.submit(x, p).result().token_ids for x in prompts]
+        rows_alone, rows[:] = list(rows), []
+        eng.executor.call(eng.prefix_cache.clear).result()
+        together = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
+    finally:
+        eng.shutdown()
+    return alone, together, rows_alone, rows
+
+
 def test_bf16_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
     """A bfloat16 model's projections and head go through ``bf16_rows_mm`` in prefill and decode
     forwards alike; its prefill logits are within bfloat16 rounding of oneDNN's
     (``bf16_kernel=False``), and its greedy text is the same alone and in a batch (each row's
     projections are what they are alone)."""
     from llamawrapper.engine.packed import PackedBf16Linear, PackedLinear
-    from llamawrapper.engine.kv_cache import SequenceKV
 
     half = copy.deepcopy(tiny_llm.loaded.model).to(torch.bfloat16).eval()
     if kernels.bf16_rows_mm() is None:
@@ -646,28 +663,13 @@ def test_bf16_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     assert all(isinstance(m, PackedBf16Linear) for m in projections if m.out_features % 64 == 0)
     assert sum(isinstance(m, PackedBf16Linear) for m in projections) >= 3 * runner.n_layers
     assert isinstance(runner.lm_head, PackedBf16Linear) and isinstance(plain.lm_head, PackedLinear)
-    tok = tiny_llm.tokenizer
     gen = torch.Generator().manual_seed(13)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (19, 8, 33)]
-    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    rows = []
-    real = runner.lm_head.mm
-    monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
-    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
-    try:
-        alone = [eng.submit(x, p).result().token_ids for x in prompts]
-        assert len(rows) == len(prompts) * 6 and set(rows) == {1}  # each prompt's last token, then 5 decode steps
-        eng.executor.call(eng.prefix_cache.clear).result()
-        batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
-    finally:
-        eng.shutdown()
-    assert max(rows) > 1 and alone == batch
-    logits = []
-    for r in (runner, plain):
-        seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
-        mask = torch.ones(1, 1, 19, 19, dtype=torch.bool).tril()
-        logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(19).unsqueeze(0), seq.chunk(0, 19), mask))
-    assert (logits[0] - logits[1]).abs().max() <= 2 ** -6 * logits[1].abs().max()
+    alone, together, rows_alone, rows = _alone_then_together(runner, tiny_llm.tokenizer, prompts, runner.lm_head, monkeypatch)
+    assert rows_alone == [1] * len(prompts) * 6  # each prompt's last token, then 5 decode steps
+    assert max(rows) > 1 and alone == together
+    ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
+    assert (ours - theirs).abs().max() <= 2 ** -6 * theirs.abs().max()
 
 
 def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
@@ -676,7 +678,6 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     batch, and prefill logits are within bfloat16 rounding of torch's int8 kernel's
     (``int8_kernel=False``)."""
     from llamawrapper.engine.packed import PackedInt4Linear, PackedInt8Linear
-    from llamawrapper.engine.kv_cache import SequenceKV
     from llamawrapper.models import quantization as quant
 
     if kernels.int8_rows_mm() is None:
@@ -684,7 +685,6 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     tok = tiny_llm.tokenizer
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (21, 5, 40)]
-    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     for mode in ("int4", "int8"):
         model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), mode).eval()
         runner = LlamaRunner(model)
@@ -699,25 +699,11 @@ def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
         with torch.no_grad():
             model.lm_head.weight.add_(0)
         assert LlamaRunner(model).lm_head is not runner.lm_head  # ... laid out again when the weight changes in place
-        rows = []
-        real = runner.lm_head.mm
-        monkeypatch.setattr(runner.lm_head, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
-        eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
-        try:
-            alone = [eng.submit(x, p).result().token_ids for x in prompts]
-            assert len(rows) == len(prompts) * 6 and set(rows) == {1}  # each prompt's last token, then 5 decode steps
-            eng.executor.call(eng.prefix_cache.clear).result()
-            batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
-        finally:
-            eng.shutdown()
-        assert alone == batch
-        assert max(rows) > 1  # the batch's decode steps went through it together
-        logits = []
-        for r in (runner, plain):
-            seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
-            mask = torch.ones(1, 1, 21, 21, dtype=torch.bool).tril()
-            logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(21).unsqueeze(0), seq.chunk(0, 21), mask))
-        assert (logits[0] - logits[1]).abs().max() <= 2 ** -7 * logits[1].abs().max()
+        alone, together, rows_alone, rows = _alone_then_together(runner, tok, prompts, runner.lm_head, monkeypatch)
+        assert rows_alone == [1] * len(prompts) * 6  # each prompt's last token, then 5 decode steps
+        assert max(rows) > 1 and alone == together  # (the batch's decode steps went through it together)
+        ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
+        assert (ours - theirs).abs().max() <= 2 ** -7 * theirs.abs().max()
 
 
 def _int4_weights(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -787,7 +773,6 @@ def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     within bfloat16 rounding of torch's int4 kernel's (``int4_kernel=False``); one copy per module,
     laid out again when the weight changes in place."""
     from llamawrapper.engine.packed import PackedInt4Linear
-    from llamawrapper.engine.kv_cache import SequenceKV
     from llamawrapper.models import quantization as quant
 
     model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
@@ -812,26 +797,11 @@ def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     assert LlamaRunner(model).fused[0].down is not runner.fused[0].down  # ... laid out again when its weight changes
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (23, 6, 44)]
-    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    rows = []
-    down = runner.fused[-1].down
-    real = down.mm
-    monkeypatch.setattr(down, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
-    eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
-    try:
-        alone = [eng.submit(x, p).result().token_ids for x in prompts]
-        assert sorted(rows) == sorted([23, 6, 44] + [1] * 15)  # each prompt's prefill, then 5 decode steps each
-        eng.executor.call(eng.prefix_cache.clear).result()
-        batch = [h.result().token_ids for h in [eng.submit(x, p) for x in prompts]]
-    finally:
-        eng.shutdown()
-    assert alone == batch
-    logits = []
-    for r in (runner, plain):
-        seq = SequenceKV(r.n_layers, r.n_kv_heads, r.head_dim, r.kv_dtype, capacity=64)
-        mask = torch.ones(1, 1, 23, 23, dtype=torch.bool).tril()
-        logits.append(r.forward(torch.tensor([prompts[0]]), torch.arange(23).unsqueeze(0), seq.chunk(0, 23), mask))
-    assert (logits[0] - logits[1]).abs().max() <= 2 ** -6 * logits[1].abs().max()
+    alone, together, rows_alone, rows = _alone_then_together(runner, tok, prompts, runner.fused[-1].down, monkeypatch)
+    assert sorted(rows_alone) == sorted([23, 6, 44] + [1] * 15)  # each prompt's prefill, then 5 decode steps each
+    assert max(rows) > 1 and alone == together
+    ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
+    assert (ours - theirs).abs().max() <= 2 ** -6 * theirs.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -73,84 +73,80 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class PackedInt8Linear(nn.Module):
+class _RowsKernelLinear(nn.Module):
+    """A projection through one of the project's kernels on a copy of its weights (``packed`` and,
+    per kind, ``_matmul``): ``[..., in]`` -> ``[..., out]`` bfloat16, plus its bias."""
+
+    def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor], packed: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_version = linear.weight._version  # a weight changed in place is laid out again
+        self.mm = mm
+        # buffers: a compiled decode step takes their shapes as static, as the model's own
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] bfloat16, contiguous -> [M, out]
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class PackedInt8Linear(_RowsKernelLinear):
     """``Int8Linear`` (``x @ (w_int8 * scale).T + b``, bfloat16 out) through ``int8_rows_mm`` on a copy
     of its weights in blocks of 64 output channels."""
 
     def __init__(self, linear: nn.Module, mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_version = linear.weight._version
-        self.mm = mm
-        # buffers: a compiled decode step takes their shapes as static, as the model's own
         with torch.no_grad():
-            self.register_buffer("packed", torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()), persistent=False)
+            super().__init__(linear, mm, torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()))
         # float32 once here, so the kernel does not widen them at every call (49,152 for the head, each step)
         self.register_buffer("scales", linear.scales.detach().float(), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self.mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.packed, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, self.packed, self.scales)
 
 
-class PackedBf16Linear(nn.Module):
+class PackedBf16Linear(_RowsKernelLinear):
     """A bfloat16 ``nn.Linear`` through ``bf16_rows_mm`` on a copy of its weight in blocks of 64 output
     channels, two inputs at a time (``bf16_weight_blocks``)."""
 
     def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_version = linear.weight._version
-        self.mm = mm
         with torch.no_grad():
-            self.register_buffer("packed", torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+            super().__init__(linear, mm, torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self.mm(x.reshape(-1, self.in_features).contiguous(), self.packed)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, self.packed)
 
 
-class PackedInt4Linear(nn.Module):
+class PackedInt4Linear(_RowsKernelLinear):
     """``Int4Linear`` (``x @ ((q - 8) * scale + zero).T + b`` per group of inputs, bfloat16 out) through
     ``int4_rows_mm`` on a copy of its weights in pairs of input features (``int4_weight_pairs``)."""
 
     def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, linear.group_size
-        self.weight_version = linear.weight._version
-        self.mm = mm
-        N, K, G = self.out_features, self.in_features, self.group_size
+        N, K, G = linear.out_features, linear.in_features, linear.group_size
         with torch.no_grad():
             # the weights' values 0..15 out of torch's packed layout, by the unpacker of int4_weights.cpp
             # with scale 1 and zero 8 (w = (q - 8) * 1 + 8)
             unit = torch.stack([torch.ones(K // G, N), torch.full((K // G, N), 8.0)], dim=2).to(torch.bfloat16)
             q = torch.ops.llamawrapper.int4_weight_bf16(linear.weight, unit, G).t()
-            self.register_buffer("packed", torch.ops.llamawrapper.int4_weight_pairs(q), persistent=False)
+            super().__init__(linear, mm, torch.ops.llamawrapper.int4_weight_pairs(q))
             # [K / G, N, 2] -> [N / 64, K / G, 2, 64] float32: a block's scales and zeros group after group
             sz = linear.scales_and_zeros.float().view(K // G, N // 64, 64, 2).permute(1, 0, 3, 2).contiguous()
-            self.register_buffer("scales_and_zeros", sz, persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.group_size = G
+        self.register_buffer("scales_and_zeros", sz, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self.mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.packed, self.scales_and_zeros,
-                    self.group_size)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, self.packed, self.scales_and_zeros, self.group_size)
 
 
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
-    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, PackedBf16Linear, PackedInt8Linear, PackedInt4Linear))}
+    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, _RowsKernelLinear))}
     return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
 
 

@@ -29,23 +29,19 @@ constexpr int64_t kPrefetch = 32;     // how far ahead a block's lines are prefe
 constexpr int64_t kRowsPerTask = 64;  // a prefill chunk's rows are split among the threads too
 constexpr int64_t kBufferRows = 4;    // a task of more rows converts its block once, into a buffer
 
-// [N, K] int8 -> [N / 64, K / 2, 64, 2] int8: for block b and input pair p, channel j's weights
-// at inputs 2p and 2p + 1
-torch::Tensor int8_weight_blocks(torch::Tensor weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_weight_blocks: weight must be [N, K] int8");
+// [N, K] -> [N / 64, K / 2, 64, 2] (int8 or bfloat16, named ``kind`` in errors): for block b and
+// input pair p, channel j's weights at inputs 2p and 2p + 1
+torch::Tensor pair_blocks(const torch::Tensor& weight, at::ScalarType dtype, const char* name, const char* kind) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == dtype, name, ": weight must be [N, K] ", kind);
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(N % kBlockN == 0, "int8_weight_blocks: out_features ", N, " is not a multiple of ", kBlockN);
-  TORCH_CHECK(K % 2 == 0, "int8_weight_blocks: in_features ", K, " is odd");
+  TORCH_CHECK(N % kBlockN == 0, name, ": out_features ", N, " is not a multiple of ", kBlockN);
+  TORCH_CHECK(K % 2 == 0, name, ": in_features ", K, " is odd");
   return weight.view({N / kBlockN, kBlockN, K / 2, 2}).transpose(1, 2).contiguous();
 }
 
-// [N, K] bfloat16 -> [N / 64, K / 2, 64, 2] bfloat16, as int8_weight_blocks lays out int8 ones
+torch::Tensor int8_weight_blocks(torch::Tensor weight) { return pair_blocks(weight, at::kChar, "int8_weight_blocks", "int8"); }
 torch::Tensor bf16_weight_blocks(torch::Tensor weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16_weight_blocks: weight must be [N, K] bfloat16");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(N % kBlockN == 0, "bf16_weight_blocks: out_features ", N, " is not a multiple of ", kBlockN);
-  TORCH_CHECK(K % 2 == 0, "bf16_weight_blocks: in_features ", K, " is odd");
-  return weight.view({N / kBlockN, kBlockN, K / 2, 2}).transpose(1, 2).contiguous();
+  return pair_blocks(weight, at::kBFloat16, "bf16_weight_blocks", "bfloat16");
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
