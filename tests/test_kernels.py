@@ -790,7 +790,9 @@ def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
         assert sum(isinstance(m, PackedInt4Linear) for m in projections) == 4 * runner.n_layers  # q, gate/up, o, down
     plain = LlamaRunner(model, int4_kernel=False)
     assert not any(isinstance(getattr(f, "o"), PackedInt4Linear) for f in plain.fused)
-    assert runner.packed_bytes - plain.packed_bytes == sum(m.packed.numel() for m in set(projections) if m.out_features % 64 == 0)
+    # the copies' bytes count in the model's memory: the nibbles, and the float32 scales and zeros made for them
+    copies = [m for m in set(projections) if m.out_features % 64 == 0]
+    assert runner.packed_bytes - plain.packed_bytes == sum(m.packed.numel() + 4 * m.scales_and_zeros.numel() for m in copies)
     assert LlamaRunner(model).fused[0].o is runner.fused[0].o  # one copy per module, shared by runners ...
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.add_(0)

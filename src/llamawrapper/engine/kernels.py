@@ -101,7 +101,7 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the C++ kernels (attention, norms, int4/int8/bfloat16 matmuls) for this CPU (%s), once: ~60 s", cap)
+                    log.info("building the C++ kernels (attention, norms, int4/int8/bfloat16 matmuls) for this CPU (%s), once: ~2 min on 2 cores", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it

@@ -145,9 +145,11 @@ class PackedInt4Linear(_RowsKernelLinear):
 
 
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
-    """Bytes of the packed weights among ``modules`` (each packed copy counted once)."""
+    """Bytes of the copies among ``modules`` (each counted once): the packed weights, and the kernels'
+    float32 scales (and zeros) made for them; a bias is the model's own tensor, not a copy."""
     seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, _RowsKernelLinear))}
-    return sum(m.packed.numel() * m.packed.element_size() for m in seen.values())
+    return sum(t.numel() * t.element_size() for m in seen.values()
+               for t in ([m.packed] if isinstance(m, PackedLinear) else [b for n, b in m.named_buffers() if n != "bias"]))
 
 
 def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
