@@ -34,6 +34,7 @@ code for all of them (and the threads stay unpinned).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -62,6 +63,13 @@ _FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": [],
 }
+
+def _headers_flag() -> str:
+    """A define naming the csrc headers' contents: torch rebuilds when the sources or the flags change,
+    and without it a changed header (``row_tasks.h``) would leave an old build in use."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCES[0].parent.glob("*.h")))).hexdigest()
+    return f"-DLLAMAWRAPPER_HEADERS={digest[:16]}"
+
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -94,7 +102,7 @@ def load() -> Optional[ModuleType]:
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             build.mkdir(parents=True, exist_ok=True)
             # -ffp-contract=off: RoPE's products and sum rounded one by one, as torch's separate ops round them
-            flags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DCPU_CAPABILITY={cap}", *_FLAGS[cap]]
+            flags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DCPU_CAPABILITY={cap}", *_FLAGS[cap], _headers_flag()]
             # torch's own lock is a file that a build killed half-way (Ctrl-C, SIGKILL) leaves behind,
             # and every later load would wait on it forever: builds take an OS lock here instead
             # (released when its holder dies), under which torch's file can only be stale

@@ -17,12 +17,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
-#include <cstring>
+#include "row_tasks.h"
 
 namespace {
 
-constexpr int64_t kBlockN = 64;     // output channels of a block
+using llamawrapper_rows::kBlockN;
 constexpr int64_t kPrefetch = 48;   // how far ahead a block's lines are prefetched (64 bytes each)
 
 // q [N, K] (values 0..15, any integer dtype) -> [N / 64, K / 2, 64] uint8: for block b and input
@@ -107,14 +106,9 @@ __attribute__((noinline)) void block_range(const at::BFloat16* X, const float* s
   const uint8_t* wb = W + b * (K / 2) * kBlockN;
   const float* sz = SZ + b * groups * 2 * kBlockN;
   at::BFloat16* o = O + b * kBlockN;
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) block_rows<4>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N);
-  switch (m1 - m) {
-    case 3: block_rows<3>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N); break;
-    case 2: block_rows<2>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N); break;
-    case 1: block_rows<1>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N); break;
-    default: break;
-  }
+  llamawrapper_rows::in_fours(m0, m1, [&](auto rows, int64_t m) {
+    block_rows<decltype(rows)::value>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N);
+  });
 }
 #pragma GCC pop_options
 
@@ -136,8 +130,6 @@ inline void group_sums(const at::BFloat16* x, int64_t K, int64_t G, float* out) 
   }
 }
 #endif
-
-constexpr int64_t kRowsPerTask = 64;  // a prefill chunk's rows are split among the threads too
 
 // x [M, K] bfloat16, blocks [N / 64, K / 2, 64] uint8 (int4_weight_pairs), scales_and_zeros
 // [N / 64, K / G, 2, 64] float32 (w = (q - 8) * scale + zero) -> [M, N] bfloat16
@@ -167,13 +159,8 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
   const uint8_t* W = blocks.data_ptr<uint8_t>();
   const float* SZ = scales_and_zeros.data_ptr<float>();
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  // tasks: each block for each 64 rows (a row's result is the same in any task)
-  const int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask, nb = N / kBlockN;
-  at::parallel_for(0, nb * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / nb) * kRowsPerTask;
-      block_range(X, S, W, SZ, K, group_size, N, O, t % nb, m0, std::min(M, m0 + kRowsPerTask));
-    }
+  llamawrapper_rows::for_block_tasks(M, N / kBlockN, [&](int64_t b, int64_t m0, int64_t m1) {
+    block_range(X, S, W, SZ, K, group_size, N, O, b, m0, m1);
   });
   return out;
 #else

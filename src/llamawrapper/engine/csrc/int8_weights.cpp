@@ -15,18 +15,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
+
+#include "row_tasks.h"
 
 namespace {
 
-constexpr int64_t kBlockN = 64;       // output channels of a block
+using llamawrapper_rows::kBlockN;
 constexpr int64_t kLine = 2 * kBlockN;  // weights of a line: a block's two inputs
 constexpr int64_t kPrefetch = 32;     // how far ahead a block's lines are prefetched (128 bytes each)
-constexpr int64_t kRowsPerTask = 64;  // a prefill chunk's rows are split among the threads too
 constexpr int64_t kBufferRows = 4;    // a task of more rows converts its block once, into a buffer
 
 // [N, K] -> [N / 64, K / 2, 64, 2] (int8 or bfloat16, named ``kind`` in errors): for block b and
@@ -61,11 +59,13 @@ inline void convert_line(const int8_t* line, __m512bh w[4]) {
 // the weights' kinds: a line's bytes and its four vectors of bfloat16 weights
 struct Int8Lines {
   using T = int8_t;
+  static constexpr bool kVectors = false;  // converted: a call of many rows converts each block once
   static constexpr int64_t kBytes = 2 * kBlockN;
   static inline void vectors(const int8_t* line, __m512bh w[4]) { convert_line(line, w); }
 };
-struct Bf16Lines {  // (already the vectors: a call of many rows reads them where they are)
+struct Bf16Lines {
   using T = at::BFloat16;
+  static constexpr bool kVectors = true;  // already the vectors: a call of many rows reads them where they are
   static constexpr int64_t kBytes = 4 * kBlockN;
   static inline void vectors(const at::BFloat16* line, __m512bh w[4]) {
     for (int c = 0; c < 4; ++c) w[c] = (__m512bh)_mm512_loadu_si512(line + 32 * c);
@@ -106,32 +106,25 @@ inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const f
     }
 }
 
-template <bool kBuffered, typename Lines>
-inline void rows_of_block(const at::BFloat16* X, const void* wb, int64_t K, const float* scale, at::BFloat16* O, int64_t N,
-                          int64_t m0, int64_t m1) {
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) block_rows<4, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N);
-  switch (m1 - m) {
-    case 3: block_rows<3, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
-    case 2: block_rows<2, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
-    case 1: block_rows<1, kBuffered, Lines>(X + m * K, wb, K, scale, O + m * N, N); break;
-    default: break;
-  }
-}
-
 // block b for rows [m0, m1); buffer: K / 2 * 4 vectors, for int8 tasks of more than kBufferRows rows
 template <typename Lines>
 __attribute__((noinline)) void block_range(const at::BFloat16* X, const typename Lines::T* W, const float* S, int64_t K,
                                            int64_t N, at::BFloat16* O, int64_t b, int64_t m0, int64_t m1, __m512bh* buffer) {
   const typename Lines::T* wb = W + b * (K / 2) * kLine;
   const float* scale = S ? S + b * kBlockN : nullptr;
-  if (m1 - m0 > kBufferRows && std::is_same_v<Lines, Bf16Lines>) {
-    rows_of_block<true, Lines>(X, wb, K, scale, O + b * kBlockN, N, m0, m1);
-  } else if (m1 - m0 > kBufferRows) {
-    for (int64_t p = 0; p < K / 2; ++p) Lines::vectors(wb + p * kLine, buffer + 4 * p);
-    rows_of_block<true, Lines>(X, buffer, K, scale, O + b * kBlockN, N, m0, m1);
+  at::BFloat16* o = O + b * kBlockN;
+  const auto rows = [&](auto buffered, const void* from) {
+    llamawrapper_rows::in_fours(m0, m1, [&](auto r, int64_t m) {
+      block_rows<decltype(r)::value, decltype(buffered)::value, Lines>(X + m * K, from, K, scale, o + m * N, N);
+    });
+  };
+  if (m1 - m0 <= kBufferRows) {
+    rows(std::false_type{}, wb);
+  } else if constexpr (Lines::kVectors) {
+    rows(std::true_type{}, wb);
   } else {
-    rows_of_block<false, Lines>(X, wb, K, scale, O + b * kBlockN, N, m0, m1);
+    for (int64_t p = 0; p < K / 2; ++p) Lines::vectors(wb + p * kLine, buffer + 4 * p);
+    rows(std::true_type{}, buffer);
   }
 }
 #pragma GCC pop_options
@@ -150,15 +143,10 @@ torch::Tensor rows_mm(const char* name, const torch::Tensor& x, const torch::Ten
   const at::BFloat16* X = xc.data_ptr<at::BFloat16>();
   const auto* W = static_cast<const typename Lines::T*>(blocks.data_ptr());
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  // tasks: each block for each 64 rows (a row's result is the same in any task)
-  const int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask, nb = N / kBlockN;
-  at::parallel_for(0, nb * chunks, 1, [&](int64_t begin, int64_t end) {
+  llamawrapper_rows::for_block_tasks(M, N / kBlockN, [&](int64_t b, int64_t m0, int64_t m1) {
     thread_local std::vector<__m512bh> buffer;  // (kept: a call would otherwise map and fault in 196 KB)
-    if (M > kBufferRows && buffer.size() < static_cast<size_t>(K / 2 * 4)) buffer.resize(K / 2 * 4);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / nb) * kRowsPerTask;
-      block_range<Lines>(X, W, S, K, N, O, t % nb, m0, std::min(M, m0 + kRowsPerTask), buffer.data());
-    }
+    if (!Lines::kVectors && m1 - m0 > kBufferRows && buffer.size() < static_cast<size_t>(K / 2 * 4)) buffer.resize(K / 2 * 4);
+    block_range<Lines>(X, W, S, K, N, O, b, m0, m1, buffer.data());
   });
   return out;
 #else
