@@ -184,3 +184,25 @@ def test_llamacpp_build_names_missing_toolchain(tmp_path, monkeypatch):
     with pytest.raises(llamacpp.LlamaCppUnavailable, match="cmake"):
         llamacpp.build()
     assert not (tmp_path / "tools" / "downloads").exists()
+
+
+def test_kernels_bench_measures_each_kernel_against_its_reference(tmp_path):
+    """``python -m bench.kernels`` (docs/BENCHMARKS.md section 20) runs each kernel beside the one it
+    replaces and writes a figure for every kind and row count (or says by name that the kernels
+    cannot run here)."""
+    from llamawrapper.engine import kernels
+
+    out = tmp_path / "kernels.json"
+    run = subprocess.run([sys.executable, "-m", "bench.kernels", "--layers", "1", "--rows", "1,5", "--rounds", "1",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    if kernels.int4_rows_mm() is None:
+        assert run.returncode != 0 and "needs AVX512-BF16" in run.stderr + run.stdout
+        return
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["kinds"]) == {"int4", "int8", "bf16"}
+    for kind in doc["kinds"].values():
+        assert set(kind) == {"1", "5"}
+        assert all(r["reference_us"] > 0 and r["kernel_us"] > 0 for r in kind.values())
+    assert "| int4 (torch int4) | 1 |" in run.stdout

@@ -1,0 +1,103 @@
+"""The project's matmul kernels against the ones they replace, one smollm2 layer's four projections
+at a time (fused q/k/v 960 x 576, o 576 x 576, fused gate/up 3,072 x 576, down 576 x 1,536), over
+30 layers' weights in turn, as a decode step reads them (issue 14; docs/BENCHMARKS.md section 20):
+
+- int4: torch's ``_weight_int4pack_mm_for_cpu`` against ``int4_rows_mm``;
+- int8: torch's ``_weight_int8pack_mm`` against ``int8_rows_mm``;
+- bf16: oneDNN's packed matmul (``packed.PackedLinear``) against ``bf16_rows_mm``.
+
+Each pair takes turns ``--rounds`` times; the figure is the median µs a layer. Random weights,
+quantized as the project quantizes them; the two sides' outputs are checked to agree first.
+
+    PYTHONPATH=src:. python -m bench.kernels [--rows 1,4,16,41,256] [--layers 30] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench.report import emit_json
+
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in) of a smollm2 layer's projections
+
+
+def _layers(kind: str, n: int) -> list[list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]]:
+    """``n`` layers of (theirs, ours) for each projection of ``kind``."""
+    from llamawrapper.engine import packed
+    from llamawrapper.models.quantization import Int4Linear, Int8Linear
+
+    out = []
+    for i in range(n):
+        pairs = []
+        for j, (N, K) in enumerate(SHAPES):
+            torch.manual_seed(i * 10 + j)
+            linear = torch.nn.Linear(K, N, bias=False)
+            if kind == "int4":
+                theirs: Any = Int4Linear.from_linear(linear)
+                ours = packed.packed_int4(theirs)
+            elif kind == "int8":
+                theirs = Int8Linear.from_linear(linear)
+                ours = packed.packed_int8(theirs)
+            else:
+                linear = linear.to(torch.bfloat16)
+                theirs, ours = packed.PackedLinear(linear), packed.packed_bf16(linear)
+            if ours is theirs or type(ours) is torch.nn.Linear:
+                raise SystemExit(f"the project's {kind} kernel does not run here (it needs AVX512-BF16 and g++)")
+            pairs.append((theirs, ours))
+        out.append(pairs)
+    return out
+
+
+def measure(kind: str, rows: list[int], layers: int, rounds: int) -> dict[str, Any]:
+    stack = _layers(kind, layers)
+    res: dict[str, Any] = {}
+    with torch.inference_mode():
+        for M in rows:
+            xs = [torch.randn(M, K).bfloat16() for _, K in SHAPES]
+            for (theirs, ours), x in zip(stack[0], xs):  # the two sides agree (within bfloat16 rounding)
+                a, b = theirs(x).float(), ours(x).float()
+                if (a - b).abs().max() > 2 ** -6 * a.abs().max():
+                    raise SystemExit(f"{kind}: the kernel's output is not the reference's at {M} rows")
+            times: dict[str, list[float]] = {"reference": [], "kernel": []}
+            reps = max(1, 64 // M)
+            for _ in range(rounds):
+                for side, label in ((0, "reference"), (1, "kernel")):
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        for layer in stack:
+                            for pair, x in zip(layer, xs):
+                                pair[side](x)
+                    times[label].append((time.perf_counter() - t) / reps / layers * 1e6)
+            ref, ker = statistics.median(times["reference"]), statistics.median(times["kernel"])
+            res[str(M)] = {"reference_us": round(ref, 1), "kernel_us": round(ker, 1), "speedup": round(ref / ker, 2)}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", default="int4,int8,bf16")
+    ap.add_argument("--rows", default="1,4,16,41,256")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    refs = {"int4": "torch int4", "int8": "torch int8", "bf16": "oneDNN bf16"}
+    out: dict[str, Any] = {"threads": args.threads, "layers": args.layers, "rounds": args.rounds, "kinds": {}}
+    print("| kind | rows | reference µs/layer | kernel µs/layer | speedup |\n|---|---|---|---|---|")
+    for kind in args.kinds.split(","):
+        out["kinds"][kind] = measure(kind, rows, args.layers, args.rounds)
+        for M, r in out["kinds"][kind].items():
+            print(f"| {kind} ({refs[kind]}) | {M} | {r['reference_us']} | {r['kernel_us']} | {r['speedup']}× |", flush=True)
+    emit_json(out, args.json)
+
+
+if __name__ == "__main__":
+    main()
