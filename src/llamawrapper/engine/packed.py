@@ -30,8 +30,8 @@ int4 weights (``Int4Linear``: an int4 model's projections; ``int4_kernel``) thro
 int4 kernel (``csrc/int4_rows.cpp``, ``packed_int4``) on AVX512-BF16 CPUs: torch's int4 kernel
 dequantizes every weight to float32 with a multiply-add before it multiplies it by each row; the
 kernel turns each weight into an exact bfloat16 ``q - 8`` by a table lookup and multiplies two
-input features at once with the CPU's bfloat16 dot product, then scales each group's sum: 1.9x to
-2.1x torch's kernel at 1 to 41 rows, and faster than unpacking the weights for a bfloat16 GEMM up to
+input features at once with the CPU's bfloat16 dot product, then scales each group's sum: 1.2x
+(one row, weights from memory) to 2.3x torch's kernel at 1 to 256 rows, and faster than unpacking the weights for a bfloat16 GEMM up to
 a 256-row prefill chunk (docs/BENCHMARKS.md section 20). Each output is the same whatever rows share
 the call.
 """
