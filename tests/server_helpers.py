@@ -216,6 +216,30 @@ def redis_outage(redis, clients: list, *, down: float = 5.0, while_down=None, re
             "during": during}
 
 
+def answers_after_idle(url: str, idle: float) -> tuple[tuple[int, object], tuple[int, object]]:
+    """GET ``url`` twice on one keep-alive connection, ``idle`` seconds apart: (status, JSON body)
+    of each. Fails if the server closed the connection in between (http.client would send the
+    second request on the closed socket and raise, not reconnect)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        answers = []
+        for _ in range(2):
+            conn.request("GET", parts.path)
+            response = conn.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+            if not answers[1:]:
+                sock = conn.sock
+                time.sleep(idle)
+        assert conn.sock is sock, "the second request went out on a new connection"
+        return answers[0], answers[1]
+    finally:
+        conn.close()
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Resident memory of these processes and all their children (0 for one that is gone)."""
     import psutil

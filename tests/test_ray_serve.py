@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'llamawrapper[ray]')")
 
-from server_helpers import ServerProcess, describe_soak, redis_outage, soak, vanishing_streams, wait_until  # noqa: E402
+from server_helpers import ServerProcess, answers_after_idle, describe_soak, redis_outage, soak, vanishing_streams, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 reliability = pytest.mark.reliability
@@ -110,6 +110,13 @@ def test_answers_streams_probes_and_metrics_from_both_replicas(ray_app):
         return r.headers["x-replica"], tokens
 
     assert all(tokens > 0 for tokens in _until_both(metrics).values())
+
+
+def test_ray_proxy_keeps_an_idle_connection_past_the_clients_own_keep_alive(ray_app):
+    """Ray Serve's proxy closes idle connections after 5 s unless told otherwise, as the openai
+    client may reuse one: the server's idle-connection timeout reaches it."""
+    first, second = answers_after_idle(ray_app.url + "/health", idle=7)
+    assert first[0] == second[0] == 200 and first[1]["status"] == second[1]["status"] == "ok"
 
 
 def test_rate_limit_holds_across_replicas(ray_app):

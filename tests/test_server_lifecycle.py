@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, answers_after_idle
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,15 @@ def test_openai_client_raises_rate_limit_error(server):
     assert exc.value.response.headers["retry-after"]
     running.close()  # disconnect: frees the slot for the queued one
     assert queued.result(timeout=120).usage.completion_tokens == 4
+
+
+def test_an_idle_connection_stays_open_past_the_clients_own_keep_alive(server):
+    """httpx and the openai client reuse a connection idle up to 5 s: were the server to close
+    idle connections at 5 s too (uvicorn's default), a request sent just as it closes one is
+    reset. A connection idle 7 s still answers its next request, on the same socket."""
+    server.wait_ready()
+    first, second = answers_after_idle(server.url + "/health", idle=7)
+    assert first == second == (200, {"status": "ok", "models": {"smollm2": "ready"}})
 
 
 def test_sigterm_drains_in_flight_then_exits_0(server):

@@ -155,6 +155,10 @@ class ServerSettings(BaseSettings):
         None, description="Quantization of every served model: int8 or int4 (weight-only), w8a8 (int8 weights and activations); cached after the first load.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body accepted; larger gets 413.")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before exiting.")
+    idle_connection_timeout: int = Field(
+        65, ge=1, description="Seconds an idle keep-alive HTTP connection stays open for the client's next request; "
+        "longer than clients' own limit (httpx and the openai client drop theirs after 5 s), so the server never "
+        "closes a connection just as a client reuses it.")
     max_choices: int = Field(8, ge=1, description="Most choices (n x prompts) one request may ask for.")
     retry_after: Optional[int] = Field(None, ge=0, description="Retry-After seconds on 429 (default: the engine's hint).")
     models_file: Optional[str] = Field(None, description="TOML file of models to serve ([NAME] tables: source, revision, sha256, ...).")

@@ -62,7 +62,8 @@ def serve_on_ray(settings: ServerSettings, engine: Optional[EngineSettings] = No
     try:
         check_capacity(plan)
         port = _port(settings)
-        serve.start(http_options={"host": settings.host, "port": port})
+        serve.start(http_options={"host": settings.host, "port": port,
+                                   "keep_alive_timeout_s": settings.idle_connection_timeout})
         try:
             serve.run(build_app(settings=settings, engine=engine, security=security, plan=plan,
                                 request_router=ray_settings.routing),

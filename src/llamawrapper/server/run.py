@@ -95,7 +95,8 @@ def serve(settings: ServerSettings, engine: Optional[EngineSettings] = None, sec
     tls = _tls(settings)
     app = create_app(settings, engine, security=security)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on", **tls)
+                            timeout_graceful_shutdown=settings.drain_timeout, timeout_keep_alive=settings.idle_connection_timeout,
+                            lifespan="on", **tls)
     _share_logging()
     server = _DrainingServer(config, app.state.lw)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler in place
