@@ -734,7 +734,7 @@ def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
     assert torch.equal((line[:32] & 15).view(16, 2), q[64:80, 10:12].to(torch.uint8))
     assert torch.equal((line[:32] >> 4).view(16, 2), q[80:96, 10:12].to(torch.uint8))
     assert torch.equal((line[32:] >> 4).view(16, 2), q[112:128, 10:12].to(torch.uint8))
-    scales = sz.float().view(4, 3, 64, 2).permute(1, 0, 3, 2).contiguous()
+    scales = sz.bfloat16().view(4, 3, 64, 2).permute(1, 0, 3, 2).contiguous()
     scale, zero = sz.double().unbind(2)
     w = (q.double() - 8) * scale.t().repeat_interleave(32, 1) + zero.t().repeat_interleave(32, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -764,7 +764,7 @@ def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
     with pytest.raises(RuntimeError, match="bad group size"):
         mm(torch.randn(2, 128).bfloat16(), blocks, scales, 31)
     with pytest.raises(RuntimeError, match="scales_and_zeros must be"):
-        mm(torch.randn(2, 128).bfloat16(), blocks, scales.bfloat16(), 32)
+        mm(torch.randn(2, 128).bfloat16(), blocks, scales.float(), 32)
 
 
 def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
@@ -790,9 +790,9 @@ def test_int4_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
         assert sum(isinstance(m, PackedInt4Linear) for m in projections) == 4 * runner.n_layers  # q, gate/up, o, down
     plain = LlamaRunner(model, int4_kernel=False)
     assert not any(isinstance(getattr(f, "o"), PackedInt4Linear) for f in plain.fused)
-    # the copies' bytes count in the model's memory: the nibbles, and the float32 scales and zeros made for them
+    # the copies' bytes count in the model's memory: the nibbles, and the bfloat16 scales and zeros laid out for them
     copies = [m for m in set(projections) if m.out_features % 64 == 0]
-    assert runner.packed_bytes - plain.packed_bytes == sum(m.packed.numel() + 4 * m.scales_and_zeros.numel() for m in copies)
+    assert runner.packed_bytes - plain.packed_bytes == sum(m.packed.numel() + 2 * m.scales_and_zeros.numel() for m in copies)
     assert LlamaRunner(model).fused[0].o is runner.fused[0].o  # one copy per module, shared by runners ...
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.add_(0)

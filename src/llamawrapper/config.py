@@ -99,7 +99,7 @@ class EngineSettings(BaseSettings):
     int4_kernel: bool = Field(
         True, description="An int4 model's projections through the project's int4 kernel (built with the attention "
                           "kernel; AVX512-BF16 CPUs): bfloat16 dot products on the weights looked up as exact bfloat16 "
-                          "values, 1.2-2.3x torch's int4 kernel at 1 to 256 rows and faster than unpacking the weights for "
+                          "values, 1.3-2.3x torch's int4 kernel at 1 to 256 rows and faster than unpacking the weights for "
                           "a prefill chunk, each row the same in any batch; its copy of the int4 weights costs their "
                           "memory once more; off = torch's int4 kernel (and unpacked weights for prefill).")
     compile_decode: bool = Field(

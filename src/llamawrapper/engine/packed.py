@@ -135,8 +135,9 @@ class PackedInt4Linear(_RowsKernelLinear):
             unit = torch.stack([torch.ones(K // G, N), torch.full((K // G, N), 8.0)], dim=2).to(torch.bfloat16)
             q = torch.ops.llamawrapper.int4_weight_bf16(linear.weight, unit, G).t()
             super().__init__(linear, mm, torch.ops.llamawrapper.int4_weight_pairs(q))
-            # [K / G, N, 2] -> [N / 64, K / G, 2, 64] float32: a block's scales and zeros group after group
-            sz = linear.scales_and_zeros.float().view(K // G, N // 64, 64, 2).permute(1, 0, 3, 2).contiguous()
+            # [K / G, N, 2] -> [N / 64, K / G, 2, 64] bfloat16 (the model's own values): a block's scales
+            # and zeros group after group
+            sz = linear.scales_and_zeros.to(torch.bfloat16).view(K // G, N // 64, 64, 2).permute(1, 0, 3, 2).contiguous()
         self.group_size = G
         self.register_buffer("scales_and_zeros", sz, persistent=False)
 
@@ -146,7 +147,7 @@ class PackedInt4Linear(_RowsKernelLinear):
 
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the copies among ``modules`` (each counted once): the packed weights, and the kernels'
-    float32 scales (and zeros) made for them; a bias is the model's own tensor, not a copy."""
+    scales and zeros laid out for them; a bias is the model's own tensor, not a copy."""
     seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, _RowsKernelLinear))}
     return sum(t.numel() * t.element_size() for m in seen.values()
                for t in ([m.packed] if isinstance(m, PackedLinear) else [b for n, b in m.named_buffers() if n != "bias"]))

@@ -38,6 +38,12 @@ torch::Tensor int4_weight_pairs(torch::Tensor q) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
+// 16 bfloat16 values as float32 (exact: the 16 bits shifted up)
+inline __m512 widen16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 
@@ -58,11 +64,12 @@ inline void unpack_line(const uint8_t* line, __m512bh w[4]) {
 }
 
 // R rows of x (bfloat16, row stride K), their group sums (float32, row stride K / G), times one
-// block's lines wb -> o[r][0..64) (row stride N); sz: the block's [K / G, 2, 64] float32 scales
-// and zeros. At hundreds of rows this is bound by the dot products (one a cycle): unpacking each
+// block's lines wb -> o[r][0..64) (row stride N); sz: the block's [K / G, 2, 64] bfloat16 scales
+// and zeros (the model's own values: float32 copies were half again the nibbles' bytes, read at
+// every step). At hundreds of rows this is bound by the dot products (one a cycle): unpacking each
 // line once for all rows instead of once for every 4 was no faster.
 template <int R>
-inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* wb, const float* sz, int64_t K,
+inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* wb, const at::BFloat16* sz, int64_t K,
                        int64_t G, at::BFloat16* o, int64_t N) {
   const int64_t groups = K / G;
   __m512 total[R][4];
@@ -84,12 +91,12 @@ inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* 
         for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w[c], xv);
       }
     }
-    const float* s = sz + g * 2 * kBlockN;
-    for (int r = 0; r < R; ++r) {
-      const __m512 sum = _mm512_set1_ps(sums[r * groups + g]);
-      for (int c = 0; c < 4; ++c) {
-        total[r][c] = _mm512_fmadd_ps(acc[r][c], _mm512_loadu_ps(s + 16 * c), total[r][c]);
-        total[r][c] = _mm512_fmadd_ps(sum, _mm512_loadu_ps(s + kBlockN + 16 * c), total[r][c]);
+    const at::BFloat16* s = sz + g * 2 * kBlockN;
+    for (int c = 0; c < 4; ++c) {  // one vector of scales and one of zeros live at a time
+      const __m512 scale = widen16(s + 16 * c), zero = widen16(s + kBlockN + 16 * c);
+      for (int r = 0; r < R; ++r) {
+        total[r][c] = _mm512_fmadd_ps(acc[r][c], scale, total[r][c]);
+        total[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(sums[r * groups + g]), zero, total[r][c]);
       }
     }
   }
@@ -99,12 +106,12 @@ inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* 
 }
 
 // block b for rows [m0, m1)
-__attribute__((noinline)) void block_range(const at::BFloat16* X, const float* sums, const uint8_t* W, const float* SZ,
+__attribute__((noinline)) void block_range(const at::BFloat16* X, const float* sums, const uint8_t* W, const at::BFloat16* SZ,
                                            int64_t K, int64_t G, int64_t N, at::BFloat16* O, int64_t b, int64_t m0,
                                            int64_t m1) {
   const int64_t groups = K / G;
   const uint8_t* wb = W + b * (K / 2) * kBlockN;
-  const float* sz = SZ + b * groups * 2 * kBlockN;
+  const at::BFloat16* sz = SZ + b * groups * 2 * kBlockN;
   at::BFloat16* o = O + b * kBlockN;
   llamawrapper_rows::in_fours(m0, m1, [&](auto rows, int64_t m) {
     block_rows<decltype(rows)::value>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N);
@@ -120,9 +127,7 @@ inline void group_sums(const at::BFloat16* x, int64_t K, int64_t G, float* out) 
     int64_t k = 0;
     if (G % 16 == 0) {
       __m512 acc = _mm512_setzero_ps();
-      for (; k < G; k += 16)  // bfloat16 -> float32: the 16 bits shifted up
-        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                     _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))), 16)));
+      for (; k < G; k += 16) acc = _mm512_add_ps(acc, widen16(xg + k));
       s = _mm512_reduce_add_ps(acc);
     }
     for (; k < G; ++k) s += static_cast<float>(xg[k]);
@@ -132,7 +137,7 @@ inline void group_sums(const at::BFloat16* x, int64_t K, int64_t G, float* out) 
 #endif
 
 // x [M, K] bfloat16, blocks [N / 64, K / 2, 64] uint8 (int4_weight_pairs), scales_and_zeros
-// [N / 64, K / G, 2, 64] float32 (w = (q - 8) * scale + zero) -> [M, N] bfloat16
+// [N / 64, K / G, 2, 64] bfloat16 (w = (q - 8) * scale + zero) -> [M, N] bfloat16
 torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales_and_zeros, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_rows_mm: x must be [M, K] bfloat16");
   TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == kBlockN && blocks.is_contiguous(),
@@ -141,10 +146,10 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
   TORCH_CHECK(blocks.size(1) * 2 == K, "int4_rows_mm: x has ", K, " features, the weights ", blocks.size(1) * 2);
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "int4_rows_mm: bad group size ", group_size);
   const int64_t groups = K / group_size;
-  TORCH_CHECK(scales_and_zeros.dim() == 4 && scales_and_zeros.scalar_type() == at::kFloat && scales_and_zeros.is_contiguous() &&
+  TORCH_CHECK(scales_and_zeros.dim() == 4 && scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.size(0) == N / kBlockN && scales_and_zeros.size(1) == groups &&
                   scales_and_zeros.size(2) == 2 && scales_and_zeros.size(3) == kBlockN,
-              "int4_rows_mm: scales_and_zeros must be [N / 64, K / group, 2, 64] float32, contiguous");
+              "int4_rows_mm: scales_and_zeros must be [N / 64, K / group, 2, 64] bfloat16, contiguous");
 #if defined(CPU_CAPABILITY_AVX512)
   TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "int4_rows_mm: this CPU has no AVX512-BF16");
   const auto xc = x.contiguous();
@@ -157,7 +162,7 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
     for (int64_t m = begin; m < end; ++m) group_sums(X + m * K, K, group_size, S + m * groups);
   });
   const uint8_t* W = blocks.data_ptr<uint8_t>();
-  const float* SZ = scales_and_zeros.data_ptr<float>();
+  const at::BFloat16* SZ = scales_and_zeros.data_ptr<at::BFloat16>();
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
   llamawrapper_rows::for_block_tasks(M, N / kBlockN, [&](int64_t b, int64_t m0, int64_t m1) {
     block_range(X, S, W, SZ, K, group_size, N, O, b, m0, m1);
