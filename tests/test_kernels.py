@@ -634,7 +634,9 @@ def _alone_then_together(runner: LlamaRunner, tok, prompts: list[list[int]], mod
     on ``runner``; and the rows of each call of ``module``'s kernel (``mm``) in each of the two."""
     rows: list[int] = []
     real = module.mm
-    monkeypatch.setattr(module, "mm", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    counting = lambda x, *a: rows.append(x.shape[0]) or real(x, *a)  # noqa: E731
+    monkeypatch.setattr(module, "mm", counting)
+    monkeypatch.setattr(module, "_call", (counting, *module._call[1:]))  # (the eager path's bound call)
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=4))
     try:

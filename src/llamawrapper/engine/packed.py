@@ -30,7 +30,7 @@ int4 weights (``Int4Linear``: an int4 model's projections; ``int4_kernel``) thro
 int4 kernel (``csrc/int4_rows.cpp``, ``packed_int4``) on AVX512-BF16 CPUs: torch's int4 kernel
 dequantizes every weight to float32 with a multiply-add before it multiplies it by each row; the
 kernel turns each weight into an exact bfloat16 ``q - 8`` by a table lookup and multiplies two
-input features at once with the CPU's bfloat16 dot product, then scales each group's sum: 1.2x
+input features at once with the CPU's bfloat16 dot product, then scales each group's sum: 1.3x
 (one row, weights from memory) to 2.3x torch's kernel at 1 to 256 rows, and faster than unpacking the weights for a bfloat16 GEMM up to
 a 256-row prefill chunk (docs/BENCHMARKS.md section 20). Each output is the same whatever rows share
 the call.
@@ -87,14 +87,41 @@ class _RowsKernelLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] bfloat16, contiguous -> [M, out]
-        raise NotImplementedError
+        return self.mm(x, *self._operands())
+
+    def _operands(self) -> tuple:
+        """What the kernel takes after the rows: the laid-out weights, then the kind's own."""
+        return (self.packed,)
+
+    def _bind(self) -> None:
+        # the eager path's call, in plain attributes: a module's buffers are read through
+        # nn.Module.__getattr__, and with the reshape, dtype and layout calls a one-row call cost
+        # 16 µs against the kernel's 8 (a 576 x 576 int4 projection)
+        self._call = (self.mm, self._operands(), self.in_features, self.out_features, self.bias)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (a buffer moved or cast: bind the new ones)
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # no hooks: these copies are the engine's own
+        return self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiled step traces the buffers as the model's
+            shape = x.shape
+            y = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*shape[:-1], self.out_features)
+        mm, operands, n_in, n_out, bias = self._call
         shape = x.shape
-        y = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        y = mm(x.view(-1, n_in) if x.is_contiguous() else x.reshape(-1, n_in).contiguous(), *operands)
+        if bias is not None:
+            y = y + bias
+        return y if len(shape) == 2 else y.view(*shape[:-1], n_out)
 
 
 class PackedInt8Linear(_RowsKernelLinear):
@@ -106,9 +133,10 @@ class PackedInt8Linear(_RowsKernelLinear):
             super().__init__(linear, mm, torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()))
         # float32 once here, so the kernel does not widen them at every call (49,152 for the head, each step)
         self.register_buffer("scales", linear.scales.detach().float(), persistent=False)
+        self._bind()
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm(x, self.packed, self.scales)
+    def _operands(self) -> tuple:
+        return self.packed, self.scales
 
 
 class PackedBf16Linear(_RowsKernelLinear):
@@ -118,9 +146,7 @@ class PackedBf16Linear(_RowsKernelLinear):
     def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         with torch.no_grad():
             super().__init__(linear, mm, torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()))
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm(x, self.packed)
+        self._bind()
 
 
 class PackedInt4Linear(_RowsKernelLinear):
@@ -140,9 +166,10 @@ class PackedInt4Linear(_RowsKernelLinear):
             sz = linear.scales_and_zeros.to(torch.bfloat16).view(K // G, N // 64, 64, 2).permute(1, 0, 3, 2).contiguous()
         self.group_size = G
         self.register_buffer("scales_and_zeros", sz, persistent=False)
+        self._bind()
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm(x, self.packed, self.scales_and_zeros, self.group_size)
+    def _operands(self) -> tuple:
+        return self.packed, self.scales_and_zeros, self.group_size
 
 
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
