@@ -614,6 +614,10 @@ def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
         assert ((got.double() - ref.double()).abs() <= 2 * step).all()
         for i in {0, M // 2, M - 1}:
             assert torch.equal(mm(x[i : i + 1].contiguous(), blocks), got[i : i + 1])
+    # rows with leading dimensions ([B, T, K], a decode step's [B, 1, K]), contiguous or not
+    x = torch.randn(3, 2, 96, generator=gen).bfloat16()
+    assert torch.equal(mm(x, blocks), mm(x.reshape(6, 96), blocks).view(3, 2, 192))
+    assert torch.equal(mm(x.transpose(0, 1), blocks), mm(x, blocks).transpose(0, 1))
     lin = torch.nn.Linear(96, 128, bias=True).bfloat16()
     x = torch.randn(2, 3, 96, generator=gen).bfloat16()
     ours = packed_bf16(lin)
@@ -634,7 +638,7 @@ def _alone_then_together(runner: LlamaRunner, tok, prompts: list[list[int]], mod
     on ``runner``; and the rows of each call of ``module``'s kernel (``mm``) in each of the two."""
     rows: list[int] = []
     real = module.mm
-    counting = lambda x, *a: rows.append(x.shape[0]) or real(x, *a)  # noqa: E731
+    counting = lambda x, *a: rows.append(x.numel() // x.shape[-1]) or real(x, *a)  # noqa: E731
     monkeypatch.setattr(module, "mm", counting)
     monkeypatch.setattr(module, "_call", (counting, *module._call[1:]))  # (the eager path's bound call)
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -752,6 +756,9 @@ def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
         assert ((got.double() - ref.double()).abs() <= 2 * step).all()
         for i in {0, M // 2, M - 1}:
             assert torch.equal(mm(x[i : i + 1].contiguous(), blocks, scales, 32), got[i : i + 1])
+    x = torch.randn(3, 2, 128, generator=gen).bfloat16()  # rows with leading dimensions, contiguous or not
+    assert torch.equal(mm(x, blocks, scales, 32), mm(x.reshape(6, 128), blocks, scales, 32).view(3, 2, 192))
+    assert torch.equal(mm(x.transpose(0, 1), blocks, scales, 32), mm(x, blocks, scales, 32).transpose(0, 1))
     linear = torch.nn.Linear(128, 192, bias=True)
     int4 = Int4Linear.from_linear(linear)
     x = torch.randn(2, 3, 128, generator=gen).bfloat16()

@@ -114,12 +114,11 @@ def load() -> Optional[ModuleType]:
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
             torch.library.register_fake("llamawrapper::decode_attention")(lambda q, k, v, lengths: torch.empty_like(q))
-            torch.library.register_fake("llamawrapper::int8_rows_mm")(
-                lambda x, blocks, scales: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
-            torch.library.register_fake("llamawrapper::bf16_rows_mm")(
-                lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
-            torch.library.register_fake("llamawrapper::int4_rows_mm")(
-                lambda x, blocks, scales_and_zeros, group_size: x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2]))
+            # the matmuls: x [..., K] -> [..., N], N = blocks of 64 output channels
+            rows = lambda x, blocks: x.new_empty(*x.shape[:-1], blocks.shape[0] * blocks.shape[2])  # noqa: E731
+            torch.library.register_fake("llamawrapper::int8_rows_mm")(lambda x, blocks, scales: rows(x, blocks))
+            torch.library.register_fake("llamawrapper::bf16_rows_mm")(rows)
+            torch.library.register_fake("llamawrapper::int4_rows_mm")(lambda x, blocks, scales_and_zeros, group_size: rows(x, blocks))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
             lines = str(exc).strip().splitlines() or [""]
             errors = [line.strip() for line in lines if "error" in line.lower() and "subcommand failed" not in line]

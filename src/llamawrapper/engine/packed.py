@@ -75,7 +75,7 @@ class PackedLinear(nn.Module):
 
 class _RowsKernelLinear(nn.Module):
     """A projection through one of the project's kernels on a copy of its weights (``packed`` and,
-    per kind, ``_matmul``): ``[..., in]`` -> ``[..., out]`` bfloat16, plus its bias."""
+    per kind, ``_operands``): ``[..., in]`` -> ``[..., out]`` bfloat16, plus its bias."""
 
     def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor], packed: torch.Tensor) -> None:
         super().__init__()
@@ -86,9 +86,6 @@ class _RowsKernelLinear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] bfloat16, contiguous -> [M, out]
-        return self.mm(x, *self._operands())
-
     def _operands(self) -> tuple:
         """What the kernel takes after the rows: the laid-out weights, then the kind's own."""
         return (self.packed,)
@@ -96,8 +93,8 @@ class _RowsKernelLinear(nn.Module):
     def _bind(self) -> None:
         # the eager path's call, in plain attributes: a module's buffers are read through
         # nn.Module.__getattr__, and with the reshape, dtype and layout calls a one-row call cost
-        # 16 µs against the kernel's 8 (a 576 x 576 int4 projection)
-        self._call = (self.mm, self._operands(), self.in_features, self.out_features, self.bias)
+        # 16 µs against the kernel's 8 (a 576 x 576 int4 projection); the kernels take [..., in]
+        self._call = (self.mm, self._operands(), self.bias)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (a buffer moved or cast: bind the new ones)
         out = super()._apply(fn, recurse)
@@ -107,21 +104,11 @@ class _RowsKernelLinear(nn.Module):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # no hooks: these copies are the engine's own
         return self.forward(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the compiled step traces the buffers as the model's
-            shape = x.shape
-            y = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*shape[:-1], self.out_features)
-        mm, operands, n_in, n_out, bias = self._call
-        shape = x.shape
-        if x.dtype != torch.bfloat16:
-            x = x.to(torch.bfloat16)
-        y = mm(x.view(-1, n_in) if x.is_contiguous() else x.reshape(-1, n_in).contiguous(), *operands)
-        if bias is not None:
-            y = y + bias
-        return y if len(shape) == 2 else y.view(*shape[:-1], n_out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        # traced (the compiled step): the buffers themselves, whose shapes it takes as static
+        mm, operands, bias = (self.mm, self._operands(), self.bias) if torch.compiler.is_compiling() else self._call
+        y = mm(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), *operands)
+        return y if bias is None else y + bias
 
 
 class PackedInt8Linear(_RowsKernelLinear):

@@ -136,13 +136,14 @@ inline void group_sums(const at::BFloat16* x, int64_t K, int64_t G, float* out) 
 }
 #endif
 
-// x [M, K] bfloat16, blocks [N / 64, K / 2, 64] uint8 (int4_weight_pairs), scales_and_zeros
-// [N / 64, K / G, 2, 64] bfloat16 (w = (q - 8) * scale + zero) -> [M, N] bfloat16
+// x [..., K] bfloat16, blocks [N / 64, K / 2, 64] uint8 (int4_weight_pairs), scales_and_zeros
+// [N / 64, K / G, 2, 64] bfloat16 (w = (q - 8) * scale + zero) -> [..., N] bfloat16
 torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales_and_zeros, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_rows_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16, "int4_rows_mm: x must be [..., K] bfloat16");
   TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == kBlockN && blocks.is_contiguous(),
               "int4_rows_mm: blocks must be int4_weight_pairs' [N / 64, K / 2, 64] uint8");
-  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0) * kBlockN;
+  const auto xc = llamawrapper_rows::as_rows(x);
+  const int64_t M = xc.size(0), K = xc.size(1), N = blocks.size(0) * kBlockN;
   TORCH_CHECK(blocks.size(1) * 2 == K, "int4_rows_mm: x has ", K, " features, the weights ", blocks.size(1) * 2);
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "int4_rows_mm: bad group size ", group_size);
   const int64_t groups = K / group_size;
@@ -152,7 +153,6 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
               "int4_rows_mm: scales_and_zeros must be [N / 64, K / group, 2, 64] bfloat16, contiguous");
 #if defined(CPU_CAPABILITY_AVX512)
   TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "int4_rows_mm: this CPU has no AVX512-BF16");
-  const auto xc = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
   // each row's group sums (the zero points' share)
   auto sums = torch::empty({M, groups}, x.options().dtype(at::kFloat));
@@ -167,7 +167,7 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
   llamawrapper_rows::for_block_tasks(M, N / kBlockN, [&](int64_t b, int64_t m0, int64_t m1) {
     block_range(X, S, W, SZ, K, group_size, N, O, b, m0, m1);
   });
-  return out;
+  return out.view(llamawrapper_rows::rows_shape(x, N));
 #else
   TORCH_CHECK(false, "int4_rows_mm: built without AVX-512");
 #endif

@@ -130,15 +130,16 @@ __attribute__((noinline)) void block_range(const at::BFloat16* X, const typename
 #pragma GCC pop_options
 #endif
 
-// x [M, K] bfloat16 times blocks [N / 64, K / 2, 64, 2] (of Lines::T), each channel's sum times
-// S[n] (S null: none) -> [M, N] bfloat16
+// x [..., K] bfloat16 times blocks [N / 64, K / 2, 64, 2] (of Lines::T), each channel's sum times
+// S[n] (S null: none) -> [..., N] bfloat16
 template <typename Lines>
 torch::Tensor rows_mm(const char* name, const torch::Tensor& x, const torch::Tensor& blocks, const float* S) {
-  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0) * kBlockN;
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16, name, ": x must be [..., K] bfloat16");
+  const auto xc = llamawrapper_rows::as_rows(x);
+  const int64_t M = xc.size(0), K = xc.size(1), N = blocks.size(0) * kBlockN;
   TORCH_CHECK(blocks.size(1) * 2 == K, name, ": x has ", K, " features, the weights ", blocks.size(1) * 2);
 #if defined(CPU_CAPABILITY_AVX512)
   TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), name, ": this CPU has no AVX512-BF16");
-  const auto xc = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
   const at::BFloat16* X = xc.data_ptr<at::BFloat16>();
   const auto* W = static_cast<const typename Lines::T*>(blocks.data_ptr());
@@ -148,16 +149,15 @@ torch::Tensor rows_mm(const char* name, const torch::Tensor& x, const torch::Ten
     if (!Lines::kVectors && m1 - m0 > kBufferRows && buffer.size() < static_cast<size_t>(K / 2 * 4)) buffer.resize(K / 2 * 4);
     block_range<Lines>(X, W, S, K, N, O, b, m0, m1, buffer.data());
   });
-  return out;
+  return out.view(llamawrapper_rows::rows_shape(x, N));
 #else
   TORCH_CHECK(false, name, ": built without AVX-512");
 #endif
 }
 
-// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
-// is used as it is; another dtype is widened per call) -> [M, N] bfloat16
+// x [..., K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
+// is used as it is; another dtype is widened per call) -> [..., N] bfloat16
 torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_rows_mm: x must be [M, K] bfloat16");
   TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kChar && blocks.size(2) == kBlockN && blocks.size(3) == 2 &&
                   blocks.is_contiguous(),
               "int8_rows_mm: blocks must be int8_weight_blocks' [N / 64, K / 2, 64, 2] int8");
@@ -171,9 +171,8 @@ torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 #endif
 }
 
-// x [M, K] bfloat16, blocks [N / 64, K / 2, 64, 2] bfloat16 (bf16_weight_blocks) -> [M, N] bfloat16
+// x [..., K] bfloat16, blocks [N / 64, K / 2, 64, 2] bfloat16 (bf16_weight_blocks) -> [..., N] bfloat16
 torch::Tensor bf16_rows_mm(torch::Tensor x, torch::Tensor blocks) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_rows_mm: x must be [M, K] bfloat16");
   TORCH_CHECK(blocks.dim() == 4 && blocks.scalar_type() == at::kBFloat16 && blocks.size(2) == kBlockN &&
                   blocks.size(3) == 2 && blocks.is_contiguous(),
               "bf16_rows_mm: blocks must be bf16_weight_blocks' [N / 64, K / 2, 64, 2] bfloat16");

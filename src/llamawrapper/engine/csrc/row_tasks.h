@@ -3,13 +3,26 @@
 // and taken 4 at a time. Each row's result is the same in whichever task and group it falls.
 #pragma once
 
+#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace llamawrapper_rows {
+
+// x [..., K] as rows [M, K], contiguous (a view of x when it is): the kernels take a decode step's
+// [B, 1, K] as it comes, its reshaping here rather than in a Python call each
+inline torch::Tensor as_rows(const torch::Tensor& x) { return x.reshape({-1, x.size(-1)}).contiguous(); }
+
+// the shape of the result for x [..., K]: [..., N]
+inline std::vector<int64_t> rows_shape(const torch::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return shape;
+}
 
 constexpr int64_t kBlockN = 64;       // output channels of a block
 constexpr int64_t kRowsPerTask = 64;  // rows of a task
