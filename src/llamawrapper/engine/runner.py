@@ -113,7 +113,8 @@ class _Fused:
 
     def pack(self, packed: Callable[[Any], Any] = packed_linear) -> None:
         """Use ``packed`` copies of the projections it takes (``packed.py``: oneDNN's for plain
-        float32/bfloat16 ones, the project's int8 and int4 kernels' for ``Int8Linear`` and ``Int4Linear``)."""
+        float32/bfloat16 ones, the project's bfloat16 kernel's for plain bfloat16 ones, its int8 and
+        int4 kernels' for ``Int8Linear`` and ``Int4Linear``)."""
         for name in self.PROJECTIONS:
             setattr(self, name, packed(getattr(self, name)))  # (None stays None; the others as they are)
 
@@ -424,7 +425,7 @@ class LlamaRunner:
 
     @property
     def packed_bytes(self) -> int:
-        """Memory of the oneDNN packed copies this runner calls (``packed.py``; 0 without them)."""
+        """Memory of the packed copies this runner calls (oneDNN's and the kernels', ``packed.py``; 0 without them)."""
         return packed_bytes([self.lm_head, *(getattr(f, n) for f in self.fused if f is not None for n in _Fused.PROJECTIONS)])
 
     def _decode_bias(self, kv: "_DecodeWriter", mask: torch.Tensor) -> tuple["_DecodeWriter", torch.Tensor]:
