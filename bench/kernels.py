@@ -4,7 +4,8 @@ at a time (fused q/k/v 960 x 576, o 576 x 576, fused gate/up 3,072 x 576, down 5
 
 - int4: torch's ``_weight_int4pack_mm_for_cpu`` against ``int4_rows_mm``;
 - int8: torch's ``_weight_int8pack_mm`` against ``int8_rows_mm``;
-- bf16: oneDNN's packed matmul (``packed.PackedLinear``) against ``bf16_rows_mm``.
+- bf16: oneDNN's packed matmul (``packed.PackedLinear``) against ``bf16_rows_mm``;
+- f32: oneDNN's packed matmul against ``f32_rows_mm``.
 
 Each pair takes turns ``--rounds`` times; the figure is the median µs a layer. Random weights,
 quantized as the project quantizes them; the two sides' outputs are checked to agree first.
@@ -43,11 +44,13 @@ def _layers(kind: str, n: int) -> list[list[tuple[Callable[[torch.Tensor], torch
             elif kind == "int8":
                 theirs = Int8Linear.from_linear(linear)
                 ours = packed.packed_int8(theirs)
+            elif kind == "f32":
+                theirs, ours = packed.PackedLinear(linear), packed.packed_f32(linear)
             else:
                 linear = linear.to(torch.bfloat16)
                 theirs, ours = packed.PackedLinear(linear), packed.packed_bf16(linear)
             if ours is theirs or type(ours) is torch.nn.Linear:
-                raise SystemExit(f"the project's {kind} kernel does not run here (it needs AVX512-BF16 and g++)")
+                raise SystemExit(f"the project's {kind} kernel does not run here (it needs AVX-512, AVX512-BF16 but for f32, and g++)")
             pairs.append((theirs, ours))
         out.append(pairs)
     return out
@@ -58,7 +61,7 @@ def measure(kind: str, rows: list[int], layers: int, rounds: int) -> dict[str, A
     res: dict[str, Any] = {}
     with torch.inference_mode():
         for M in rows:
-            xs = [torch.randn(M, K).bfloat16() for _, K in SHAPES]
+            xs = [torch.randn(M, K).to(torch.float32 if kind == "f32" else torch.bfloat16) for _, K in SHAPES]
             for (theirs, ours), x in zip(stack[0], xs):  # the two sides agree (within bfloat16 rounding)
                 a, b = theirs(x).float(), ours(x).float()
                 if (a - b).abs().max() > 2 ** -6 * a.abs().max():
@@ -80,7 +83,7 @@ def measure(kind: str, rows: list[int], layers: int, rounds: int) -> dict[str, A
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="int4,int8,bf16")
+    ap.add_argument("--kinds", default="int4,int8,bf16,f32")
     ap.add_argument("--rows", default="1,4,16,41,256")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
@@ -89,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
-    refs = {"int4": "torch int4", "int8": "torch int8", "bf16": "oneDNN bf16"}
+    refs = {"int4": "torch int4", "int8": "torch int8", "bf16": "oneDNN bf16", "f32": "oneDNN f32"}
     out: dict[str, Any] = {"threads": args.threads, "layers": args.layers, "rounds": args.rounds, "kinds": {}}
     print("| kind | rows | reference µs/layer | kernel µs/layer | speedup |\n|---|---|---|---|---|")
     for kind in args.kinds.split(","):

@@ -18,7 +18,7 @@ chat prompt, 128 new tokens), W2 (16 requests together, the shared ~300-token sy
 model with its own engine settings, the variants taking turns round by round.
 
 A variant is ``<model>[+fuse|+nofuse][+compile][+attention_fp32|+noattention_fp32]
-[+attention_per_row|+noattention_per_row][+onednn|+noonednn][+kernel|+nokernel][+kernel_block|+nokernel_block][+kernel_norm|+nokernel_norm][+int8_kernel|+noint8_kernel][+int4_kernel|+noint4_kernel][+bf16_kernel|+nobf16_kernel]
+[+attention_per_row|+noattention_per_row][+onednn|+noonednn][+kernel|+nokernel][+kernel_block|+nokernel_block][+kernel_norm|+nokernel_norm][+int8_kernel|+noint8_kernel][+int4_kernel|+noint4_kernel][+bf16_kernel|+nobf16_kernel][+f32_kernel|+nof32_kernel]
 [+kv=float32|+kv=bfloat16]``; model = fp32 | bf16 | int8 |
 int4 | w8a8.
 """
@@ -43,7 +43,7 @@ from llamawrapper.engine.runner import LlamaRunner
 def parse(variant: str) -> tuple[str, dict[str, Any]]:
     model, *flags = variant.split("+")
     names = ("fuse", "compile", "attention_fp32", "attention_per_row", "onednn", "kernel", "kernel_block", "kernel_norm",
-             "int8_kernel", "int4_kernel", "bf16_kernel")
+             "int8_kernel", "int4_kernel", "bf16_kernel", "f32_kernel")
     opts: dict[str, Any] = {k: True for k in names if k in flags}
     opts.update({k: False for k in names if "no" + k in flags})
     for f in flags:  # kv=float32 | kv=bfloat16 | kv=float16: the KV cache's dtype

@@ -588,6 +588,48 @@ def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
         mm(torch.randn(2, 96), blocks, scales)
 
 
+def test_f32_rows_mm_is_the_f32_matmul_each_row_what_it_is_alone(kernel):
+    """``f32_rows_mm`` over ``f32_weight_blocks``: x . w in float32, within float32 rounding of a
+    float64 reference and of ``F.linear``, for 1 to 9 rows (the groups of 4 and every tail) and 70
+    (two tasks of rows); every row bit for bit what it is alone; rows with leading dimensions,
+    contiguous or not; ``packed_f32`` takes plain float32 Linears in blocks of 64 only; the limits
+    refused by name."""
+    from llamawrapper.engine.packed import PackedF32Linear, packed_f32
+
+    mm = kernels.f32_rows_mm()
+    if mm is None:
+        assert kernels.capability() != "AVX512"
+        pytest.skip("the float32 kernel needs AVX-512")
+    gen = torch.Generator().manual_seed(14)
+    w = torch.randn(192, 96, generator=gen)
+    blocks = torch.ops.llamawrapper.f32_weight_blocks(w)
+    assert blocks.shape == (3, 96, 64) and torch.equal(blocks[2, 7], w[128:192, 7])
+    for M in [*range(1, 10), 70]:
+        x = torch.randn(M, 96, generator=gen)
+        got = mm(x, blocks)
+        assert got.shape == (M, 192) and got.dtype == torch.float32
+        want = x.double() @ w.double().t()
+        assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()
+        assert ((got - torch.nn.functional.linear(x, w)).abs() <= 1e-5 * want.abs().max()).all()
+        for i in {0, M // 2, M - 1}:
+            assert torch.equal(mm(x[i : i + 1].contiguous(), blocks), got[i : i + 1])
+    x = torch.randn(3, 2, 96, generator=gen)
+    assert torch.equal(mm(x, blocks), mm(x.reshape(6, 96), blocks).view(3, 2, 192))
+    assert torch.equal(mm(x.transpose(0, 1), blocks), mm(x, blocks).transpose(0, 1))
+    lin = torch.nn.Linear(96, 128, bias=True)
+    ours = packed_f32(lin)
+    assert isinstance(ours, PackedF32Linear) and packed_f32(lin) is ours
+    assert ours(x).shape == (3, 2, 128) and (ours(x) - lin(x)).abs().max() <= 1e-5 * lin(x).abs().max()
+    assert type(packed_f32(torch.nn.Linear(96, 100))) is torch.nn.Linear  # not in blocks of 64: its own
+    assert type(packed_f32(torch.nn.Linear(96, 128).bfloat16())) is torch.nn.Linear  # bfloat16: not this kernel's
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        torch.ops.llamawrapper.f32_weight_blocks(w[:100])
+    with pytest.raises(RuntimeError, match="x has 94 features"):
+        mm(torch.randn(2, 94), blocks)
+    with pytest.raises(RuntimeError, match="x must be"):
+        mm(torch.randn(2, 96).bfloat16(), blocks)
+
+
 def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
     """``bf16_rows_mm`` over ``bf16_weight_blocks``: x . w in float32, rounded to bfloat16, within one
     bfloat16 step of a float64 reference and of torch's bfloat16 linear, for 1 to 9 rows and 70;
@@ -676,6 +718,30 @@ def test_bf16_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypa
     assert max(rows) > 1 and alone == together
     ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
     assert (ours - theirs).abs().max() <= 2 ** -6 * theirs.abs().max()
+
+
+def test_f32_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
+    """A float32 model's projections and head go through ``f32_rows_mm`` in prefill and decode
+    forwards alike; its prefill logits are within float32 rounding of oneDNN's
+    (``f32_kernel=False``), and its greedy text is the same alone and in a batch."""
+    from llamawrapper.engine.packed import PackedF32Linear, PackedLinear
+
+    model = tiny_llm.loaded.model
+    if kernels.f32_rows_mm() is None:
+        assert not isinstance(LlamaRunner(model).lm_head, PackedF32Linear)
+        pytest.skip("the float32 kernel needs AVX-512")
+    runner, plain = LlamaRunner(model), LlamaRunner(model, f32_kernel=False)
+    projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
+    assert all(isinstance(m, PackedF32Linear) for m in projections if m.out_features % 64 == 0)
+    assert sum(isinstance(m, PackedF32Linear) for m in projections) >= 3 * runner.n_layers
+    assert isinstance(runner.lm_head, PackedF32Linear) and isinstance(plain.lm_head, PackedLinear)
+    gen = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (17, 6, 30)]
+    alone, together, rows_alone, rows = _alone_then_together(runner, tiny_llm.tokenizer, prompts, runner.lm_head, monkeypatch)
+    assert rows_alone == [1] * len(prompts) * 6  # each prompt's last token, then 5 decode steps
+    assert max(rows) > 1 and alone == together
+    ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
 def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):

@@ -552,11 +552,13 @@ def test_engine_settings_reach_the_runner(tiny_model_dir, monkeypatch):
         finally:
             llm.close()
     monkeypatch.delenv("LLAMAWRAPPER_INT8_KERNEL")
-    from llamawrapper.engine.packed import PackedBf16Linear, PackedInt4Linear
+    from llamawrapper.engine.packed import PackedBf16Linear, PackedF32Linear, PackedInt4Linear
 
-    for var, kernel, load, packed in (  # int4_kernel and bf16_kernel (on by default; AVX512-BF16 CPUs) and off
+    for var, kernel, load, packed in (  # int4_kernel and bf16_kernel (on by default; AVX512-BF16 CPUs),
+            # f32_kernel (on by default; AVX-512 CPUs), and off
             ("LLAMAWRAPPER_INT4_KERNEL", kernels.int4_rows_mm(), {"quantization": "int4"}, PackedInt4Linear),
-            ("LLAMAWRAPPER_BF16_KERNEL", kernels.bf16_rows_mm(), {"dtype": "bfloat16"}, PackedBf16Linear)):
+            ("LLAMAWRAPPER_BF16_KERNEL", kernels.bf16_rows_mm(), {"dtype": "bfloat16"}, PackedBf16Linear),
+            ("LLAMAWRAPPER_F32_KERNEL", kernels.f32_rows_mm(), {}, PackedF32Linear)):
         for env in ("true", "false"):
             monkeypatch.setenv(var, env)
             llm = LlamaWrapper.load(str(tiny_model_dir), progress=False, **load)
@@ -581,7 +583,8 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
         pytest.skip("this torch has no oneDNN")
     model, tok = tiny_models["fp32"], tiny_llm.tokenizer
     ids = torch.randint(10, 40000, (37,), generator=torch.Generator().manual_seed(4)).tolist()
-    plain, packed = LlamaRunner(model, onednn=False), LlamaRunner(model)
+    # (float32 projections go through the project's own kernel by default: test_kernels)
+    plain, packed = LlamaRunner(model, onednn=False), LlamaRunner(model, f32_kernel=False)
     assert not plain.onednn and packed.onednn and isinstance(packed.lm_head, PackedLinear)
     assert all(isinstance(m, PackedLinear) for f in packed.fused for m in (f.qkv, f.gate_up, f.o, f.down))
     assert all(isinstance(m, torch.nn.Linear) and not isinstance(m, PackedLinear) for f in plain.fused for m in (f.qkv, f.o))
@@ -600,7 +603,7 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
         finally:
             eng.shutdown()
     assert texts[0] == texts[1] and texts[0][0]
-    assert LlamaRunner(model).fused[0].o is packed.fused[0].o  # one packed copy per module
+    assert LlamaRunner(model, f32_kernel=False).fused[0].o is packed.fused[0].o  # one packed copy per module
     # the packed copies count in the model's memory, once: every projection and the head, in float32
     import types
 
@@ -617,7 +620,7 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
     with torch.no_grad():
         o_proj.weight.mul_(2.0)
     try:
-        again = LlamaRunner(model)
+        again = LlamaRunner(model, f32_kernel=False)
         assert again.fused[0].o is not packed.fused[0].o
         x = torch.randn(3, o_proj.in_features)
         assert torch.allclose(again.fused[0].o(x), o_proj(x), atol=1e-4)
@@ -640,7 +643,7 @@ def test_onednn_packed_float32_projections_give_torch_linears_results(tiny_model
         assert not any(isinstance(m, PackedLinear) for f in r.fused for m in (f.qkv, f.gate_up, f.o, f.down))
     lora = copy.deepcopy(tiny_llm.loaded.model)
     adapterlib.attach(lora, {"sql": str(adapter_dirs["sql"])}, torch.float32)
-    r = LlamaRunner(lora)
+    r = LlamaRunner(lora, f32_kernel=False)
     assert r.onednn and all(f.qkv is None for f in r.fused)  # q_proj and v_proj carry the adapter: unfused
     for layer, f in zip(lora.model.layers, r.fused):  # a wrapped projection is called as it is, a plain one packed
         own = layer.self_attn.o_proj

@@ -104,7 +104,8 @@ class LlamaWrapper:
                                  compile=settings.compile_decode, attention_per_row=settings.attention_per_row,
                                  kv_dtype=settings.kv_cache_dtype, onednn=settings.onednn_linear,
                                  kernel=settings.attention_kernel, int8_kernel=settings.int8_kernel,
-                                 int4_kernel=settings.int4_kernel, bf16_kernel=settings.bf16_kernel)
+                                 int4_kernel=settings.int4_kernel, bf16_kernel=settings.bf16_kernel,
+                                 f32_kernel=settings.f32_kernel)
             runner.row_hook = rows.bind if rows is not None else None
             if runner.compiled is not None:  # compile_decode: its graphs now, not in the first request
                 get_executor().call(runner.warm_up).result()

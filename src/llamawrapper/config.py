@@ -96,6 +96,10 @@ class EngineSettings(BaseSettings):
         True, description="A bfloat16 model's projections and head through the project's kernel (built with the "
                           "attention kernel; AVX512-BF16 CPUs) instead of oneDNN's (onednn_linear): 1.1-1.6x faster at "
                           "1 to 256 rows, each row the same in any batch; off = oneDNN's packed matmul.")
+    f32_kernel: bool = Field(
+        True, description="A float32 model's projections and head through the project's kernel (built with the "
+                          "attention kernel; AVX-512 CPUs) instead of oneDNN's (onednn_linear): 1.4-1.7x faster at one "
+                          "row, the same at 16 to 256, each row the same in any batch; off = oneDNN's packed matmul.")
     int4_kernel: bool = Field(
         True, description="An int4 model's projections through the project's int4 kernel (built with the attention "
                           "kernel; AVX512-BF16 CPUs): bfloat16 dot products on the weights looked up as exact bfloat16 "

@@ -25,6 +25,9 @@ capability and torch version:
 - ``csrc/int4_rows.cpp``: int4 weights in blocks of 64 output channels times bfloat16 rows
   (``int4_rows_mm``), for an int4 model's projections (``int4_kernel``, ``packed.py``), through
   AVX512-BF16's dot product.
+- ``csrc/f32_rows.cpp``: float32 weights in blocks of 64 output channels times float32 rows
+  (``f32_rows_mm``), for a float32 model's projections and head (``f32_kernel``, ``packed.py``),
+  on AVX-512 CPUs.
 - ``csrc/team_threads.cpp``: the thread ids of the calling thread's OpenMP team
   (``team_threads``), which ``threads.pin_team`` pins one per CPU.
 
@@ -54,7 +57,7 @@ log = logging.getLogger("llamawrapper.engine")
 # prefill, int8 weights times bfloat16 rows, the OpenMP team's thread ids
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int4_rows.cpp", "int8_weights.cpp",
-                        "team_threads.cpp")]
+                        "f32_rows.cpp", "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)
@@ -109,7 +112,7 @@ def load() -> Optional[ModuleType]:
             with FileLock(str(build / "llamawrapper.lock"), timeout=BUILD_TIMEOUT_S):
                 (build / "lock").unlink(missing_ok=True)
                 if not any(build.glob("*.so")):
-                    log.info("building the C++ kernels (attention, norms, int4/int8/bfloat16 matmuls) for this CPU (%s), once: ~2 min on 2 cores", cap)
+                    log.info("building the C++ kernels (attention, norms, int4/int8/bfloat16/float32 matmuls) for this CPU (%s), once: ~2 min on 2 cores", cap)
                 _module = build_extension(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                           build_directory=str(build), verbose=False)
             # the compiled decode step traces the operator: its output's shape, without running it
@@ -118,6 +121,7 @@ def load() -> Optional[ModuleType]:
             rows = lambda x, blocks: x.new_empty(*x.shape[:-1], blocks.shape[0] * blocks.shape[2])  # noqa: E731
             torch.library.register_fake("llamawrapper::int8_rows_mm")(lambda x, blocks, scales: rows(x, blocks))
             torch.library.register_fake("llamawrapper::bf16_rows_mm")(rows)
+            torch.library.register_fake("llamawrapper::f32_rows_mm")(rows)
             torch.library.register_fake("llamawrapper::int4_rows_mm")(lambda x, blocks, scales_and_zeros, group_size: rows(x, blocks))
         except Exception as exc:  # no compiler or ninja, a failed build: torch's attention instead
             lines = str(exc).strip().splitlines() or [""]
@@ -234,6 +238,15 @@ def bf16_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tens
     if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
         return None
     return torch.ops.llamawrapper.bf16_rows_mm
+
+
+def f32_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``mm(x [..., K] float32, blocks)`` -> ``[..., N]`` float32 for float32 weights laid out by
+    ``torch.ops.llamawrapper.f32_weight_blocks`` (``f32_rows.cpp``). None on a CPU without AVX-512
+    or if the kernels are not built."""
+    if capability() != "AVX512" or load() is None:
+        return None
+    return torch.ops.llamawrapper.f32_rows_mm
 
 
 def int4_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]]:

@@ -21,6 +21,12 @@ product: 1.4x to 2.8x torch's int8 kernel at 1 to 256 rows (docs/BENCHMARKS.md s
 output is the same whatever rows share the call; against torch's kernel it can differ by one
 bfloat16 step (another order of the same float32 sum).
 
+float32 weights (a float32 model's plain projections and head; ``f32_kernel``) through the
+project's kernel (``csrc/f32_rows.cpp``, ``packed_f32``) on AVX-512 CPUs, in place of oneDNN's:
+oneDNN read the weights at ~20 GB/s at one row; the kernel streams each block of 64 output channels
+input after input with float32 FMAs, 1.4-1.7x oneDNN at one row and the same at 16 to 256 rows
+(docs/BENCHMARKS.md section 21). Each output is the same whatever rows share the call.
+
 bfloat16 weights (a bfloat16 model's plain projections and head; ``bf16_kernel``) through the
 project's kernel (``csrc/int8_weights.cpp``'s ``bf16_rows_mm``, ``packed_bf16``) on AVX512-BF16
 CPUs, in place of oneDNN's: the same dot products on the same layout as int8 weights, 1.1x to 1.6x
@@ -75,7 +81,9 @@ class PackedLinear(nn.Module):
 
 class _RowsKernelLinear(nn.Module):
     """A projection through one of the project's kernels on a copy of its weights (``packed`` and,
-    per kind, ``_operands``): ``[..., in]`` -> ``[..., out]`` bfloat16, plus its bias."""
+    per kind, ``_operands``): ``[..., in]`` -> ``[..., out]`` in ``ROWS`` (the rows' dtype), plus its bias."""
+
+    ROWS = torch.bfloat16
 
     def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor], packed: torch.Tensor) -> None:
         super().__init__()
@@ -107,7 +115,7 @@ class _RowsKernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         # traced (the compiled step): the buffers themselves, whose shapes it takes as static
         mm, operands, bias = (self.mm, self._operands(), self.bias) if torch.compiler.is_compiling() else self._call
-        y = mm(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), *operands)
+        y = mm(x if x.dtype == self.ROWS else x.to(self.ROWS), *operands)
         return y if bias is None else y + bias
 
 
@@ -133,6 +141,18 @@ class PackedBf16Linear(_RowsKernelLinear):
     def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         with torch.no_grad():
             super().__init__(linear, mm, torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()))
+        self._bind()
+
+
+class PackedF32Linear(_RowsKernelLinear):
+    """A float32 ``nn.Linear`` through ``f32_rows_mm`` on a copy of its weight in blocks of 64 output
+    channels, input after input (``f32_weight_blocks``)."""
+
+    ROWS = torch.float32
+
+    def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        with torch.no_grad():
+            super().__init__(linear, mm, torch.ops.llamawrapper.f32_weight_blocks(linear.weight.detach()))
         self._bind()
 
 
@@ -173,6 +193,18 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     if type(module) is not nn.Linear or module.weight.dtype not in DTYPES or module.weight.device.type != "cpu":
         return module
     return _once(module, PackedLinear, lambda: PackedLinear(module))
+
+
+def packed_f32(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` through the project's float32 kernel if it is a plain float32 CPU ``nn.Linear`` (not a
+    subclass) whose output channels come in blocks of 64, and the kernel runs here (AVX-512), else ``module``."""
+    from . import kernels
+
+    if (type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
+            or module.out_features % 64):
+        return module
+    mm = kernels.f32_rows_mm()
+    return module if mm is None else _once(module, PackedF32Linear, lambda: PackedF32Linear(module, mm))
 
 
 def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:

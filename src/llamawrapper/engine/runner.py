@@ -23,8 +23,8 @@ prefill chunks of several rows attend one row at a time.
 With ``onednn`` (``onednn_linear``, the default) a float32 or bfloat16 model's plain projections
 run through oneDNN's matmul on weights packed once (``packed.py``): torch's float32 linear calls
 MKL, about half as fast a decode step on the AVX-512 AMD EPYC measured, and its bfloat16 one
-reorders the weights on every call; with ``bf16_kernel`` (the default) a bfloat16 model's run
-through the project's kernel instead (``packed.py``). With ``int8_kernel`` (the default) an int8 model's projections
+reorders the weights on every call; with ``bf16_kernel`` and ``f32_kernel`` (the defaults) a
+bfloat16 or float32 model's run through the project's kernels instead (``packed.py``). With ``int8_kernel`` (the default) an int8 model's projections
 and the int8 output head of int8 and int4 models run through the project's int8 kernel
 (``packed.py``), in every forward; with ``int4_kernel`` (the default) an int4 model's projections
 run through the project's int4 kernel, in every forward (on AVX512-BF16 CPUs).
@@ -60,7 +60,7 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import (DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bf16, packed_bytes, packed_int4,
+from .packed import (DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bf16, packed_bytes, packed_f32, packed_int4,
                      packed_int8, packed_linear)
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
@@ -318,7 +318,7 @@ class LlamaRunner:
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
                  kernel_prefill: bool = True, int8_kernel: bool = True, int4_kernel: bool = True,
-                 bf16_kernel: bool = True) -> None:
+                 bf16_kernel: bool = True, f32_kernel: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -394,8 +394,13 @@ class LlamaRunner:
         # layout; the compiled step keeps torch's own linears
         self.onednn = (bool(onednn and fuse) and self.dtype in ONEDNN_DTYPES and self.compiled is None
                        and onednn_available())
-        if self.onednn:  # (with bf16_kernel, a bfloat16 model's through the project's kernel instead)
-            first = packed_bf16 if bf16_kernel else (lambda m: m)
+        if self.onednn:  # (with bf16_kernel / f32_kernel, a bfloat16 / float32 model's through the project's kernels instead)
+            kinds = [k for k, on in ((packed_bf16, bf16_kernel), (packed_f32, f32_kernel)) if on]
+
+            def first(m: Any) -> Any:  # each takes only its own dtype's plain Linear
+                for kind in kinds:
+                    m = kind(m)
+                return m
             for f in self.fused:
                 f.pack(first)
                 f.pack()
