@@ -695,53 +695,32 @@ def _alone_then_together(runner: LlamaRunner, tok, prompts: list[list[int]], mod
     return alone, together, rows_alone, rows
 
 
-def test_bf16_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
-    """A bfloat16 model's projections and head go through ``bf16_rows_mm`` in prefill and decode
-    forwards alike; its prefill logits are within bfloat16 rounding of oneDNN's
-    (``bf16_kernel=False``), and its greedy text is the same alone and in a batch (each row's
-    projections are what they are alone)."""
-    from llamawrapper.engine.packed import PackedBf16Linear, PackedLinear
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_float_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch, dtype):
+    """A bfloat16 (float32) model's projections and head go through ``bf16_rows_mm``
+    (``f32_rows_mm``) in prefill and decode forwards alike; its prefill logits are within
+    bfloat16 (float32) rounding of oneDNN's (the setting off), and its greedy text is the same
+    alone and in a batch (each row's projections are what they are alone)."""
+    from llamawrapper.engine.packed import PackedBf16Linear, PackedF32Linear, PackedLinear
 
-    half = copy.deepcopy(tiny_llm.loaded.model).to(torch.bfloat16).eval()
-    if kernels.bf16_rows_mm() is None:
-        assert not isinstance(LlamaRunner(half).lm_head, PackedBf16Linear)
-        pytest.skip("the bfloat16 kernel needs AVX512-BF16")
-    runner, plain = LlamaRunner(half), LlamaRunner(half, bf16_kernel=False)
+    kernel, cls, off, tol = {"bfloat16": (kernels.bf16_rows_mm(), PackedBf16Linear, "bf16_kernel", 2 ** -6),
+                             "float32": (kernels.f32_rows_mm(), PackedF32Linear, "f32_kernel", 1e-4)}[dtype]
+    model = copy.deepcopy(tiny_llm.loaded.model).to(getattr(torch, dtype)).eval()
+    if kernel is None:
+        assert not isinstance(LlamaRunner(model).lm_head, cls)
+        pytest.skip(f"the {dtype} kernel does not run on this CPU")
+    runner, plain = LlamaRunner(model), LlamaRunner(model, **{off: False})
     projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
-    assert all(isinstance(m, PackedBf16Linear) for m in projections if m.out_features % 64 == 0)
-    assert sum(isinstance(m, PackedBf16Linear) for m in projections) >= 3 * runner.n_layers
-    assert isinstance(runner.lm_head, PackedBf16Linear) and isinstance(plain.lm_head, PackedLinear)
+    assert all(isinstance(m, cls) for m in projections if m.out_features % 64 == 0)
+    assert sum(isinstance(m, cls) for m in projections) >= 3 * runner.n_layers
+    assert isinstance(runner.lm_head, cls) and isinstance(plain.lm_head, PackedLinear)
     gen = torch.Generator().manual_seed(13)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (19, 8, 33)]
     alone, together, rows_alone, rows = _alone_then_together(runner, tiny_llm.tokenizer, prompts, runner.lm_head, monkeypatch)
     assert rows_alone == [1] * len(prompts) * 6  # each prompt's last token, then 5 decode steps
     assert max(rows) > 1 and alone == together
     ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
-    assert (ours - theirs).abs().max() <= 2 ** -6 * theirs.abs().max()
-
-
-def test_f32_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
-    """A float32 model's projections and head go through ``f32_rows_mm`` in prefill and decode
-    forwards alike; its prefill logits are within float32 rounding of oneDNN's
-    (``f32_kernel=False``), and its greedy text is the same alone and in a batch."""
-    from llamawrapper.engine.packed import PackedF32Linear, PackedLinear
-
-    model = tiny_llm.loaded.model
-    if kernels.f32_rows_mm() is None:
-        assert not isinstance(LlamaRunner(model).lm_head, PackedF32Linear)
-        pytest.skip("the float32 kernel needs AVX-512")
-    runner, plain = LlamaRunner(model), LlamaRunner(model, f32_kernel=False)
-    projections = [getattr(f, n) for f in runner.fused for n in f.PROJECTIONS if getattr(f, n) is not None]
-    assert all(isinstance(m, PackedF32Linear) for m in projections if m.out_features % 64 == 0)
-    assert sum(isinstance(m, PackedF32Linear) for m in projections) >= 3 * runner.n_layers
-    assert isinstance(runner.lm_head, PackedF32Linear) and isinstance(plain.lm_head, PackedLinear)
-    gen = torch.Generator().manual_seed(15)
-    prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (17, 6, 30)]
-    alone, together, rows_alone, rows = _alone_then_together(runner, tiny_llm.tokenizer, prompts, runner.lm_head, monkeypatch)
-    assert rows_alone == [1] * len(prompts) * 6  # each prompt's last token, then 5 decode steps
-    assert max(rows) > 1 and alone == together
-    ours, theirs = prefill_logits(runner, prompts[0]), prefill_logits(plain, prompts[0])
-    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert (ours - theirs).abs().max() <= tol * theirs.abs().max()
 
 
 def test_int8_weights_run_through_the_kernel_in_every_forward(tiny_llm, monkeypatch):
