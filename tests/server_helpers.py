@@ -225,17 +225,18 @@ def answers_after_idle(url: str, idle: float) -> tuple[tuple[int, object], tuple
 
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+
+    def get() -> tuple[int, object]:
+        conn.request("GET", parts.path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
     try:
-        answers = []
-        for _ in range(2):
-            conn.request("GET", parts.path)
-            response = conn.getresponse()
-            answers.append((response.status, json.loads(response.read())))
-            if not answers[1:]:
-                sock = conn.sock
-                time.sleep(idle)
+        first, sock = get(), conn.sock
+        time.sleep(idle)
+        second = get()
         assert conn.sock is sock, "the second request went out on a new connection"
-        return answers[0], answers[1]
+        return first, second
     finally:
         conn.close()
 

@@ -222,40 +222,40 @@ def int4_prefill_matmul() -> Optional[Callable[..., torch.Tensor]]:
     return prefill
 
 
+def _operator(name: str, bf16: bool) -> Optional[Callable[..., torch.Tensor]]:
+    """The kernels' operator ``name``, or None on a CPU without AVX-512 (or, with ``bf16``, without
+    AVX512-BF16, whose dot product the operator uses) or if the kernels are not built."""
+    if capability() != "AVX512" or (bf16 and not torch.cpu._is_avx512_bf16_supported()) or load() is None:
+        return None
+    return getattr(torch.ops.llamawrapper, name)
+
+
 def int8_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """``mm(x [M, K] bfloat16, blocks, scales)`` -> ``[M, N]`` bfloat16 for int8 weights laid out by
+    """``mm(x [..., K] bfloat16, blocks, scales)`` -> ``[..., N]`` bfloat16 for int8 weights laid out by
     ``torch.ops.llamawrapper.int8_weight_blocks`` (``int8_weights.cpp``).
     None on a CPU without AVX512-BF16 (its dot product is the kernel's) or if the kernels are not built."""
-    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
-        return None
-    return torch.ops.llamawrapper.int8_rows_mm
+    return _operator("int8_rows_mm", bf16=True)
 
 
 def bf16_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """``mm(x [M, K] bfloat16, blocks)`` -> ``[M, N]`` bfloat16 for bfloat16 weights laid out by
+    """``mm(x [..., K] bfloat16, blocks)`` -> ``[..., N]`` bfloat16 for bfloat16 weights laid out by
     ``torch.ops.llamawrapper.bf16_weight_blocks`` (``int8_weights.cpp``). None on a CPU without
     AVX512-BF16 or if the kernels are not built."""
-    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
-        return None
-    return torch.ops.llamawrapper.bf16_rows_mm
+    return _operator("bf16_rows_mm", bf16=True)
 
 
 def f32_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """``mm(x [..., K] float32, blocks)`` -> ``[..., N]`` float32 for float32 weights laid out by
     ``torch.ops.llamawrapper.f32_weight_blocks`` (``f32_rows.cpp``). None on a CPU without AVX-512
     or if the kernels are not built."""
-    if capability() != "AVX512" or load() is None:
-        return None
-    return torch.ops.llamawrapper.f32_rows_mm
+    return _operator("f32_rows_mm", bf16=False)
 
 
 def int4_rows_mm() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]]:
-    """``mm(x [M, K] bfloat16, blocks, scales_and_zeros, group_size)`` -> ``[M, N]`` bfloat16 for int4
+    """``mm(x [..., K] bfloat16, blocks, scales_and_zeros, group_size)`` -> ``[..., N]`` bfloat16 for int4
     weights laid out by ``torch.ops.llamawrapper.int4_weight_pairs`` (``int4_rows.cpp``). None on a
     CPU without AVX512-BF16 (its dot product is the kernel's) or if the kernels are not built."""
-    if capability() != "AVX512" or not torch.cpu._is_avx512_bf16_supported() or load() is None:
-        return None
-    return torch.ops.llamawrapper.int4_rows_mm
+    return _operator("int4_rows_mm", bf16=True)
 
 
 def main() -> None:

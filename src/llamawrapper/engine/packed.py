@@ -195,16 +195,25 @@ def packed_linear(module: Optional[nn.Module]) -> Optional[nn.Module]:
     return _once(module, PackedLinear, lambda: PackedLinear(module))
 
 
+def _plain(module: Optional[nn.Module], dtype: torch.dtype) -> bool:
+    """A plain (not a subclass) CPU ``nn.Linear`` of ``dtype`` whose output channels fill blocks of 64."""
+    return (type(module) is nn.Linear and module.weight.dtype == dtype and module.weight.device.type == "cpu"
+            and module.out_features % 64 == 0)
+
+
+def _through(module: Optional[nn.Module], eligible: bool, kernel: Callable[[], Optional[Callable]], kind: type) -> Optional[nn.Module]:
+    """``module``'s copy of ``kind`` (made once) if it is ``eligible`` and ``kernel()`` (the operator,
+    None where it does not run) runs here, else ``module`` itself."""
+    mm = kernel() if eligible else None
+    return module if mm is None else _once(module, kind, lambda: kind(module, mm))
+
+
 def packed_f32(module: Optional[nn.Module]) -> Optional[nn.Module]:
     """``module`` through the project's float32 kernel if it is a plain float32 CPU ``nn.Linear`` (not a
     subclass) whose output channels come in blocks of 64, and the kernel runs here (AVX-512), else ``module``."""
     from . import kernels
 
-    if (type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
-            or module.out_features % 64):
-        return module
-    mm = kernels.f32_rows_mm()
-    return module if mm is None else _once(module, PackedF32Linear, lambda: PackedF32Linear(module, mm))
+    return _through(module, _plain(module, torch.float32), kernels.f32_rows_mm, PackedF32Linear)
 
 
 def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -213,10 +222,9 @@ def packed_int8(module: Optional[nn.Module]) -> Optional[nn.Module]:
     from ..models.quantization import Int8Linear
     from . import kernels
 
-    if type(module) is not Int8Linear or module.out_features % 64 or module.in_features % 2 or module.weight.device.type != "cpu":
-        return module
-    mm = kernels.int8_rows_mm()
-    return module if mm is None else _once(module, PackedInt8Linear, lambda: PackedInt8Linear(module, mm))
+    eligible = (type(module) is Int8Linear and module.out_features % 64 == 0 and module.in_features % 2 == 0
+                and module.weight.device.type == "cpu")
+    return _through(module, eligible, kernels.int8_rows_mm, PackedInt8Linear)
 
 
 def packed_bf16(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -225,11 +233,8 @@ def packed_bf16(module: Optional[nn.Module]) -> Optional[nn.Module]:
     (AVX512-BF16), else ``module``."""
     from . import kernels
 
-    if (type(module) is not nn.Linear or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"
-            or module.out_features % 64 or module.in_features % 2):
-        return module
-    mm = kernels.bf16_rows_mm()
-    return module if mm is None else _once(module, PackedBf16Linear, lambda: PackedBf16Linear(module, mm))
+    eligible = _plain(module, torch.bfloat16) and module.in_features % 2 == 0
+    return _through(module, eligible, kernels.bf16_rows_mm, PackedBf16Linear)
 
 
 def packed_int4(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -239,13 +244,13 @@ def packed_int4(module: Optional[nn.Module]) -> Optional[nn.Module]:
     from ..models.quantization import Int4Linear
     from . import kernels
 
-    if (type(module) is not Int4Linear or module.out_features % 64 or module.group_size % 2
-            or module.weight.device.type != "cpu"):
-        return module
-    mm = kernels.int4_rows_mm()
-    if mm is None or kernels.int4_prefill_matmul() is None:  # (the latter checks torch's packed layout)
-        return module
-    return _once(module, PackedInt4Linear, lambda: PackedInt4Linear(module, mm))
+    eligible = (type(module) is Int4Linear and module.out_features % 64 == 0 and module.group_size % 2 == 0
+                and module.weight.device.type == "cpu")
+    def kernel() -> Optional[Callable]:  # (int4_prefill_matmul checks torch's packed layout, which the copy is read out of)
+        mm = kernels.int4_rows_mm()
+        return mm if mm is not None and kernels.int4_prefill_matmul() is not None else None
+
+    return _through(module, eligible, kernel, PackedInt4Linear)
 
 
 def _once(module: nn.Module, kind: type, pack: Callable[[], nn.Module]) -> nn.Module:

@@ -394,13 +394,9 @@ class LlamaRunner:
         # layout; the compiled step keeps torch's own linears
         self.onednn = (bool(onednn and fuse) and self.dtype in ONEDNN_DTYPES and self.compiled is None
                        and onednn_available())
-        if self.onednn:  # (with bf16_kernel / f32_kernel, a bfloat16 / float32 model's through the project's kernels instead)
-            kinds = [k for k, on in ((packed_bf16, bf16_kernel), (packed_f32, f32_kernel)) if on]
-
-            def first(m: Any) -> Any:  # each takes only its own dtype's plain Linear
-                for kind in kinds:
-                    m = kind(m)
-                return m
+        if self.onednn:  # (with bf16_kernel / f32_kernel, a bfloat16 / float32 model's through the project's kernels first)
+            first = {torch.bfloat16: packed_bf16 if bf16_kernel else None,
+                     torch.float32: packed_f32 if f32_kernel else None}.get(self.dtype) or (lambda m: m)
             for f in self.fused:
                 f.pack(first)
                 f.pack()
