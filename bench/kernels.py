@@ -11,6 +11,7 @@ Each pair takes turns ``--rounds`` times; the figure is the median µs a layer. 
 quantized as the project quantizes them; the two sides' outputs are checked to agree first.
 
     PYTHONPATH=src:. python -m bench.kernels [--rows 1,4,16,41,256] [--layers 30] [--json PATH]
+    PYTHONPATH=src:. python -m bench.kernels --calls    # one module call against its operator alone
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def measure(kind: str, rows: list[int], layers: int, rounds: int) -> dict[str, A
     return res
 
 
+def calls(kind: str, n: int = 20000) -> dict[str, Any]:
+    """µs of one call at one row of a 576 x 576 projection of ``kind``: the module as the runner calls
+    it (on a decode step's [1, 1, 576]) and its operator alone (on [1, 576]); the difference is the
+    Python around the kernel."""
+    import timeit
+
+    (_, ours), = [pair for pair in _layers(kind, 1)[0] if pair[1].in_features == pair[1].out_features]
+    dtype = ours.ROWS
+    x = torch.randn(1, 1, 576).to(dtype)
+    operands, x2 = ours._operands(), x.view(1, 576)
+    with torch.inference_mode():
+        module = min(timeit.repeat(lambda: ours(x), number=n, repeat=3)) / n * 1e6
+        operator = min(timeit.repeat(lambda: ours.mm(x2, *operands), number=n, repeat=3)) / n * 1e6
+    return {"module_us": round(module, 2), "operator_us": round(operator, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="int4,int8,bf16,f32")
@@ -89,8 +106,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--calls", action="store_true", help="instead: µs of one module call at one row against its operator alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.calls:
+        out_calls = {kind: calls(kind) for kind in args.kinds.split(",")}
+        print("| kind | module call µs | operator alone µs |\n|---|---|---|")
+        for kind, r in out_calls.items():
+            print(f"| {kind} | {r['module_us']} | {r['operator_us']} |", flush=True)
+        emit_json({"threads": args.threads, "calls": out_calls}, args.json)
+        return
     rows = [int(r) for r in args.rows.split(",")]
     refs = {"int4": "torch int4", "int8": "torch int8", "bf16": "oneDNN bf16", "f32": "oneDNN f32"}
     out: dict[str, Any] = {"threads": args.threads, "layers": args.layers, "rounds": args.rounds, "kinds": {}}

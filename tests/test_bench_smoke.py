@@ -206,3 +206,9 @@ def test_kernels_bench_measures_each_kernel_against_its_reference(tmp_path):
         assert set(kind) == {"1", "5"}
         assert all(r["reference_us"] > 0 and r["kernel_us"] > 0 for r in kind.values())
     assert "| int4 (torch int4) | 1 |" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "bench.kernels", "--calls", "--kinds", "int4,f32", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(out.read_text())["calls"]
+    assert set(doc) == {"int4", "f32"} and all(r["module_us"] > 0 and r["operator_us"] > 0 for r in doc.values())
