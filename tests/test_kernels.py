@@ -567,7 +567,7 @@ def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
     scales = (torch.rand(192, generator=gen) / 50 + 1e-3).bfloat16()
     blocks = torch.ops.llamawrapper.int8_weight_blocks(w)
     assert blocks.shape == (3, 48, 64, 2) and torch.equal(blocks[1, 5], w[64:128, 10:12])
-    for M in [*range(1, 10), 70]:  # (more than 4 rows: each block converted once for all; 70: two tasks of rows)
+    for M in [*range(1, 10), 16, 33, 70]:  # (more than 4 rows: each block converted once for all; 70: two tasks of rows)
         x = torch.randn(M, 96, generator=gen).bfloat16()
         got = mm(x, blocks, scales)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16
@@ -604,7 +604,7 @@ def test_f32_rows_mm_is_the_f32_matmul_each_row_what_it_is_alone(kernel):
     w = torch.randn(192, 96, generator=gen)
     blocks = torch.ops.llamawrapper.f32_weight_blocks(w)
     assert blocks.shape == (3, 96, 64) and torch.equal(blocks[2, 7], w[128:192, 7])
-    for M in [*range(1, 10), 70]:
+    for M in [*range(1, 10), 16, 33, 70]:
         x = torch.randn(M, 96, generator=gen)
         got = mm(x, blocks)
         assert got.shape == (M, 192) and got.dtype == torch.float32
@@ -645,7 +645,7 @@ def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
     w = torch.randn(192, 96, generator=gen).bfloat16()
     blocks = torch.ops.llamawrapper.bf16_weight_blocks(w)
     assert blocks.shape == (3, 48, 64, 2) and torch.equal(blocks[2, 7], w[128:192, 14:16])
-    for M in [*range(1, 10), 70]:
+    for M in [*range(1, 10), 16, 33, 70]:
         x = torch.randn(M, 96, generator=gen).bfloat16()
         got = mm(x, blocks)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16
@@ -790,7 +790,7 @@ def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
     w = (q.double() - 8) * scale.t().repeat_interleave(32, 1) + zero.t().repeat_interleave(32, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     gen = torch.Generator().manual_seed(7)
-    for M in [*range(1, 10), 70]:
+    for M in [*range(1, 10), 16, 33, 70]:
         x = torch.randn(M, 128, generator=gen).bfloat16()
         got = mm(x, blocks, scales, 32)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16

@@ -1,7 +1,7 @@
 // float32 weights times float32 rows, for a float32 model's projections: oneDNN's packed matmul
 // (what they ran through before) read smollm2's float32 weights at ~20 GB/s at one row; here each
 // block of 64 output channels is read input after input (one 256-byte line of 64 weights each),
-// prefetched ahead, and multiplied by up to 4 rows with float32 FMAs, 16 accumulators: 1.4-1.7x
+// prefetched ahead (and the next block fetched into L2 while this one is reused), and multiplied by up to 4 rows with float32 FMAs, 16 accumulators: 1.4-1.7x
 // oneDNN at one row, 1.1-1.3x at 4, the same at 16 to 256 (bound by the FMAs there). Each
 // output is its row's inputs times the weights summed input after input, so a row's result is the
 // same whatever rows share the call. Built with decode_attention.cpp by engine/kernels.py; the
@@ -28,13 +28,14 @@ torch::Tensor f32_weight_blocks(torch::Tensor weight) {
 #if defined(CPU_CAPABILITY_AVX512)
 // R rows of x (row stride K) times one block's lines wb -> o[r][0..64) (row stride N)
 template <int R>
-inline void block_rows(const float* x, const float* wb, int64_t K, float* o, int64_t N) {
+inline void block_rows(const float* x, const float* wb, int64_t K, float* o, int64_t N, const llamawrapper_rows::NextBlock& next) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* line = wb + k * kBlockN;
     for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kBlockN + 16 * c), _MM_HINT_T0);
+    next.step(k);
     __m512 w[4];
     for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_ps(line + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -63,7 +64,8 @@ torch::Tensor f32_rows_mm(torch::Tensor x, torch::Tensor blocks) {
   llamawrapper_rows::for_block_tasks(M, N / kBlockN, [&](int64_t b, int64_t m0, int64_t m1) {
     const float* wb = W + b * K * kBlockN;
     llamawrapper_rows::in_fours(m0, m1, [&](auto rows, int64_t m) {
-      block_rows<decltype(rows)::value>(X + m * K, wb, K, O + m * N + b * kBlockN, N);
+      const llamawrapper_rows::NextBlock next(wb, K * kBlockN * 4, b, N / kBlockN, m0, m1, m, K);
+      block_rows<decltype(rows)::value>(X + m * K, wb, K, O + m * N + b * kBlockN, N, next);
     });
   });
   return out.view(llamawrapper_rows::rows_shape(x, N));

@@ -70,7 +70,7 @@ inline void unpack_line(const uint8_t* line, __m512bh w[4]) {
 // line once for all rows instead of once for every 4 was no faster.
 template <int R>
 inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* wb, const at::BFloat16* sz, int64_t K,
-                       int64_t G, at::BFloat16* o, int64_t N) {
+                       int64_t G, at::BFloat16* o, int64_t N, const llamawrapper_rows::NextBlock& next) {
   const int64_t groups = K / G;
   __m512 total[R][4];
   for (int r = 0; r < R; ++r)
@@ -84,6 +84,7 @@ inline void block_rows(const at::BFloat16* x, const float* sums, const uint8_t* 
     for (int64_t p = g * G / 2; p < (g + 1) * G / 2; ++p) {
       const uint8_t* line = wb + p * kBlockN;
       _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch * kBlockN), _MM_HINT_T0);
+      next.step(p);
       __m512bh w[4];
       unpack_line(line, w);
       for (int r = 0; r < R; ++r) {
@@ -114,7 +115,8 @@ __attribute__((noinline)) void block_range(const at::BFloat16* X, const float* s
   const at::BFloat16* sz = SZ + b * groups * 2 * kBlockN;
   at::BFloat16* o = O + b * kBlockN;
   llamawrapper_rows::in_fours(m0, m1, [&](auto rows, int64_t m) {
-    block_rows<decltype(rows)::value>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N);
+    const llamawrapper_rows::NextBlock next(wb, (K / 2) * kBlockN, b, N / kBlockN, m0, m1, m, K / 2);
+    block_rows<decltype(rows)::value>(X + m * K, sums + m * groups, wb, sz, K, G, o + m * N, N, next);
   });
 }
 #pragma GCC pop_options

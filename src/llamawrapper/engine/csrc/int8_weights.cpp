@@ -76,13 +76,15 @@ struct Bf16Lines {
 // channel's sum times its scale (none: bfloat16 weights); the block's lines from wb, or,
 // kBuffered, its vectors (Lines::vectors', line after line)
 template <int R, bool kBuffered, typename Lines>
-inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N) {
+inline void block_rows(const at::BFloat16* x, const void* wb, int64_t K, const float* scale, at::BFloat16* o, int64_t N,
+                       const llamawrapper_rows::NextBlock& next) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
   const int32_t* xp[R];
   for (int r = 0; r < R; ++r) xp[r] = reinterpret_cast<const int32_t*>(x + r * K);
   for (int64_t p = 0; p < K / 2; ++p) {
+    next.step(p);
     __m512bh w[4];
     if constexpr (kBuffered) {
       const __m512bh* v = static_cast<const __m512bh*>(wb) + 4 * p;
@@ -115,7 +117,8 @@ __attribute__((noinline)) void block_range(const at::BFloat16* X, const typename
   at::BFloat16* o = O + b * kBlockN;
   const auto rows = [&](auto buffered, const void* from) {
     llamawrapper_rows::in_fours(m0, m1, [&](auto r, int64_t m) {
-      block_rows<decltype(r)::value, decltype(buffered)::value, Lines>(X + m * K, from, K, scale, o + m * N, N);
+      const llamawrapper_rows::NextBlock next(wb, (K / 2) * kLine * sizeof(typename Lines::T), b, N / kBlockN, m0, m1, m, K / 2);
+      block_rows<decltype(r)::value, decltype(buffered)::value, Lines>(X + m * K, from, K, scale, o + m * N, N, next);
     });
   };
   if (m1 - m0 <= kBufferRows) {
