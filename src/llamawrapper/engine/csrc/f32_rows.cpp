@@ -1,8 +1,9 @@
 // float32 weights times float32 rows, for a float32 model's projections: oneDNN's packed matmul
 // (what they ran through before) read smollm2's float32 weights at ~20 GB/s at one row; here each
 // block of 64 output channels is read input after input (one 256-byte line of 64 weights each),
-// prefetched ahead (and the next block fetched into L2 while this one is reused), and multiplied by up to 4 rows with float32 FMAs, 16 accumulators: 1.4-1.7x
-// oneDNN at one row, 1.1-1.3x at 4, the same at 16 to 256 (bound by the FMAs there). Each
+// prefetched ahead (the next block fetched into L2 while this one is reused: row_tasks.h), and
+// multiplied by up to 4 rows with float32 FMAs, 16 accumulators: 1.4-1.7x oneDNN at one row,
+// 1.1-1.3x at 4, 1.3-1.45x at 16, about the same from 64 rows on (bound by the FMAs there). Each
 // output is its row's inputs times the weights summed input after input, so a row's result is the
 // same whatever rows share the call. Built with decode_attention.cpp by engine/kernels.py; the
 // operators are torch.ops.llamawrapper.f32_weight_blocks and torch.ops.llamawrapper.f32_rows_mm.

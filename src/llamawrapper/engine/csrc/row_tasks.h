@@ -1,7 +1,7 @@
-// What the project's matmul kernels (int4_rows.cpp, int8_weights.cpp) share: output channels in
-// blocks of 64, a call's rows split into tasks of 64 (so a prefill chunk keeps every thread busy)
-// and taken 4 at a time, the next block fetched while a block's later groups run from L2. Each row's
-// result is the same in whichever task and group it falls.
+// What the project's matmul kernels (f32_rows.cpp, int4_rows.cpp, int8_weights.cpp) share:
+// output channels in blocks of 64, a call's rows split into tasks of 64 (so a prefill chunk keeps
+// every thread busy) and taken 4 at a time, the next block fetched while a block's later groups
+// run from L2. Each row's result is the same in whichever task and group it falls.
 #pragma once
 
 #include <torch/extension.h>
