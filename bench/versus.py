@@ -6,7 +6,9 @@ ratio of the issue measured in one run on one machine.
   against this engine's decode tokens/s at fp32, bf16, int8 and int4 (``LlamaWrapper.load(...,
   dtype=, quantization=)``; median of ``decode_repeats`` W1 runs; decode = (n-1) / (last token -
   first token), which is what tg128 times). Each engine variant runs in its own process
-  (``bench.worker``, workloads ``decode,prefill,ttft,w2``), one after another.
+  (``bench.worker``, workloads ``decode,prefill,ttft,w2``), one after another, with a short
+  tg128 (``BESIDE_REPS`` repetitions) between them: a variant's W1 ratio to llama.cpp is against
+  the mean of the two measured just before and just after it.
 - **W2 over HTTP**: 16 concurrent streaming chats sharing the ~300-token support system prompt,
   64 new tokens each, sent together by the same ``openai`` client code to ``llamawrapper serve``
   (fp32 and int4) and to ``llama-server -np 16`` (``-c`` = 16 x 1024 tokens, so every slot holds
@@ -48,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import llamacpp
 from .metrics import machine, percentile, versions
@@ -118,6 +120,8 @@ def _median(xs: list[float]) -> Optional[float]:
 
 
 # -- llama-bench ------------------------------------------------------------------------------------
+BESIDE_REPS = 2  # repetitions of the tg measured between engine variants (~4 s each for smollm2)
+
 def llama_bench_stage(gguf: Optional[Path], why: str, threads: int, n_gen: int, n_prompt: int, reps: int) -> dict[str, Any]:
     """llama-bench tg (``-p 0 -n n_gen``) and pp (``-p n_prompt -n 0``), or why llama.cpp is unavailable."""
     ok, where = llamacpp.available()
@@ -150,24 +154,34 @@ def llama_bench_one(gguf: Path, name: str, n_prompt: int, n_gen: int, reps: int,
             "loadavg_before": load0, "loadavg_after": _load()}
 
 
-def tg_reference(cpp: dict) -> Optional[float]:
-    """llama.cpp's tg figure the ratios use: the mean of the run's start and end measurements
-    (A-B-A around the engine and HTTP stages), or the start one alone."""
-    xs = [_get(cpp, k, "tokens_per_s") for k in ("tg", "tg_end")]
+def tg_reference(cpp: dict, variant: Optional[str] = None, key: str = "tokens_per_s") -> Optional[float]:
+    """llama.cpp's tg figure (``key``) the ratios use: for an engine ``variant``, the mean of the
+    measurements taken just before and just after its process (``tg_beside``: a shared machine's
+    speed moved by a third within a run, so a figure from minutes away did not compare); else the
+    mean of the run's start and end measurements (A-B-A around the engine and HTTP stages), or
+    the start one alone."""
+    beside = (cpp.get("tg_beside") or {}).get(variant) if variant else None
+    records = beside or [cpp.get(k) for k in ("tg", "tg_end")]
+    xs = [_get(r, key) for r in records]
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
 
 # -- engine variants (one process each, through bench.run / bench.worker) ---------------------------
 def engine_stage(variants: list[str], model: str, settings: BenchSettings, workloads: str, timeout: float,
-                 baseline_src: Optional[Path], baseline_ref: Optional[str]) -> dict[str, Any]:
+                 baseline_src: Optional[Path], baseline_ref: Optional[str],
+                 tg: Optional[Callable[[], dict[str, Any]]] = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Each engine variant in its own process, one after another; with ``tg`` (a short llama-bench
+    tg), llama.cpp measured between them too: each variant's [before, after] records."""
     from .run import run_system
 
     ns = argparse.Namespace(model=model, workloads=workloads, timeout=timeout)
     out: dict[str, Any] = {}
+    beside: dict[str, list[dict[str, Any]]] = {}
     todo = [(v, VARIANTS[v], None) for v in variants]
     if baseline_src is not None:
         todo.append((f"fp32@{baseline_ref}", VARIANTS["fp32"], baseline_src))
+    before = tg() if tg else None
     for name, spec, src in todo:
         print(f"== engine {name} ({spec})", file=sys.stderr, flush=True)
         load0 = _load()
@@ -175,7 +189,11 @@ def engine_stage(variants: list[str], model: str, settings: BenchSettings, workl
         r["loadavg_before"], r["loadavg_after"] = load0, _load()
         out[name] = r
         print(f"== engine {name}: {r.get('status')} {r.get('reason', '')}", file=sys.stderr, flush=True)
-    return out
+        if tg and before is not None:
+            after = tg()
+            beside[name] = [before, after]
+            before = after
+    return out, beside
 
 
 def baseline_source(ref: str, into: Path) -> Path:
@@ -404,9 +422,8 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
         return _get(eng, v, "workloads", "prefill", "tokens_per_s") if ok(v) else None
 
     cpu = {v: engine_cpu_rates(doc, v) for v in eng}
-    tg = tg_reference(cpp)
-    tg_cpu = [x for x in (_get(cpp, k, "tokens_per_cpu_s") for k in ("tg", "tg_end")) if x]
-    tg_cpu_ref = sum(tg_cpu) / len(tg_cpu) if tg_cpu else None
+    tg = lambda v: tg_reference(cpp, v)  # noqa: E731
+    tg_cpu = lambda v: tg_reference(cpp, v, "tokens_per_cpu_s")  # noqa: E731
     c = lambda v, k: (cpu.get(v) or {}).get(k)  # noqa: E731
     base = next((k for k in eng if k.startswith("fp32@")), None)
     rows: list[dict[str, Any]] = []
@@ -417,10 +434,11 @@ def ratios(doc: dict) -> list[dict[str, Any]]:
         rows.append({"name": name, "value": value, "cpu_time_value": cpu_value,
                      "target": f"{kind} {target}" if target is not None else None, "met": met, "note": note})
 
-    row("W1 int4 / llama.cpp tg128", _ratio(dec("int4"), tg), 1.0, note="stretch >= 1.3", cpu_value=_ratio(c("int4", "decode"), tg_cpu_ref))
-    row("W1 int4 compiled (int4c) / llama.cpp tg128", _ratio(dec("int4c"), tg), 1.0, note="stretch >= 1.3",
-        cpu_value=_ratio(c("int4c", "decode"), tg_cpu_ref))
-    row("W1 fp32 / llama.cpp tg128", _ratio(dec("fp32"), tg), None, cpu_value=_ratio(c("fp32", "decode"), tg_cpu_ref))
+    row("W1 int4 / llama.cpp tg128", _ratio(dec("int4"), tg("int4")), 1.0, note="stretch >= 1.3",
+        cpu_value=_ratio(c("int4", "decode"), tg_cpu("int4")))
+    row("W1 int4 compiled (int4c) / llama.cpp tg128", _ratio(dec("int4c"), tg("int4c")), 1.0, note="stretch >= 1.3",
+        cpu_value=_ratio(c("int4c", "decode"), tg_cpu("int4c")))
+    row("W1 fp32 / llama.cpp tg128", _ratio(dec("fp32"), tg("fp32")), None, cpu_value=_ratio(c("fp32", "decode"), tg_cpu("fp32")))
     row("W1 bf16 / fp32", _ratio(dec("bf16"), dec("fp32")), 1.5, cpu_value=_ratio(c("bf16", "decode"), c("fp32", "decode")))
     row("W1 int8 / fp32", _ratio(dec("int8"), dec("fp32")), 1.6, cpu_value=_ratio(c("int8", "decode"), c("fp32", "decode")))
     row("W1 int4 / fp32", _ratio(dec("int4"), dec("fp32")), 2.2, cpu_value=_ratio(c("int4", "decode"), c("fp32", "decode")))
@@ -484,6 +502,10 @@ def markdown(doc: dict) -> str:
         for k in ("tg", "pp", "tg_end"):
             if (cpp.get(k) or {}).get("status") == "error":
                 lines.append(f"| llama.cpp {k} | error: {cpp[k]['reason'][:150]} ||||||")
+        for v, (before, after) in (cpp.get("tg_beside") or {}).items():
+            lines.append(f"| llama.cpp tg just before / after engine {v} | {_f(before.get('tokens_per_s'))} / "
+                         f"{_f(after.get('tokens_per_s'))} | – | – | – | – | {_l1(before.get('loadavg_before'))} → "
+                         f"{_l1(after.get('loadavg_after'))} |")
     elif cpp:
         lines.append(f"| llama.cpp | {cpp.get('status')}: {cpp.get('reason', '')[:150]} ||||||")
     else:
@@ -649,8 +671,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": settings.to_dict(), "notes": [
             "greedy; W1/prefill engine variants each in their own process (bench.worker), one at a time",
             "W1 engine figure = decode tokens/s (n-1)/(last-first token) after a 46-token chat prompt, median of decode_repeats; "
-            "llama.cpp = llama-bench tg (no prompt), median of its repetitions, measured at the start and at the end of the run; "
-            "ratios use the mean of the two",
+            "llama.cpp = llama-bench tg (no prompt), median of its repetitions, measured at the start and at the end of the run "
+            "and between engine variants; a variant's W1 ratio uses the mean of the two measured just before and after it "
+            "(else of the start and end ones)",
             "W2 over HTTP: same openai client code for both servers; logit_bias -100 on end-of-generation tokens so each answer "
             "has exactly max_tokens tokens (checked from usage); cold = first wave after start (+1 short unrelated warm-up "
             "request), warm = second wave (other questions, same system prompt)",
@@ -667,7 +690,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         base_src = baseline_source(args.baseline, Path(tmp)) if args.baseline else None
         doc["baseline"] = args.baseline
         if "engine" in stages:
-            doc["engine"] = engine_stage(variants, args.model, settings, args.engine_workloads, args.timeout, base_src, args.baseline)
+            tg = None
+            if "llamacpp" in stages and doc["llamacpp"].get("status") == "ok":
+                def tg() -> dict[str, Any]:  # a short tg beside each engine variant (the W1 ratios' reference)
+                    print("== llama.cpp llama-bench tg (between engine variants)", file=sys.stderr, flush=True)
+                    return llama_bench_one(Path(doc["gguf"]), "tg", 0, settings.w1_new_tokens, BESIDE_REPS, args.threads)
+            doc["engine"], beside = engine_stage(variants, args.model, settings, args.engine_workloads, args.timeout, base_src,
+                                                 args.baseline, tg)
+            if beside:
+                doc["llamacpp"]["tg_beside"] = beside
             (out_dir / "versus-partial.json").write_text(json.dumps(doc, indent=1))
         if "http" in stages:
             log_dir = out_dir / f"versus-{stamp}-logs"
