@@ -159,11 +159,10 @@ def tg_reference(cpp: dict, variant: Optional[str] = None, key: str = "tokens_pe
     measurements taken just before and just after its process (``tg_beside``: a shared machine's
     speed moved by a third within a run, so a figure from minutes away did not compare); else the
     mean of the run's start and end measurements (A-B-A around the engine and HTTP stages), or
-    the start one alone."""
-    beside = (cpp.get("tg_beside") or {}).get(variant) if variant else None
-    records = beside or [cpp.get(k) for k in ("tg", "tg_end")]
-    xs = [_get(r, key) for r in records]
-    xs = [x for x in xs if x is not None]
+    the start one alone (also for a variant whose two beside it both failed)."""
+    figures = lambda records: [x for x in (_get(r, key) for r in records) if x is not None]  # noqa: E731
+    xs = figures((cpp.get("tg_beside") or {}).get(variant) or []) if variant else []
+    xs = xs or figures([cpp.get(k) for k in ("tg", "tg_end")])  # (none beside it, or both failed)
     return sum(xs) / len(xs) if xs else None
 
 

@@ -216,8 +216,8 @@ def test_kernels_bench_measures_each_kernel_against_its_reference(tmp_path):
 
 def test_w1_ratios_to_llamacpp_use_the_tg_measured_beside_each_engine_variant():
     """A variant's W1 ratio to llama.cpp is against the mean of the tg measured just before and just
-    after its process (the table lists them); a variant without such figures falls back to the
-    run's start and end measurements."""
+    after its process (the table lists them); a variant without such figures (none taken, or
+    both failed) falls back to the run's start and end measurements."""
     from bench.versus import markdown, ratios
 
     def tg(ts: float, cpu: float) -> dict:
@@ -228,12 +228,14 @@ def test_w1_ratios_to_llamacpp_use_the_tg_measured_beside_each_engine_variant():
         return {"status": "ok", "workloads": {"decode": {"decode_tokens_per_s": decode, "cpu_s": 2.0, "repeats": [{"tokens": 128}]}}}
 
     doc = {"llamacpp": {"status": "ok", "tg": tg(120.0, 60.0), "tg_end": tg(110.0, 50.0), "pp": {"tokens_per_s": 250.0},
-                        "tg_beside": {"int4": [tg(80.0, 40.0), tg(100.0, 50.0)]}},
-           "engine": {"int4": engine(135.0), "fp32": engine(46.0)}}
+                        "tg_beside": {"int4": [tg(80.0, 40.0), tg(100.0, 50.0)],
+                                      "int4c": [{"status": "error", "reason": "x"}, {"status": "error", "reason": "y"}]}},
+           "engine": {"int4": engine(135.0), "int4c": engine(138.0), "fp32": engine(46.0)}}
     rows = {r["name"]: r for r in ratios(doc)}
     assert rows["W1 int4 / llama.cpp tg128"]["value"] == pytest.approx(135.0 / 90.0)
     assert rows["W1 int4 / llama.cpp tg128"]["cpu_time_value"] == pytest.approx((128 / 2.0) / 45.0)
     assert rows["W1 fp32 / llama.cpp tg128"]["value"] == pytest.approx(46.0 / 115.0)
+    assert rows["W1 int4 compiled (int4c) / llama.cpp tg128"]["value"] == pytest.approx(138.0 / 115.0)  # both failed
     doc.update(machine={"cpu_model": "x", "nproc": 2, "cpu_flags": []}, model="m", threads=2,
                settings={"w1_new_tokens": 128, "prefill_tokens": 1000}, ratios=list(rows.values()))
     assert "| llama.cpp tg just before / after engine int4 | 80.0 / 100.0 |" in markdown(doc)
