@@ -43,7 +43,7 @@ from llamawrapper.engine.runner import LlamaRunner
 def parse(variant: str) -> tuple[str, dict[str, Any]]:
     model, *flags = variant.split("+")
     names = ("fuse", "compile", "attention_fp32", "attention_per_row", "onednn", "kernel", "kernel_block", "kernel_norm",
-             "int8_kernel", "int4_kernel", "bf16_kernel", "f32_kernel")
+             "int8_kernel", "int4_kernel", "bf16_kernel", "f32_kernel", "kernel_layers")
     opts: dict[str, Any] = {k: True for k in names if k in flags}
     opts.update({k: False for k in names if "no" + k in flags})
     for f in flags:  # kv=float32 | kv=bfloat16 | kv=float16: the KV cache's dtype

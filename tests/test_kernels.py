@@ -39,6 +39,21 @@ def counting(runner: LlamaRunner, name: str) -> list[int]:
     return calls
 
 
+def attention_blocks(runner: LlamaRunner, monkeypatch, record) -> None:
+    """Call ``record(rows, sharing)`` for each attention block a decode step of ``runner`` runs (RoPE,
+    cache write and attention of one layer): the Python loop's calls of ``rope_write_attention``,
+    or those the layer loop (``DecodeLayers``, one call a step) makes in the kernel, one per layer."""
+    real = kernels.rope_write_attention
+    monkeypatch.setattr(kernels, "rope_write_attention", lambda *a: record(a[1].shape[0], a[-1]) or real(*a))
+    loop = runner.layer_loop
+    if loop is not None:
+        def recorded(h, cos, sin, k, v, positions, src=None, shared=None):
+            for _ in range(runner.n_layers):
+                record(h.shape[0], None if src is None else (src, shared))
+            return loop(h, cos, sin, k, v, positions, src, shared)
+        runner.layer_loop = recorded
+
+
 @pytest.fixture(scope="module")
 def kernel():
     module = kernels.load()
@@ -353,10 +368,9 @@ def test_rows_sharing_a_system_prompt_read_it_once_and_answer_as_alone(tiny_llm,
     prompts = [system + torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (3, 11, 25, 6)]
     p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
     seen = []
-    real = kernels.rope_write_attention
-    monkeypatch.setattr(kernels, "rope_write_attention", lambda *a: seen.append(a[-1]) or real(*a))
     runner = LlamaRunner(model)
     assert runner.kernel is not None
+    attention_blocks(runner, monkeypatch, lambda rows, sharing: seen.append(sharing))
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
 
     def answer(r):
@@ -392,10 +406,9 @@ def test_every_decode_step_goes_through_the_kernel_with_batch_invariant_text(tin
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (4, 21, 60, 9, 33)]
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     calls = []
-    real = kernels.rope_write_attention
-    monkeypatch.setattr(kernels, "rope_write_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     runner = LlamaRunner(model)
     assert runner.kernel is not None
+    attention_blocks(runner, monkeypatch, lambda rows, sharing: calls.append(rows))
     eng = Engine(runner, tok, [tok.eos_token_id], EngineConfig(max_batch_size=8))
     try:
         alone = [(r.text, r.token_ids) for r in (eng.submit(p, greedy).result() for p in prompts)]
@@ -899,6 +912,9 @@ def test_every_forward_adds_and_norms_in_the_kernel(tiny_llm, monkeypatch):
     runner = LlamaRunner(model)
     assert runner.kernel_norm
     calls = counting(runner, "add_rms_norm")
+    loop = runner.layer_loop
+    if loop is not None:  # a decode step's norms, two a layer, made in the layer loop's one call
+        runner.layer_loop = lambda h, *a: calls.extend([h.shape[0]] * 2 * runner.n_layers) or loop(h, *a)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 40000, (int(n),), generator=gen).tolist() for n in (12, 40, 7)]
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
@@ -949,3 +965,79 @@ def test_norms_of_another_formula_keep_their_own_forward(tiny_llm):
     assert runner.kernel is not None and not runner.kernel_norm
     ids = torch.randint(10, 40000, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     assert torch.equal(prefill_logits(runner, ids), prefill_logits(plain, ids))
+
+
+def _wide_llama(mode: str) -> torch.nn.Module:
+    """A random-weight Llama whose every projection fills the matmul kernels' blocks of 64 output
+    channels (the tiny test model's k and v have 32), as ``mode``: fp32, bf16, int8 or int4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llamawrapper.models import quantization as quant
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    if mode == "bf16":
+        return model.to(torch.bfloat16)
+    return model if mode == "fp32" else quant.quantize_model(model, mode).eval()
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+def test_a_decode_steps_layers_in_one_kernel_call_are_the_python_loop_bit_for_bit(kernel, mode):
+    """With every projection on the matmul kernels, an eager decode step runs its layer loop in one
+    call (``DecodeLayers``): ragged rows, two of them reading a shared prefix from a third, give the
+    logits and write the cache that the Python loop (``kernel_layers`` off) gives and writes, bit for
+    bit, step after step."""
+    from llamawrapper.engine.kv_cache import SequenceKV
+
+    mm = {"fp32": kernels.f32_rows_mm, "bf16": kernels.bf16_rows_mm, "int8": kernels.int8_rows_mm, "int4": kernels.int4_rows_mm}
+    model = _wide_llama(mode)
+    runner = LlamaRunner(model)
+    if mm[mode]() is None:
+        assert runner.layer_loop is None
+        pytest.skip(f"the {mode} matmul kernel does not run on this CPU")
+    assert runner.layer_loop is not None
+    calls: list[int] = []
+    loop = runner.layer_loop
+    runner.layer_loop = lambda h, *a: calls.append(h.shape[0]) or loop(h, *a)
+    gen = torch.Generator().manual_seed(8)
+    caches = []
+    for _ in range(2):  # one cache for each path, the same contents: 5 rows, rows 2 and 4 sharing row 0's first blocks
+        cache = SlotCache(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, 8, block=16)
+        caches.append(cache)
+    for slot, (n, origin) in enumerate([(40, (1, 2)), (9, ()), (37, (1, 2)), (20, (5,)), (50, (1, 2, 3))]):
+        seq = SequenceKV(runner.n_layers, runner.n_kv_heads, runner.head_dim, runner.kv_dtype, capacity=n)
+        seq.data.copy_(torch.randn(seq.data.shape, generator=gen).to(seq.data.dtype))
+        seq.length = n
+        for cache in caches:
+            cache.put(slot, seq, origin)
+    for cache in caches:
+        cache.ensure(5, 80)
+    for cache in caches:  # the shared positions hold the same values in every row that shares them
+        for t in cache.k + cache.v:
+            t[2, :, :32] = t[0, :, :32]
+            t[4, :, :32] = t[0, :, :32]
+    assert caches[0].sharing(5) is not None
+    positions = torch.tensor([40, 9, 37, 20, 50])
+    tokens = torch.randint(0, 320, (5, 1), generator=gen)
+    for step in range(3):
+        length = int(positions.max()) + 1
+        mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(5, 1, 1, length)
+        out = []
+        for cache, on in zip(caches, (True, False)):
+            runner.kernel_layers = on
+            out.append(runner.forward(tokens, positions.unsqueeze(1), cache.decode_view(5, positions, length), mask))
+        assert torch.equal(out[0], out[1]), f"step {step}: the logits differ"
+        assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+        tokens, positions = out[0].argmax(-1, keepdim=True), positions + 1
+    assert calls == [5, 5, 5]  # every step of the first path went through the one call, none of the second's
+
+
+def test_the_layer_loop_is_left_to_python_where_a_layer_is_not_all_kernels(tiny_llm):
+    """A model whose q/k/v cannot fuse into the kernels' blocks (the tiny model's int4), or the
+    loop turned off (``kernel_layers=False``), keeps the Python loop."""
+    from llamawrapper.models import quantization as quant
+
+    model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
+    assert LlamaRunner(model).layer_loop is None
+    assert LlamaRunner(_wide_llama("fp32"), kernel_layers=False).kernel_layers is False

@@ -16,6 +16,10 @@ capability and torch version:
   lets it see, where torch's SDPA with a mask computes every score.
 - ``csrc/decode_layer.cpp``: a residual add and the RMS norm after it in one call
   (``add_rms_norm``), in decode steps and prefill chunks.
+- ``csrc/decode_layers.cpp``: an eager decode step's whole layer loop in one call
+  (``DecodeLayers``, the runner's ``kernel_layers``) when every projection of every layer runs
+  through one of the matmul kernels below: the same kernel calls as the runner's Python loop,
+  without the Python between them.
 - ``csrc/int4_weights.cpp``: an int4 model's weights unpacked to bfloat16 for its prefill chunks
   (``int4_prefill_matmul``).
 - ``csrc/int8_weights.cpp``: int8 weights in blocks of 64 output channels times bfloat16 rows
@@ -53,11 +57,11 @@ from ..config import home_dir
 
 log = logging.getLogger("llamawrapper.engine")
 
-# prefill and decode attention, a residual add + RMS norm, int4 weights unpacked to bfloat16 for
-# prefill, int8 weights times bfloat16 rows, the OpenMP team's thread ids
+# prefill and decode attention, a residual add + RMS norm, a decode step's layer loop, int4 weights
+# unpacked to bfloat16 for prefill, the matmuls, the OpenMP team's thread ids
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_attention.cpp", "decode_layer.cpp", "int4_weights.cpp", "int4_rows.cpp", "int8_weights.cpp",
-                        "f32_rows.cpp", "team_threads.cpp")]
+           for name in ("decode_attention.cpp", "decode_layer.cpp", "decode_layers.cpp", "int4_weights.cpp", "int4_rows.cpp",
+                        "int8_weights.cpp", "f32_rows.cpp", "team_threads.cpp")]
 DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 BUILD_TIMEOUT_S = 600  # most time to wait for another process's build
 # compiler flags of torch's vector types per CPU capability (what ``at::vec`` is built for)

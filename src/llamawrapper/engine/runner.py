@@ -60,8 +60,9 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import (DTYPES as ONEDNN_DTYPES, available as onednn_available, packed_bf16, packed_bytes, packed_f32, packed_int4,
-                     packed_int8, packed_linear)
+from .packed import (DTYPES as ONEDNN_DTYPES, PackedBf16Linear, PackedF32Linear, PackedInt4Linear, PackedInt8Linear,
+                     available as onednn_available, packed_bf16, packed_bytes, packed_f32, packed_int4, packed_int8,
+                     packed_linear)
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
 
@@ -259,6 +260,33 @@ def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.
     return fused.down(fused.act(gate) * up)
 
 
+# the kernels' numbers for the projection kinds ``DecodeLayers`` calls (csrc/decode_layers.cpp)
+_LOOP_KINDS = {PackedF32Linear: 0, PackedBf16Linear: 1, PackedInt8Linear: 2, PackedInt4Linear: 3}
+
+
+def _layer_loop(runner: "LlamaRunner") -> Optional[Any]:
+    """The kernel's ``DecodeLayers`` over ``runner``'s layers, or None unless every layer's q/k/v,
+    output, gate/up and down projections run through the project's matmul kernels on rows of the
+    model's dtype and its MLP is SiLU(gate) * up: what the Python loop calls for a decode step."""
+    specs = []
+    sample = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(runner.dtype) * 4
+    for layer, f in zip(runner.layers, runner.fused):
+        # (transformers' SiLUActivation or torch's SiLU: the loop calls torch's silu, as their forward does)
+        if f is None or f.act is None or not torch.equal(f.act(sample), F.silu(sample)):
+            return None
+        projections = []
+        for m in (f.qkv, f.o, f.gate_up, f.down):
+            kind = _LOOP_KINDS.get(type(m))
+            if kind is None or m.ROWS != runner.dtype:
+                return None
+            packed, *extra = m._operands()  # (int8: the scales; int4: the scales and zeros, the group size)
+            projections.append((kind, packed, extra[0] if extra else None, extra[1] if len(extra) > 1 else 0, m.bias))
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        specs.append((norms[0].weight, float(norms[0].variance_epsilon), norms[1].weight, float(norms[1].variance_epsilon),
+                      *projections))
+    return runner.kernel.DecodeLayers(specs, runner.n_heads)
+
+
 def _decode_step(runner: "LlamaRunner", tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
                  vs: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """One whole decode step (T = 1) of a model whose every layer is fused: the unit ``compile``
@@ -318,7 +346,7 @@ class LlamaRunner:
                  kv_dtype: torch.dtype | str | None = None, onednn: bool = True, kernel: bool = True,
                  kernel_block: bool = True, kernel_norm: bool = True, int4_prefill_bf16: bool = True,
                  kernel_prefill: bool = True, int8_kernel: bool = True, int4_kernel: bool = True,
-                 bf16_kernel: bool = True, f32_kernel: bool = True) -> None:
+                 bf16_kernel: bool = True, f32_kernel: bool = True, kernel_layers: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -423,6 +451,10 @@ class LlamaRunner:
         unpacked = self.int4_prefill
         self.prefill_fused = self.fused if unpacked is None else [
             None if f is None else f.through(lambda m: int4_through(m, unpacked)) for f in self.fused]
+        # an eager decode step's whole layer loop in one kernel call, when every layer's projections
+        # run through the project's matmul kernels (the same calls, without Python between them)
+        self.kernel_layers = bool(kernel_layers)
+        self.layer_loop = _layer_loop(self) if self.kernel_block and self.kernel_norm else None
 
     @property
     def packed_bytes(self) -> int:
@@ -554,10 +586,15 @@ class LlamaRunner:
         # the attention block (RoPE, the cache write, attention) in one kernel call a layer: a decode
         # step's, or a prefill forward's (its chunks' tokens, Bt = 1: a lone chunk or packed ones)
         block: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+        layers = self.layers
         if self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter):
             cos1, sin1, writer = cos[:, 0].contiguous(), sin[:, 0].contiguous(), kv
             block = lambda y, i: kernels.rope_write_attention(  # noqa: E731
                 self.kernel, y, cos1, sin1, writer.cache.k[i], writer.cache.v[i], writer.positions, H, writer.sharing)
+            if self.kernel_layers and self.layer_loop is not None:  # the loop below, in one call
+                h = self.layer_loop(h, cos1, sin1, writer.cache.k, writer.cache.v, writer.positions,
+                                    *(writer.sharing or (None, None)))
+                layers = []
         elif self.kernel_prefill and Bt == 1 and isinstance(kv, (_ChunkWriter, PackWriter)):
             cos1, sin1, pos1, chunks = cos[0].contiguous(), sin[0].contiguous(), positions[0].contiguous(), kv
             block = lambda y, i: kernels.prefill_attention(  # noqa: E731
@@ -566,7 +603,7 @@ class LlamaRunner:
         fused_layers = self.fused if isinstance(kv, (_DecodeWriter, _SpanWriter)) else self.prefill_fused
         add_norm = self._add_norm
         pending = None  # the last MLP's output, added to h with the next norm
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             attn, fused = layer.self_attn, fused_layers[i]
             h, x = add_norm(layer.input_layernorm, h, pending)
             if block is not None and fused is not None and fused.qkv is not None:

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -350,6 +352,10 @@ void rope_write_attend_cache(torch::Tensor& y, torch::Tensor& cos, torch::Tensor
                                 v.data_ptr<float>(), pos, sh, out.data_ptr<A>(), B, H, KVH, D, ks, vs, scale);
 }
 
+}  // namespace
+
+namespace llamawrapper {
+
 // y [B, H + 2 KVH, D] (the fused q/k/v projection of one decode step), cos/sin [B, D], in the
 // activations' dtype (float32 or bfloat16); k, v one layer's slot cache [slots, KVH, capacity, D]
 // (float32 or bfloat16, head_dim contiguous), written at [b, :, positions[b]] (a row's first shared[b]
@@ -391,6 +397,9 @@ torch::Tensor rope_write_attention(torch::Tensor y, torch::Tensor cos, torch::Te
   return out;
 }
 
+}  // namespace llamawrapper
+
+namespace {
 
 // A prefill forward's attention block after the fused q/k/v projection, over the chunks of one or
 // more sequences packed together (N tokens, ``y`` [N, H + 2 KVH, D]): token n is at position
@@ -529,12 +538,12 @@ torch::Tensor decode_attention_op(torch::Tensor q, torch::Tensor k, torch::Tenso
 TORCH_LIBRARY(llamawrapper, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) { m.impl("decode_attention", &decode_attention_op); }
 
-// decode_layer.cpp
-torch::Tensor add_rms_norm(torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
-std::vector<int64_t> team_threads();
+std::vector<int64_t> team_threads();  // team_threads.cpp
+void bind_decode_layers(pybind11::module& m);  // decode_layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("team_threads", &team_threads);
+  bind_decode_layers(m);
   m.def("decode_attention", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
                                 std::optional<torch::Tensor> src, std::optional<torch::Tensor> shared) {
     pybind11::gil_scoped_release free_gil;  // the server's event loop runs while a step attends
@@ -545,7 +554,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                    torch::Tensor positions, int64_t H, std::optional<torch::Tensor> src,
                                    std::optional<torch::Tensor> shared) {
     pybind11::gil_scoped_release free_gil;
-    return rope_write_attention(y, cos, sin, k, v, positions, H, src, shared);
+    return llamawrapper::rope_write_attention(y, cos, sin, k, v, positions, H, src, shared);
   }, pybind11::arg("y"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k"), pybind11::arg("v"),
      pybind11::arg("positions"), pybind11::arg("H"), pybind11::arg("src") = pybind11::none(),
      pybind11::arg("shared") = pybind11::none());
@@ -556,7 +565,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("add_rms_norm", [](torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
     pybind11::gil_scoped_release free_gil;
-    return add_rms_norm(h, delta, weight, eps);
+    return llamawrapper::add_rms_norm(h, delta, weight, eps);
   });
   m.def("width", [] { return static_cast<int64_t>(Vec::size()); });  // of the vectors the kernel computes with
   m.def("supports", [](int64_t head_dim) { return supported(head_dim); });  // a head_dim the kernel is built for

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -64,6 +66,8 @@ void add_norm_rows(A* h, const A* delta, const Wt* w, A* x, int64_t R, int64_t D
 
 }  // namespace
 
+namespace llamawrapper {
+
 // h [.., D] (updated in place with delta, if given), weight [D] -> the normalised rows [.., D]
 torch::Tensor add_rms_norm(torch::Tensor h, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
   TORCH_CHECK(h.is_contiguous() && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
@@ -87,3 +91,5 @@ torch::Tensor add_rms_norm(torch::Tensor h, std::optional<torch::Tensor> delta, 
   });
   return x;
 }
+
+}  // namespace llamawrapper

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include "kernels.h"
 #include "row_tasks.h"
 
 namespace {
@@ -49,6 +50,10 @@ inline void block_rows(const float* x, const float* wb, int64_t K, float* o, int
 }
 #endif
 
+}  // namespace
+
+namespace llamawrapper {
+
 // x [..., K] float32, blocks [N / 64, K, 64] float32 (f32_weight_blocks) -> [..., N] float32
 torch::Tensor f32_rows_mm(torch::Tensor x, torch::Tensor blocks) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "f32_rows_mm: x must be [..., K] float32");
@@ -75,7 +80,7 @@ torch::Tensor f32_rows_mm(torch::Tensor x, torch::Tensor blocks) {
 #endif
 }
 
-}  // namespace
+}  // namespace llamawrapper
 
 TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
   m.def("f32_weight_blocks(Tensor weight) -> Tensor");
@@ -83,5 +88,5 @@ TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
 }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) {
   m.impl("f32_weight_blocks", &f32_weight_blocks);
-  m.impl("f32_rows_mm", &f32_rows_mm);
+  m.impl("f32_rows_mm", &llamawrapper::f32_rows_mm);
 }

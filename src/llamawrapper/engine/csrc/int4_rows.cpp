@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include "kernels.h"
 #include "row_tasks.h"
 
 namespace {
@@ -138,6 +139,10 @@ inline void group_sums(const at::BFloat16* x, int64_t K, int64_t G, float* out) 
 }
 #endif
 
+}  // namespace
+
+namespace llamawrapper {
+
 // x [..., K] bfloat16, blocks [N / 64, K / 2, 64] uint8 (int4_weight_pairs), scales_and_zeros
 // [N / 64, K / G, 2, 64] bfloat16 (w = (q - 8) * scale + zero) -> [..., N] bfloat16
 torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales_and_zeros, int64_t group_size) {
@@ -175,7 +180,7 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 #endif
 }
 
-}  // namespace
+}  // namespace llamawrapper
 
 TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
   m.def("int4_weight_pairs(Tensor q) -> Tensor");
@@ -183,5 +188,5 @@ TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
 }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) {
   m.impl("int4_weight_pairs", &int4_weight_pairs);
-  m.impl("int4_rows_mm", &int4_rows_mm);
+  m.impl("int4_rows_mm", &llamawrapper::int4_rows_mm);
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
 #include "row_tasks.h"
 
 namespace {
@@ -158,6 +159,10 @@ torch::Tensor rows_mm(const char* name, const torch::Tensor& x, const torch::Ten
 #endif
 }
 
+}  // namespace
+
+namespace llamawrapper {
+
 // x [..., K] bfloat16, blocks [N / 64, K / 2, 64, 2] int8 (int8_weight_blocks), scales [N] (float32
 // is used as it is; another dtype is widened per call) -> [..., N] bfloat16
 torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales) {
@@ -186,7 +191,7 @@ torch::Tensor bf16_rows_mm(torch::Tensor x, torch::Tensor blocks) {
 #endif
 }
 
-}  // namespace
+}  // namespace llamawrapper
 
 TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
   m.def("int8_weight_blocks(Tensor weight) -> Tensor");
@@ -196,7 +201,7 @@ TORCH_LIBRARY_FRAGMENT(llamawrapper, m) {
 }
 TORCH_LIBRARY_IMPL(llamawrapper, CPU, m) {
   m.impl("int8_weight_blocks", &int8_weight_blocks);
-  m.impl("int8_rows_mm", &int8_rows_mm);
+  m.impl("int8_rows_mm", &llamawrapper::int8_rows_mm);
   m.impl("bf16_weight_blocks", &bf16_weight_blocks);
-  m.impl("bf16_rows_mm", &bf16_rows_mm);
+  m.impl("bf16_rows_mm", &llamawrapper::bf16_rows_mm);
 }
