@@ -969,20 +969,28 @@ def test_norms_of_another_formula_keep_their_own_forward(tiny_llm):
 
 def _wide_llama(mode: str) -> torch.nn.Module:
     """A random-weight Llama whose every projection fills the matmul kernels' blocks of 64 output
-    channels (the tiny test model's k and v have 32), as ``mode``: fp32, bf16, int8 or int4."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    channels (the tiny test model's k and v have 32), as ``mode``: fp32, bf16, int8 or int4; or
+    ``qwen2``, a float32 Qwen2 (q/k/v projections with biases)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from llamawrapper.models import quantization as quant
 
     torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
+    shape = dict(vocab_size=320, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    if mode == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+        with torch.no_grad():  # (biases start at zero)
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_()
+        return model
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     if mode == "bf16":
         return model.to(torch.bfloat16)
     return model if mode == "fp32" else quant.quantize_model(model, mode).eval()
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4", "qwen2"])
 def test_a_decode_steps_layers_in_one_kernel_call_are_the_python_loop_bit_for_bit(kernel, mode):
     """With every projection on the matmul kernels, an eager decode step runs its layer loop in one
     call (``DecodeLayers``): ragged rows, two of them reading a shared prefix from a third, give the
@@ -990,13 +998,16 @@ def test_a_decode_steps_layers_in_one_kernel_call_are_the_python_loop_bit_for_bi
     bit, step after step."""
     from llamawrapper.engine.kv_cache import SequenceKV
 
-    mm = {"fp32": kernels.f32_rows_mm, "bf16": kernels.bf16_rows_mm, "int8": kernels.int8_rows_mm, "int4": kernels.int4_rows_mm}
+    mm = {"fp32": kernels.f32_rows_mm, "bf16": kernels.bf16_rows_mm, "int8": kernels.int8_rows_mm, "int4": kernels.int4_rows_mm,
+          "qwen2": kernels.f32_rows_mm}
     model = _wide_llama(mode)
     runner = LlamaRunner(model)
     if mm[mode]() is None:
         assert runner.layer_loop is None
         pytest.skip(f"the {mode} matmul kernel does not run on this CPU")
     assert runner.layer_loop is not None
+    if mode == "qwen2":
+        assert runner.fused[0].qkv.bias is not None and bool(runner.fused[0].qkv.bias.any())
     calls: list[int] = []
     loop = runner.layer_loop
     runner.layer_loop = lambda h, *a: calls.append(h.shape[0]) or loop(h, *a)

@@ -277,8 +277,8 @@ def _layer_loop(runner: "LlamaRunner") -> Optional[Any]:
         projections = []
         for m in (f.qkv, f.o, f.gate_up, f.down):
             kind = _LOOP_KINDS.get(type(m))
-            if kind is None or m.ROWS != runner.dtype:
-                return None
+            if kind is None or m.ROWS != runner.dtype or (m.bias is not None and m.bias.dtype != runner.dtype):
+                return None  # (a bias of another dtype would promote the output: the Python loop's add and norm take it)
             packed, *extra = m._operands()  # (int8: the scales; int4: the scales and zeros, the group size)
             projections.append((kind, packed, extra[0] if extra else None, extra[1] if len(extra) > 1 else 0, m.bias))
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
