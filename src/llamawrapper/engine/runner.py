@@ -33,10 +33,13 @@ With ``kernel`` (``attention_kernel``, the default) a decode step's attention ru
 project's C++ kernel (``kernels.py``): it reads a float32 or bfloat16 cache in place,
 stops at each row's own length, and gives each row what it gives it alone, so it serves both the
 batched and the per-row decode. With ``kernel_block`` (the default) an eager decode step's RoPE
-and cache write run in the same call, bit for bit as torch's ops compute them. With
-``kernel_prefill`` (the default) prefill chunks (one prompt's, or several packed) do too: each
-token attends over its own sequence up to itself, as a decode step at its position would, and
-only over the keys the causal mask lets it see (torch's SDPA with a mask computes them all).
+and cache write run in the same call, bit for bit as torch's ops compute them, and with
+``kernel_layers`` (the default), where every layer's projections run through the project's matmul
+kernels, its whole layer loop is one kernel call (``csrc/decode_layers.cpp``): the loop's calls,
+bit for bit, without the Python between them. With ``kernel_prefill`` (the default) prefill
+chunks (one prompt's, or several packed) run their RoPE, cache write and attention in one call a
+layer too: each token attends over its own sequence up to itself, as a decode step at its position
+would, and only over the keys the causal mask lets it see (torch's SDPA with a mask computes them all).
 
 With ``compile`` (``compile_decode``) a decode step of a fully fused model runs as one graph
 compiled by torch's inductor (``_decode_step``, built at load by ``warm_up``, cached on disk under
