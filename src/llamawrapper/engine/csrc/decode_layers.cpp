@@ -4,7 +4,8 @@
 // output projection, add and norm, the fused gate/up projection, SiLU(gate) * up (torch's ops, as
 // the loop calls them) and the down projection; so the result is the loop's, bit for bit. On a
 // one-row int4 step of smollm2, ~1.7 ms of ~6 ms went to Python and torch's dispatch between these
-// calls. Built with decode_attention.cpp by engine/kernels.py, whose binding is ``DecodeLayers``.
+// calls. Built with decode_attention.cpp by engine/kernels.py; bound (bind_decode_layers) as the class
+// ``DecodeLayers``, which runner._layer_loop makes once per runner.
 #include <torch/extension.h>
 
 #include <optional>
