@@ -1045,10 +1045,14 @@ def test_a_decode_steps_layers_in_one_kernel_call_are_the_python_loop_bit_for_bi
 
 
 def test_the_layer_loop_is_left_to_python_where_a_layer_is_not_all_kernels(tiny_llm):
-    """A model whose q/k/v cannot fuse into the kernels' blocks (the tiny model's int4), or the
-    loop turned off (``kernel_layers=False``), keeps the Python loop."""
+    """A model whose q/k/v cannot fuse into the kernels' blocks (the tiny model's int4: torch's int4
+    kernel for them), or whose projections keep torch's kernels (``f32_kernel=False``: oneDNN's),
+    has no layer loop: its decode steps run the Python loop."""
     from llamawrapper.models import quantization as quant
 
-    model = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
-    assert LlamaRunner(model).layer_loop is None
-    assert LlamaRunner(_wide_llama("fp32"), kernel_layers=False).kernel_layers is False
+    int4 = quant.quantize_model(copy.deepcopy(tiny_llm.loaded.model), "int4").eval()
+    assert LlamaRunner(int4).kernel_block and LlamaRunner(int4).layer_loop is None
+    wide = _wide_llama("fp32")
+    if kernels.f32_rows_mm() is not None:
+        assert LlamaRunner(wide).layer_loop is not None
+    assert LlamaRunner(wide, f32_kernel=False).layer_loop is None
