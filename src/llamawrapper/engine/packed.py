@@ -84,6 +84,7 @@ class _RowsKernelLinear(nn.Module):
     per kind, ``_operands``): ``[..., in]`` -> ``[..., out]`` in ``ROWS`` (the rows' dtype), plus its bias."""
 
     ROWS = torch.bfloat16
+    LOOP_KIND = -1  # the kernel's number in csrc/decode_layers.cpp (``Projection::Kind``)
 
     def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor], packed: torch.Tensor) -> None:
         super().__init__()
@@ -97,6 +98,12 @@ class _RowsKernelLinear(nn.Module):
     def _operands(self) -> tuple:
         """What the kernel takes after the rows: the laid-out weights, then the kind's own."""
         return (self.packed,)
+
+    def loop_spec(self) -> tuple:
+        """This projection as ``DecodeLayers`` takes it: (kind, packed, the kind's scales or None,
+        int4's group size or 0, bias or None)."""
+        packed, *extra = self._operands()
+        return (self.LOOP_KIND, packed, extra[0] if extra else None, extra[1] if len(extra) > 1 else 0, self.bias)
 
     def _bind(self) -> None:
         # the eager path's call, in plain attributes: a module's buffers are read through
@@ -123,6 +130,8 @@ class PackedInt8Linear(_RowsKernelLinear):
     """``Int8Linear`` (``x @ (w_int8 * scale).T + b``, bfloat16 out) through ``int8_rows_mm`` on a copy
     of its weights in blocks of 64 output channels."""
 
+    LOOP_KIND = 2
+
     def __init__(self, linear: nn.Module, mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         with torch.no_grad():
             super().__init__(linear, mm, torch.ops.llamawrapper.int8_weight_blocks(linear.weight.detach()))
@@ -138,6 +147,8 @@ class PackedBf16Linear(_RowsKernelLinear):
     """A bfloat16 ``nn.Linear`` through ``bf16_rows_mm`` on a copy of its weight in blocks of 64 output
     channels, two inputs at a time (``bf16_weight_blocks``)."""
 
+    LOOP_KIND = 1
+
     def __init__(self, linear: nn.Linear, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         with torch.no_grad():
             super().__init__(linear, mm, torch.ops.llamawrapper.bf16_weight_blocks(linear.weight.detach()))
@@ -147,6 +158,8 @@ class PackedBf16Linear(_RowsKernelLinear):
 class PackedF32Linear(_RowsKernelLinear):
     """A float32 ``nn.Linear`` through ``f32_rows_mm`` on a copy of its weight in blocks of 64 output
     channels, input after input (``f32_weight_blocks``)."""
+
+    LOOP_KIND = 0
 
     ROWS = torch.float32
 
@@ -159,6 +172,8 @@ class PackedF32Linear(_RowsKernelLinear):
 class PackedInt4Linear(_RowsKernelLinear):
     """``Int4Linear`` (``x @ ((q - 8) * scale + zero).T + b`` per group of inputs, bfloat16 out) through
     ``int4_rows_mm`` on a copy of its weights in pairs of input features (``int4_weight_pairs``)."""
+
+    LOOP_KIND = 3
 
     def __init__(self, linear: nn.Module, mm: Callable[..., torch.Tensor]) -> None:
         N, K, G = linear.out_features, linear.in_features, linear.group_size

@@ -63,9 +63,8 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import (DTYPES as ONEDNN_DTYPES, PackedBf16Linear, PackedF32Linear, PackedInt4Linear, PackedInt8Linear,
-                     available as onednn_available, packed_bf16, packed_bytes, packed_f32, packed_int4, packed_int8,
-                     packed_linear)
+from .packed import (DTYPES as ONEDNN_DTYPES, _RowsKernelLinear, available as onednn_available, packed_bf16, packed_bytes,
+                     packed_f32, packed_int4, packed_int8, packed_linear)
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
 
@@ -263,10 +262,6 @@ def _fused_mlp(layer: torch.nn.Module, fused: _Fused, x: torch.Tensor) -> torch.
     return fused.down(fused.act(gate) * up)
 
 
-# the kernels' numbers for the projection kinds ``DecodeLayers`` calls (csrc/decode_layers.cpp)
-_LOOP_KINDS = {PackedF32Linear: 0, PackedBf16Linear: 1, PackedInt8Linear: 2, PackedInt4Linear: 3}
-
-
 def _layer_loop(runner: "LlamaRunner") -> Optional[Any]:
     """The kernel's ``DecodeLayers`` over ``runner``'s layers, or None unless every layer's q/k/v,
     output, gate/up and down projections run through the project's matmul kernels on rows of the
@@ -277,16 +272,13 @@ def _layer_loop(runner: "LlamaRunner") -> Optional[Any]:
         # (transformers' SiLUActivation or torch's SiLU: the loop calls torch's silu, as their forward does)
         if f is None or f.act is None or not torch.equal(f.act(sample), F.silu(sample)):
             return None
-        projections = []
-        for m in (f.qkv, f.o, f.gate_up, f.down):
-            kind = _LOOP_KINDS.get(type(m))
-            if kind is None or m.ROWS != runner.dtype or (m.bias is not None and m.bias.dtype != runner.dtype):
+        projections = (f.qkv, f.o, f.gate_up, f.down)
+        for m in projections:
+            if not isinstance(m, _RowsKernelLinear) or m.ROWS != runner.dtype or (m.bias is not None and m.bias.dtype != runner.dtype):
                 return None  # (a bias of another dtype would promote the output: the Python loop's add and norm take it)
-            packed, *extra = m._operands()  # (int8: the scales; int4: the scales and zeros, the group size)
-            projections.append((kind, packed, extra[0] if extra else None, extra[1] if len(extra) > 1 else 0, m.bias))
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         specs.append((norms[0].weight, float(norms[0].variance_epsilon), norms[1].weight, float(norms[1].variance_epsilon),
-                      *projections))
+                      *(m.loop_spec() for m in projections)))
     return runner.kernel.DecodeLayers(specs, runner.n_heads)
 
 
@@ -592,12 +584,13 @@ class LlamaRunner:
         layers = self.layers
         if self.kernel_block and T == 1 and not packed and isinstance(kv, _DecodeWriter):
             cos1, sin1, writer = cos[:, 0].contiguous(), sin[:, 0].contiguous(), kv
-            block = lambda y, i: kernels.rope_write_attention(  # noqa: E731
-                self.kernel, y, cos1, sin1, writer.cache.k[i], writer.cache.v[i], writer.positions, H, writer.sharing)
             if self.kernel_layers and self.layer_loop is not None:  # the loop below, in one call
                 h = self.layer_loop(h, cos1, sin1, writer.cache.k, writer.cache.v, writer.positions,
                                     *(writer.sharing or (None, None)))
                 layers = []
+            else:
+                block = lambda y, i: kernels.rope_write_attention(  # noqa: E731
+                    self.kernel, y, cos1, sin1, writer.cache.k[i], writer.cache.v[i], writer.positions, H, writer.sharing)
         elif self.kernel_prefill and Bt == 1 and isinstance(kv, (_ChunkWriter, PackWriter)):
             cos1, sin1, pos1, chunks = cos[0].contiguous(), sin[0].contiguous(), positions[0].contiguous(), kv
             block = lambda y, i: kernels.prefill_attention(  # noqa: E731
