@@ -580,7 +580,7 @@ def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
     scales = (torch.rand(192, generator=gen) / 50 + 1e-3).bfloat16()
     blocks = torch.ops.llamawrapper.int8_weight_blocks(w)
     assert blocks.shape == (3, 48, 64, 2) and torch.equal(blocks[1, 5], w[64:128, 10:12])
-    for M in [*range(1, 10), 16, 33, 70]:  # (more than 4 rows: each block converted once for all; 70: two tasks of rows)
+    for M in [*range(1, 10), 16, 33, 70, 130]:  # (more than 4 rows: each block converted once for all; 70, 130: two, three tasks of rows)
         x = torch.randn(M, 96, generator=gen).bfloat16()
         got = mm(x, blocks, scales)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16
@@ -603,8 +603,8 @@ def test_int8_rows_mm_is_the_int8_matmul_each_row_what_it_is_alone(kernel):
 
 def test_f32_rows_mm_is_the_f32_matmul_each_row_what_it_is_alone(kernel):
     """``f32_rows_mm`` over ``f32_weight_blocks``: x . w in float32, within float32 rounding of a
-    float64 reference and of ``F.linear``, for 1 to 9 rows (the groups of 4 and every tail) and 70
-    (two tasks of rows); every row bit for bit what it is alone; rows with leading dimensions,
+    float64 reference and of ``F.linear``, for 1 to 9 rows (the groups of 4 and every tail), 70 and
+    130 (two and three tasks of rows); every row bit for bit what it is alone; rows with leading dimensions,
     contiguous or not; ``packed_f32`` takes plain float32 Linears in blocks of 64 only; the limits
     refused by name."""
     from llamawrapper.engine.packed import PackedF32Linear, packed_f32
@@ -617,7 +617,7 @@ def test_f32_rows_mm_is_the_f32_matmul_each_row_what_it_is_alone(kernel):
     w = torch.randn(192, 96, generator=gen)
     blocks = torch.ops.llamawrapper.f32_weight_blocks(w)
     assert blocks.shape == (3, 96, 64) and torch.equal(blocks[2, 7], w[128:192, 7])
-    for M in [*range(1, 10), 16, 33, 70]:
+    for M in [*range(1, 10), 16, 33, 70, 130]:
         x = torch.randn(M, 96, generator=gen)
         got = mm(x, blocks)
         assert got.shape == (M, 192) and got.dtype == torch.float32
@@ -645,7 +645,7 @@ def test_f32_rows_mm_is_the_f32_matmul_each_row_what_it_is_alone(kernel):
 
 def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
     """``bf16_rows_mm`` over ``bf16_weight_blocks``: x . w in float32, rounded to bfloat16, within one
-    bfloat16 step of a float64 reference and of torch's bfloat16 linear, for 1 to 9 rows and 70;
+    bfloat16 step of a float64 reference and of torch's bfloat16 linear, for 1 to 9 rows, 70 and 130;
     every row bit for bit what it is alone; ``PackedBf16Linear`` (with a bias, on [B, T, in]) is its
     ``nn.Linear``; the layout's limits refused by name."""
     from llamawrapper.engine.packed import PackedBf16Linear, packed_bf16
@@ -658,7 +658,7 @@ def test_bf16_rows_mm_is_the_bf16_matmul_each_row_what_it_is_alone(kernel):
     w = torch.randn(192, 96, generator=gen).bfloat16()
     blocks = torch.ops.llamawrapper.bf16_weight_blocks(w)
     assert blocks.shape == (3, 48, 64, 2) and torch.equal(blocks[2, 7], w[128:192, 14:16])
-    for M in [*range(1, 10), 16, 33, 70]:
+    for M in [*range(1, 10), 16, 33, 70, 130]:
         x = torch.randn(M, 96, generator=gen).bfloat16()
         got = mm(x, blocks)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16
@@ -803,7 +803,7 @@ def test_int4_rows_mm_is_the_int4_matmul_each_row_what_it_is_alone(kernel):
     w = (q.double() - 8) * scale.t().repeat_interleave(32, 1) + zero.t().repeat_interleave(32, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     gen = torch.Generator().manual_seed(7)
-    for M in [*range(1, 10), 16, 33, 70]:
+    for M in [*range(1, 10), 16, 33, 70, 130]:
         x = torch.randn(M, 128, generator=gen).bfloat16()
         got = mm(x, blocks, scales, 32)
         assert got.shape == (M, 192) and got.dtype == torch.bfloat16

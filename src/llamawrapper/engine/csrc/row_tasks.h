@@ -1,7 +1,7 @@
 // What the project's matmul kernels (f32_rows.cpp, int4_rows.cpp, int8_weights.cpp) share:
-// output channels in blocks of 64, a call's rows split into tasks of 64 (so a prefill chunk keeps
-// every thread busy) and taken 4 at a time, the next block fetched while a block's later groups
-// run from L2. Each row's result is the same in whichever task and group it falls.
+// output channels in blocks of 64, a call's rows split into tasks of equal size, at most 64 (so a
+// prefill chunk keeps every thread busy) and taken 4 at a time, the next block fetched while a
+// block's later groups run from L2. Each row's result is the same in whichever task and group it falls.
 #pragma once
 
 #include <torch/extension.h>
@@ -32,9 +32,13 @@ constexpr int64_t kRowsPerTask = 64;  // rows of a task
 // A call of up to 64 rows (a decode step) is shared out in groups of 4 rows of a block, so the
 // threads' shares are even where the blocks do not divide among them (9 blocks on 2 threads kept
 // one thread idle a fifth of the time at 16 rows): a block may be split between two threads.
+// A call of more rows is cut into tasks of equal size (a multiple of 4, at most 64): with tasks of
+// 64 and a remainder, the threads' shares were whole tasks of unequal rows (65 to 127 rows on 2
+// threads: one thread ran 64 rows of every block while the other ran the rest, and a call took as
+// long as one of 128 rows).
 template <typename F>
 inline void for_block_tasks(int64_t M, int64_t nb, const F& f) {
-  const int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask;
+  int64_t chunks = (M + kRowsPerTask - 1) / kRowsPerTask;
   if (chunks == 1) {
     const int64_t groups = (M + 3) / 4;
     at::parallel_for(0, nb * groups, 1, [&](int64_t begin, int64_t end) {
@@ -46,10 +50,12 @@ inline void for_block_tasks(int64_t M, int64_t nb, const F& f) {
     });
     return;
   }
+  const int64_t rows = ((M + chunks - 1) / chunks + 3) / 4 * 4;  // a task's rows
+  chunks = (M + rows - 1) / rows;
   at::parallel_for(0, nb * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / nb) * kRowsPerTask;
-      f(t % nb, m0, std::min(M, m0 + kRowsPerTask));
+      const int64_t m0 = (t / nb) * rows;
+      f(t % nb, m0, std::min(M, m0 + rows));
     }
   });
 }
