@@ -124,31 +124,88 @@ inline void for_blocks(const Rows<T>& r, bool values, std::vector<float>& buf, F
   }
 }
 
+// The query heads a pass takes together, for a head of C vectors: their queries (scores) or their
+// accumulators (weighted sums) stay in registers while each key or value is loaded once for all of
+// them (one head at a time loaded every key and value once per head: both passes waited on the
+// loads, at about half the FMAs' rate).
+template <int C>
+constexpr int kHeadsTogether = C <= 4 ? 4 : (C <= 8 ? 2 : 1);
+
+// f(std::integral_constant<int, G>, i0) for the g heads in groups of up to kHeadsTogether<C>
+template <int C, typename F>
+inline void by_head_groups(int64_t g, const F& f) {
+  constexpr int most = kHeadsTogether<C>;
+  for (int64_t i0 = 0; i0 < g; i0 += most) {
+    switch (std::min<int64_t>(most, g - i0)) {
+      case 4: if constexpr (most >= 4) f(std::integral_constant<int, 4>{}, i0); break;
+      case 3: if constexpr (most >= 3) f(std::integral_constant<int, 3>{}, i0); break;
+      case 2: if constexpr (most >= 2) f(std::integral_constant<int, 2>{}, i0); break;
+      default: f(std::integral_constant<int, 1>{}, i0); break;
+    }
+  }
+}
+
+// G heads' queries (``q``, G x D) against a block's m keys -> dots[i * W + j]: key j's products with
+// head i summed over the head's vectors (lane by lane), zero past m
+template <int C, int G>
+inline void block_dots(const float* q, const float* keys, int64_t ld, int64_t m, Vec* dots) {
+  constexpr int64_t W = Vec::size(), D = C * W;
+  Vec qv[G][C];
+  for (int i = 0; i < G; ++i)
+    for (int c = 0; c < C; ++c) qv[i][c] = Vec::loadu(q + i * D + c * W);
+  for (int64_t j = 0; j < m; ++j) {
+    Vec kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = Vec::loadu(keys + j * ld + c * W);
+    for (int i = 0; i < G; ++i) {
+      Vec a = qv[i][0] * kv[0];
+      for (int c = 1; c < C; ++c) a = at::vec::fmadd(qv[i][c], kv[c], a);
+      dots[i * W + j] = a;
+    }
+  }
+  for (int i = 0; i < G; ++i)
+    for (int64_t j = m; j < W; ++j) dots[i * W + j] = Vec(0.f);
+}
+
+// G heads' accumulators (``acc``, G x C vectors) plus a block's m values weighted by each head's
+// probabilities (head i's at p + i * stride), value after value
+template <int C, int G>
+inline void block_values(const float* p, int64_t stride, const float* vals, int64_t ld, int64_t m, Vec* acc) {
+  constexpr int64_t W = Vec::size();
+  Vec a[G][C];
+  for (int i = 0; i < G; ++i)
+    for (int c = 0; c < C; ++c) a[i][c] = acc[i * C + c];
+  for (int64_t j = 0; j < m; ++j) {
+    Vec v[C];
+    for (int c = 0; c < C; ++c) v[c] = Vec::loadu(vals + j * ld + c * W);
+    for (int i = 0; i < G; ++i) {
+      const Vec pj(p[i * stride + j]);
+      for (int c = 0; c < C; ++c) a[i][c] = at::vec::fmadd(pj, v[c], a[i][c]);
+    }
+  }
+  for (int i = 0; i < G; ++i)
+    for (int c = 0; c < C; ++c) acc[i * C + c] = a[i][c];
+}
+
 // One (row, KV head) task: the g query heads at ``qp`` (float32, g x D, D = C vectors) over the
 // row's n keys and values (``r``) -> g x D float32 at ``op``. Both passes go Vec::size() positions
-// at a time, each block read (and widened) once for all the group's heads: the scores as one
-// dot-product vector per key whose lane sums come out together, the weighted sum of the values
-// with a head's accumulators in registers over the block. Every score and sum is computed in the
-// same order whichever rows share the call or where the keys are read from.
+// at a time, each block read (and widened) once for all the group's heads and each key or value
+// loaded once for up to kHeadsTogether heads: the scores as one dot-product vector per key whose
+// lane sums come out together, the weighted sum of the values with the heads' accumulators in
+// registers over the block. Every score and sum is computed in the same order whichever rows share
+// the call, where the keys are read from or which heads go together.
 template <typename T, int C>
 void attend_task(const float* qp, const Rows<T>& r, int64_t g, float scale, Scratch& sc, float* op) {
   constexpr int64_t W = Vec::size(), D = C * W;
   const int64_t n = r.n, npad = (n + W - 1) / W * W;
   sc.s.resize(g * npad);
   sc.rows.resize(W * D);
-  Vec dots[W];
+  Vec dots[kHeadsTogether<C> * W];
   for_blocks<T, C>(r, false, sc.rows, [&](const float* keys, int64_t ld, int64_t l0, int64_t m) {  // scores
-    for (int64_t i = 0; i < g; ++i) {
-      const float* qi = qp + i * D;
-      for (int64_t j = 0; j < m; ++j) {
-        const float* kr = keys + j * ld;
-        Vec a = Vec::loadu(qi) * Vec::loadu(kr);
-        for (int64_t c = 1; c < C; ++c) a = at::vec::fmadd(Vec::loadu(qi + c * W), Vec::loadu(kr + c * W), a);
-        dots[j] = a;
-      }
-      for (int64_t j = m; j < W; ++j) dots[j] = Vec(0.f);
-      (lane_sums(dots) * Vec(scale)).store(sc.s.data() + i * npad + l0, m);
-    }
+    by_head_groups<C>(g, [&](auto heads, int64_t i0) {
+      constexpr int G = decltype(heads)::value;
+      block_dots<C, G>(qp + i0 * D, keys, ld, m, dots);
+      for (int i = 0; i < G; ++i) (lane_sums(dots + i * W) * Vec(scale)).store(sc.s.data() + (i0 + i) * npad + l0, m);
+    });
   });
   for (int64_t i = 0; i < g; ++i) {  // each head's softmax, normalised
     float* si = sc.s.data() + i * npad;
@@ -159,16 +216,9 @@ void attend_task(const float* qp, const Rows<T>& r, int64_t g, float scale, Scra
   }
   sc.acc.assign(g * C, Vec(0.f));
   for_blocks<T, C>(r, true, sc.rows, [&](const float* vals, int64_t ld, int64_t l0, int64_t m) {  // weighted sums
-    for (int64_t i = 0; i < g; ++i) {
-      const float* si = sc.s.data() + i * npad + l0;
-      Vec acc[C];
-      for (int64_t c = 0; c < C; ++c) acc[c] = sc.acc[i * C + c];
-      for (int64_t j = 0; j < m; ++j) {
-        const Vec p(si[j]);
-        for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vals + j * ld + c * W), acc[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) sc.acc[i * C + c] = acc[c];
-    }
+    by_head_groups<C>(g, [&](auto heads, int64_t i0) {
+      block_values<C, decltype(heads)::value>(sc.s.data() + i0 * npad + l0, npad, vals, ld, m, sc.acc.data() + i0 * C);
+    });
   });
   for (int64_t i = 0; i < g; ++i)
     for (int64_t c = 0; c < C; ++c) sc.acc[i * C + c].store(op + i * D + c * W);
