@@ -12,6 +12,12 @@ quantized as the project quantizes them; the two sides' outputs are checked to a
 
     PYTHONPATH=src:. python -m bench.kernels [--rows 1,4,16,41,256] [--layers 30] [--json PATH]
     PYTHONPATH=src:. python -m bench.kernels --calls    # one module call against its operator alone
+    PYTHONPATH=src:. python -m bench.kernels --attention 1000 [--threads 1]   # the attention kernel alone
+
+``--attention N``: the project's prefill attention (``prefill_attention``: RoPE, the cache write,
+each token over its prompt up to itself) over an N-token prompt in the engine's chunks of 256, for
+smollm2's 30 layers (9 query heads, 3 KV heads, head_dim 64), float32 or ``--dtype bfloat16``;
+the median ms of ``--rounds`` and the GFLOP/s of its two passes (docs/BENCHMARKS.md section 24).
 """
 
 from __future__ import annotations
@@ -98,6 +104,37 @@ def calls(kind: str, n: int = 20000) -> dict[str, Any]:
     return {"module_us": round(module, 2), "operator_us": round(operator, 2)}
 
 
+def attention(tokens: int, rounds: int, dtype: torch.dtype, chunk: int = 256, layers: int = 30) -> dict[str, Any]:
+    """ms of the prefill attention of a ``tokens``-token prompt, chunk after chunk, over ``layers``
+    layers' caches (smollm2's heads; random activations)."""
+    from llamawrapper.engine import kernels
+
+    kernel = kernels.load()
+    if kernel is None:
+        raise SystemExit("the kernels did not build here")
+    H, KVH, D = 9, 3, 64
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(1, tokens, (H + 2 * KVH) * D, generator=gen).to(dtype)
+    pos = torch.arange(tokens)
+    angle = pos.view(tokens, 1).float() * torch.rand(1, D, generator=gen) * 0.1
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    caches = [(torch.zeros(KVH, tokens, D, dtype=dtype), torch.zeros(KVH, tokens, D, dtype=dtype)) for _ in range(layers)]
+    parts = [(y[:, a : a + chunk].contiguous(), cos[a : a + chunk].contiguous(), sin[a : a + chunk].contiguous(),
+              torch.zeros(min(chunk, tokens - a), dtype=torch.long), pos[a : a + chunk].contiguous()) for a in range(0, tokens, chunk)]
+
+    def once() -> float:
+        t = time.perf_counter()
+        for yc, c, s, seq, p in parts:
+            for k, v in caches:
+                kernels.prefill_attention(kernel, yc, c, s, [k], [v], seq, p, H)
+        return time.perf_counter() - t
+
+    once()
+    ms = statistics.median(once() for _ in range(rounds)) * 1000
+    flops = 4 * H * D * layers * tokens * (tokens + 1) / 2  # scores and weighted sums, each token over its prompt so far
+    return {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 1), "gflop_s": round(flops / ms / 1e6, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="int4,int8,bf16,f32")
@@ -107,8 +144,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--calls", action="store_true", help="instead: µs of one module call at one row against its operator alone")
+    ap.add_argument("--attention", type=int, default=0, help="instead: the prefill attention kernel over a prompt of this many tokens")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="with --attention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.attention:
+        r = attention(args.attention, args.rounds, getattr(torch, args.dtype))
+        print(f"prefill attention, {r['tokens']} tokens ({r['dtype']}, {args.threads} threads): {r['ms']} ms, {r['gflop_s']} GFLOP/s")
+        emit_json({"threads": args.threads, "attention": r}, args.json)
+        return
     if args.calls:
         out_calls = {kind: calls(kind) for kind in args.kinds.split(",")}
         print("| kind | module call µs | operator alone µs |\n|---|---|---|")

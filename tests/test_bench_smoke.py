@@ -212,6 +212,14 @@ def test_kernels_bench_measures_each_kernel_against_its_reference(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     doc = json.loads(out.read_text())["calls"]
     assert set(doc) == {"int4", "f32"} and all(r["module_us"] > 0 and r["operator_us"] > 0 for r in doc.values())
+    # the attention kernel alone over a prompt of 300 tokens (two chunks of the engine's 256)
+    run = subprocess.run([sys.executable, "-m", "bench.kernels", "--attention", "300", "--rounds", "1", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(out.read_text())["attention"]
+    assert doc["tokens"] == 300 and doc["dtype"] == "float32" and doc["ms"] > 0 and doc["gflop_s"] > 0
+    assert f"prefill attention, 300 tokens (float32, 2 threads): {doc['ms']} ms" in run.stdout
 
 
 def test_w1_ratios_to_llamacpp_use_the_tg_measured_beside_each_engine_variant():
