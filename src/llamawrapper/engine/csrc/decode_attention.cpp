@@ -126,8 +126,8 @@ inline void for_blocks(const Rows<T>& r, bool values, std::vector<float>& buf, F
 
 // The query heads a pass takes together, for a head of C vectors: their queries (scores) or their
 // accumulators (weighted sums) stay in registers while each key or value is loaded once for all of
-// them (one head at a time loaded every key and value once per head: both passes waited on the
-// loads, at about half the FMAs' rate).
+// them (taken one head at a time, every key and value was loaded once per head, and both passes ran
+// at about half the FMAs' rate; together, 1.16-1.4x at float32, docs/BENCHMARKS.md section 24).
 template <int C>
 constexpr int kHeadsTogether = C <= 4 ? 4 : (C <= 8 ? 2 : 1);
 
