@@ -67,8 +67,8 @@ def test_kernel_is_float32_attention_and_each_row_alone(kernel, dtype, heads, kv
     """Over views of a real slot cache (rows of lengths 1 to 700 in batches of 1 to 16) and a
     query strided as the fused projection leaves it: within float rounding of SDPA in float32,
     and every row bit for bit what it is alone in a one-row step. The head counts take the
-    kernel's groups of query heads (up to 4 at head_dim 64, 2 at 128) whole and in parts (7 query
-    heads a KV head: 4 + 3; 5 at 128: 2 + 2 + 1)."""
+    kernel's groups of query heads (with AVX-512: up to 4 at head_dim 64, 2 at 128) whole and in
+    parts (7 query heads a KV head: 4 + 3; 5 at 128: 2 + 2 + 1)."""
     if not kernel.supports(head_dim):
         pytest.skip(f"head_dim {head_dim} is not one this CPU's build of the kernel takes (vector width {kernel.width()})")
     gen = torch.Generator().manual_seed(head_dim)

@@ -79,7 +79,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class _RowsKernelLinear(nn.Module):
+class RowsKernelLinear(nn.Module):
     """A projection through one of the project's kernels on a copy of its weights (``packed`` and,
     per kind, ``_operands``): ``[..., in]`` -> ``[..., out]`` in ``ROWS`` (the rows' dtype), plus its bias."""
 
@@ -126,7 +126,7 @@ class _RowsKernelLinear(nn.Module):
         return y if bias is None else y + bias
 
 
-class PackedInt8Linear(_RowsKernelLinear):
+class PackedInt8Linear(RowsKernelLinear):
     """``Int8Linear`` (``x @ (w_int8 * scale).T + b``, bfloat16 out) through ``int8_rows_mm`` on a copy
     of its weights in blocks of 64 output channels."""
 
@@ -143,7 +143,7 @@ class PackedInt8Linear(_RowsKernelLinear):
         return self.packed, self.scales
 
 
-class PackedBf16Linear(_RowsKernelLinear):
+class PackedBf16Linear(RowsKernelLinear):
     """A bfloat16 ``nn.Linear`` through ``bf16_rows_mm`` on a copy of its weight in blocks of 64 output
     channels, two inputs at a time (``bf16_weight_blocks``)."""
 
@@ -155,7 +155,7 @@ class PackedBf16Linear(_RowsKernelLinear):
         self._bind()
 
 
-class PackedF32Linear(_RowsKernelLinear):
+class PackedF32Linear(RowsKernelLinear):
     """A float32 ``nn.Linear`` through ``f32_rows_mm`` on a copy of its weight in blocks of 64 output
     channels, input after input (``f32_weight_blocks``)."""
 
@@ -169,7 +169,7 @@ class PackedF32Linear(_RowsKernelLinear):
         self._bind()
 
 
-class PackedInt4Linear(_RowsKernelLinear):
+class PackedInt4Linear(RowsKernelLinear):
     """``Int4Linear`` (``x @ ((q - 8) * scale + zero).T + b`` per group of inputs, bfloat16 out) through
     ``int4_rows_mm`` on a copy of its weights in pairs of input features (``int4_weight_pairs``)."""
 
@@ -197,7 +197,7 @@ class PackedInt4Linear(_RowsKernelLinear):
 def packed_bytes(modules: "list[Optional[nn.Module]]") -> int:
     """Bytes of the copies among ``modules`` (each counted once): the packed weights, and the kernels'
     scales and zeros laid out for them; a bias is the model's own tensor, not a copy."""
-    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, _RowsKernelLinear))}
+    seen = {id(m): m for m in modules if isinstance(m, (PackedLinear, RowsKernelLinear))}
     return sum(t.numel() * t.element_size() for m in seen.values()
                for t in ([m.packed] if isinstance(m, PackedLinear) else [b for n, b in m.named_buffers() if n != "bias"]))
 

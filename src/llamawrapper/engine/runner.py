@@ -63,7 +63,7 @@ from ..config import home_dir
 from ..errors import InvalidRequestError, UnsupportedModelError
 from . import kernels
 from .fusion import fuse_linears
-from .packed import (DTYPES as ONEDNN_DTYPES, _RowsKernelLinear, available as onednn_available, packed_bf16, packed_bytes,
+from .packed import (DTYPES as ONEDNN_DTYPES, RowsKernelLinear, available as onednn_available, packed_bf16, packed_bytes,
                      packed_f32, packed_int4, packed_int8, packed_linear)
 from .kv_cache import PackWriter, _ChunkWriter, _DecodeWriter, _SpanWriter
 from ..models.quantization import Int4Linear, int4_through
@@ -274,7 +274,7 @@ def _layer_loop(runner: "LlamaRunner") -> Optional[Any]:
             return None
         projections = (f.qkv, f.o, f.gate_up, f.down)
         for m in projections:
-            if not isinstance(m, _RowsKernelLinear) or m.ROWS != runner.dtype or (m.bias is not None and m.bias.dtype != runner.dtype):
+            if not isinstance(m, RowsKernelLinear) or m.ROWS != runner.dtype or (m.bias is not None and m.bias.dtype != runner.dtype):
                 return None  # (a bias of another dtype would promote the output: the Python loop's add and norm take it)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         specs.append((norms[0].weight, float(norms[0].variance_epsilon), norms[1].weight, float(norms[1].variance_epsilon),
