@@ -9,6 +9,13 @@ see the same machine load; medians are reported.
     python -m bench.levers --variants fp32,fp32+fuse,int4,int4+fuse --batch 1,16
     python -m bench.levers --profile int4 --batch 1        # torch.profiler table of one variant
     python -m bench.levers --e2e "int4:before=fuse_projections=0,attention_fp32=0;int4:after=" --rounds 5
+    python -m bench.levers --split fp32 --rounds 3     # where a 1,000-token prefill's time goes
+
+``--split MODEL`` prefills ``--prefill-tokens`` prompt tokens through ``LlamaWrapper.submit`` (one new
+token, the prefix cache cleared first), ``--rounds`` times, with timers around the runner's parts:
+its forwards, the q/k/v, output, gate/up and down projections, the attention kernel and the
+residual adds and norms; the rest of a forward (embedding, rotary, SiLU and its product, the head)
+is ``other``.
 
 ``--e2e`` runs whole requests through ``LlamaWrapper.submit`` instead (``engine.<attr>=`` or
 ``runner.<attr>=`` sets an attribute that is not a setting, e.g. ``engine.pack_prefill=0``,
@@ -249,6 +256,59 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def split(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.workloads import long_prompt
+    from llamawrapper import SamplingParams
+    from llamawrapper.engine import kernels
+
+    llm = load_model(args.split, args.threads)
+    runner = llm.engine.runner
+    spent: dict[str, float] = {}
+
+    def timed(part: str, fn: Any) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.perf_counter() - t
+        return call
+
+    parts = ("qkv", "o", "gate_up", "down")
+    originals = [(f, {p: getattr(f, p) for p in parts}) for f in runner.prefill_fused if f is not None]
+    attention, forward, add_norm = kernels.prefill_attention, runner.forward, runner._add_norm
+    for f, mods in originals:
+        for p, m in mods.items():
+            setattr(f, p, timed(p, m))
+    kernels.prefill_attention = timed("attention", attention)
+    runner.forward, runner._add_norm = timed("forward", forward), timed("add_norm", add_norm)
+    prompt = long_prompt(llm.tokenizer, args.prefill_tokens)
+    rounds: list[dict[str, float]] = []
+    try:
+        for r in range(args.rounds + 1):  # the first is a warm-up
+            llm.engine.executor.call(llm.engine.prefix_cache.clear).result()
+            spent.clear()
+            t = time.perf_counter()
+            llm.submit(prompt, SamplingParams(max_tokens=1, temperature=0)).result()
+            if r:
+                ms = {k: v * 1000 for k, v in spent.items()}
+                ms["other"] = ms["forward"] - sum(ms.get(k, 0.0) for k in (*parts, "attention", "add_norm"))
+                rounds.append({"ttft": (time.perf_counter() - t) * 1000, **ms})
+    finally:
+        for f, mods in originals:
+            for p, m in mods.items():
+                setattr(f, p, m)
+        kernels.prefill_attention = attention
+        del runner.forward, runner._add_norm
+        llm.close()
+    keys = ("ttft", "forward", *parts, "attention", "add_norm", "other")
+    out = {"model": args.split, "prompt_tokens": len(prompt), "threads": args.threads, "rounds": rounds,
+           "median_ms": {k: round(statistics.median(r.get(k, 0.0) for r in rounds), 1) for k in keys}}
+    print(f"{args.split}, {len(prompt)}-token prefill, ms (median of {len(rounds)}): "
+          + ", ".join(f"{k} {v}" for k, v in out["median_ms"].items()), file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.levers")
     ap.add_argument("--variants", default="fp32,int4")
@@ -262,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--e2e", default=None, help="whole requests: 'model:label=setting=0,...;model:label=...'")
     ap.add_argument("--w2-requests", type=int, default=16)
+    ap.add_argument("--split", default=None, help="instead: where a prefill's time goes, for this model")
+    ap.add_argument("--prefill-tokens", type=int, default=1000, help="with --split")
     args = ap.parse_args(argv)
+    if args.split:
+        emit_json(split(args), args.json)
+        return 0
     if args.e2e:
         emit_json(e2e(args), args.json)
         return 0

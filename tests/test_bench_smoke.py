@@ -247,3 +247,23 @@ def test_w1_ratios_to_llamacpp_use_the_tg_measured_beside_each_engine_variant():
     doc.update(machine={"cpu_model": "x", "nproc": 2, "cpu_flags": []}, model="m", threads=2,
                settings={"w1_new_tokens": 128, "prefill_tokens": 1000}, ratios=list(rows.values()))
     assert "| llama.cpp tg just before / after engine int4 | 80.0 / 100.0 |" in markdown(doc)
+
+
+@pytest.mark.slow
+def test_levers_split_says_where_a_prefill_goes(tmp_path):
+    """``python -m bench.levers --split fp32`` (docs/BENCHMARKS.md section 24) prefills smollm2 with
+    timers around the runner's parts: each part took time, the parts and ``other`` add up to the
+    forwards, and the forwards fit in the time to the first token."""
+    out = tmp_path / "split.json"
+    run = subprocess.run([sys.executable, "-m", "bench.levers", "--split", "fp32", "--prefill-tokens", "300", "--rounds", "1",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["prompt_tokens"] == 300 and len(doc["rounds"]) == 1
+    r = doc["rounds"][0]
+    parts = ("qkv", "o", "gate_up", "down", "attention", "add_norm")
+    assert all(r[p] > 0 for p in parts) and r["other"] >= 0
+    assert abs(sum(r[p] for p in parts) + r["other"] - r["forward"]) < 1e-6 * r["forward"] + 1e-9
+    assert r["forward"] <= r["ttft"]
+    assert "fp32, 300-token prefill, ms (median of 1): ttft" in run.stderr
